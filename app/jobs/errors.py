@@ -1,0 +1,28 @@
+"""Errors the job layer raises for the API to translate. `code` is the public error code."""
+
+
+class ServiceError(Exception):
+    code = "INTERNAL"
+
+    def __init__(self, message: str, **extensions) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extensions = extensions
+
+
+class InvalidInput(ServiceError):
+    code = "BAD_USER_INPUT"
+
+
+class NotFound(ServiceError):
+    code = "NOT_FOUND"
+
+
+class Overloaded(ServiceError):
+    code = "OVERLOADED"
+
+
+class Unavailable(ServiceError):
+    """The model is not loaded (yet): same public code as overload, the client retries."""
+
+    code = "OVERLOADED"

@@ -1,0 +1,254 @@
+"""The runner: feeds queued jobs to the engine and records what happens to them.
+
+Queued jobs wait here (highest priority first, FIFO within a priority) and go to the
+engine only while it has a free batch slot, so the engine's own queue stays short and
+the order is decided here. For each running job the runner turns engine outputs into
+job events (the in-memory EventLog every consumer follows) and persists the start and
+the end of the job; tokens are persisted once, with the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from app.inference.engine import Engine, RequestHandle
+from app.inference.types import Finished, FinishReason, ModelInfo, Started, TokenStep
+
+from .domain import Job, JobError, JobStatus, TokenRecord
+from .events import (
+    EventLog,
+    GenerationCancelled,
+    GenerationCompleted,
+    GenerationFailed,
+    GenerationStarted,
+    JobQueued,
+    TokenGenerated,
+    epoch_to_dt,
+)
+from .results import build_result
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+_STATUS_FOR = {
+    FinishReason.STOP: JobStatus.SUCCEEDED,
+    FinishReason.LENGTH: JobStatus.SUCCEEDED,
+    FinishReason.STOP_SEQUENCE: JobStatus.SUCCEEDED,
+    FinishReason.CANCELLED: JobStatus.CANCELLED,
+    FinishReason.DEADLINE: JobStatus.EXPIRED,
+    FinishReason.ERROR: JobStatus.FAILED,
+}
+
+
+@dataclass(order=True)
+class _Entry:
+    sort_key: tuple[int, int]
+    job: Job = field(compare=False)
+    prompt_ids: list[int] = field(compare=False)
+    removed: bool = field(default=False, compare=False)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Engine,
+        model: ModelInfo,
+        *,
+        review_threshold: float,
+        max_queued: int,
+        keep_finished_logs: int = 512,
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._model = model
+        self._review_threshold = review_threshold
+        self.max_queued = max_queued
+        self._keep_finished = keep_finished_logs
+        self._heap: list[_Entry] = []
+        self._queued: dict[str, _Entry] = {}
+        self._running: dict[str, RequestHandle] = {}
+        self._logs: dict[str, EventLog] = {}
+        self._finished_logs: OrderedDict[str, None] = OrderedDict()
+        self._order = itertools.count()
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._dispatcher: asyncio.Task | None = None
+        engine.on_slot_free = self._wake.set
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="job-dispatcher")
+
+    async def stop(self) -> None:
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- queries --------------------------------------------------------------------------
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._queued)
+
+    def is_active(self, job_id: str) -> bool:
+        return job_id in self._queued or job_id in self._running
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0 = next to start. None when the job is not waiting here."""
+        entry = self._queued.get(job_id)
+        if entry is None:
+            return None
+        return sum(1 for e in self._queued.values() if e.sort_key < entry.sort_key)
+
+    def event_log(self, job_id: str) -> EventLog | None:
+        return self._logs.get(job_id)
+
+    # ---- commands -------------------------------------------------------------------------
+
+    async def enqueue(self, job: Job, prompt_ids: list[int]) -> int:
+        entry = _Entry((-job.priority, next(self._order)), job, prompt_ids)
+        heapq.heappush(self._heap, entry)
+        self._queued[job.id] = entry
+        event_log = self._logs[job.id] = EventLog(job.id)
+        position = self.queue_position(job.id) or 0
+        await event_log.append(JobQueued(job.id, 1, job.created_at, position))
+        self._wake.set()
+        return position
+
+    async def cancel(self, job_id: str) -> bool:
+        """True when the job was active here and is now being cancelled."""
+        entry = self._queued.pop(job_id, None)
+        if entry is not None:
+            entry.removed = True
+            await self._end_unstarted(entry.job, JobStatus.CANCELLED, FinishReason.CANCELLED)
+            return True
+        handle = self._running.get(job_id)
+        if handle is not None:
+            handle.cancel()
+            return True
+        return False
+
+    # ---- internals ------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._heap and self._engine.has_capacity():
+                entry = heapq.heappop(self._heap)
+                if entry.removed:
+                    continue
+                del self._queued[entry.job.id]
+                deadline = entry.job.deadline_at
+                if deadline is not None and datetime.now(UTC) >= deadline:
+                    await self._end_unstarted(entry.job, JobStatus.EXPIRED, FinishReason.DEADLINE)
+                    continue
+                handle = self._engine.submit(entry.prompt_ids, entry.job.spec.sampling, request_id=entry.job.id)
+                self._running[entry.job.id] = handle
+                task = asyncio.create_task(self._follow(entry.job, handle, len(entry.prompt_ids)))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _follow(self, job: Job, handle: RequestHandle, prompt_tokens: int) -> None:
+        event_log = self._logs[job.id]
+        tokens: list[TokenRecord] = []
+        started: float | None = None
+        deadline_timer = None
+        if job.deadline_at is not None:
+            delay = max(0.0, job.deadline_at.timestamp() - time.time())
+            deadline_timer = asyncio.get_running_loop().call_later(delay, handle.cancel, FinishReason.DEADLINE)
+        try:
+            async for out in handle:
+                if isinstance(out, TokenStep):
+                    alts = tuple((a.token_id, a.text, a.logprob) for a in out.alternatives)
+                    record = TokenRecord(out.index, out.token_id, out.text, out.logprob, alts, out.at)
+                    tokens.append(record)
+                    await event_log.append(TokenGenerated(job.id, event_log.next_seq, epoch_to_dt(out.at), record))
+                elif isinstance(out, Started):
+                    started = out.at
+                    await self._store.mark_running(job.id, epoch_to_dt(out.at))
+                    await event_log.append(
+                        GenerationStarted(job.id, event_log.next_seq, epoch_to_dt(out.at), self._model, prompt_tokens)
+                    )
+                elif isinstance(out, Finished):
+                    await self._finish(job, out, tokens, started, prompt_tokens)
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        except Exception:
+            log.exception("job %s: recording failed", job.id)
+            handle.cancel()
+            await self._fail(job, JobError("INTERNAL", "the job could not be recorded"))
+        finally:
+            if deadline_timer is not None:
+                deadline_timer.cancel()
+            self._running.pop(job.id, None)
+            self._retire_log(job.id)
+
+    async def _finish(
+        self, job: Job, out: Finished, tokens: list[TokenRecord], started: float | None, prompt_tokens: int
+    ) -> None:
+        status = _STATUS_FOR[out.reason]
+        if status is JobStatus.FAILED:
+            log.error("job %s failed in the engine: %s", job.id, out.error)
+            await self._fail(job, JobError("ENGINE_ERROR", "the model failed while generating; try again"))
+            return
+        result = build_result(
+            tokens=tokens,
+            reason=out.reason,
+            model=self._model,
+            prompt_tokens=prompt_tokens,
+            created=job.created_at.timestamp(),
+            started=started,
+            finished=out.at,
+            review_threshold=self._review_threshold,
+        )
+        at = epoch_to_dt(out.at)
+        await self._store.finish(job.id, status, at, result=result)
+        event_log = self._logs[job.id]
+        if status is JobStatus.SUCCEEDED:
+            await event_log.append(GenerationCompleted(job.id, event_log.next_seq, at, result))
+        else:
+            await event_log.append(GenerationCancelled(job.id, event_log.next_seq, at, result, status))
+
+    async def _fail(self, job: Job, error: JobError) -> None:
+        at = datetime.now(UTC)
+        await self._store.finish(job.id, JobStatus.FAILED, at, error=error)
+        event_log = self._logs[job.id]
+        if not event_log.closed:
+            await event_log.append(GenerationFailed(job.id, event_log.next_seq, at, error))
+
+    async def _end_unstarted(self, job: Job, status: JobStatus, reason: FinishReason) -> None:
+        now = time.time()
+        result = build_result(
+            tokens=[], reason=reason, model=self._model, prompt_tokens=0,
+            created=job.created_at.timestamp(), started=None, finished=now,
+            review_threshold=self._review_threshold,
+        )
+        at = epoch_to_dt(now)
+        await self._store.finish(job.id, status, at, result=result)
+        event_log = self._logs[job.id]
+        await event_log.append(GenerationCancelled(job.id, event_log.next_seq, at, result, status))
+        self._retire_log(job.id)
+
+    def _retire_log(self, job_id: str) -> None:
+        """Keep recent finished logs for cheap replay; older ones are rebuilt from the DB."""
+        self._finished_logs[job_id] = None
+        while len(self._finished_logs) > self._keep_finished:
+            old, _ = self._finished_logs.popitem(last=False)
+            self._logs.pop(old, None)
+
+
+def with_position(job: Job, runner: JobRunner) -> Job:
+    return replace(job, queue_position=runner.queue_position(job.id))

@@ -1,0 +1,115 @@
+"""create_app(settings) -> the Starlette app. The lifespan builds every service once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from strawberry.asgi import GraphQL
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+
+from app.api.metrics import EngineCollector, metrics_endpoint
+from app.api.schema import build_schema
+from app.inference.engine import Engine
+from app.inference.model import load_model
+from app.inference.weights import pull_default_model
+from app.jobs.db import create_tables, make_engine, ping
+from app.jobs.service import JobService
+from app.jobs.store import JobStore
+from app.jobs.validation import Limits
+from app.settings import Settings
+
+log = logging.getLogger("inferql")
+
+
+def resolve_model_path(settings: Settings) -> Path:
+    """The folder to serve: INFERQL_MODEL_PATH, or the default model (fetched on first use)."""
+    if settings.model_path is not None:
+        return settings.model_path
+    return pull_default_model(settings.cache_dir)
+
+
+class InferQLGraphQL(GraphQL):
+    async def get_context(self, request, response=None):
+        return {"service": request.app.state.service, "request": request, "response": response}
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
+        db = make_engine(settings.database_url)
+        await create_tables(db)
+        engine = Engine(lm, max_batch_size=settings.max_batch_size)
+        engine.start()
+        service = JobService(
+            store=JobStore(db),
+            engine=engine,
+            lm=lm,
+            limits=Limits(
+                max_prompt_chars=settings.max_prompt_chars,
+                max_new_tokens=min(settings.max_new_tokens, lm.info.context_length),
+                context_length=lm.info.context_length,
+            ),
+            review_threshold=settings.review_threshold,
+            max_queued=settings.max_queued_jobs,
+        )
+        await service.start()
+        registry = CollectorRegistry()
+        registry.register(EngineCollector(engine))
+        app.state.service, app.state.db, app.state.engine, app.state.registry = service, db, engine, registry
+        log.info("InferQL ready on http://%s:%s/graphql", settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await service.stop()
+            await engine.stop()
+            await db.dispose()
+
+    graphql = InferQLGraphQL(
+        build_schema(max_depth=settings.max_query_depth),
+        graphql_ide="graphiql" if settings.graphiql_enabled else None,
+        subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
+        connection_init_wait_timeout=_timedelta(settings.connection_init_wait_timeout),
+        allowed_origins=settings.allowed_origins,
+    )
+
+    async def healthz(_: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> JSONResponse:
+        state = request.app.state
+        checks = {
+            "model": getattr(state, "engine", None) is not None,
+            "database": getattr(state, "db", None) is not None and await ping(state.db),
+        }
+        ok = all(checks.values())
+        return JSONResponse({"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503)
+
+    async def metrics(request: Request):
+        return await metrics_endpoint(request.app.state.registry)(request)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/graphql", graphql, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _timedelta(seconds: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)

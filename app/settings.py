@@ -1,0 +1,51 @@
+"""All configuration, from environment variables prefixed INFERQL_ (or a .env file).
+
+Every default runs on one laptop: SQLite under ./data, the in-process runner, the
+default model fetched into ~/.cache/inferql on first start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFERQL_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    database_url: str = "sqlite:///./data/inferql.db"
+
+    # Model
+    model_path: Path | None = Field(
+        default=None, description="a local HF-format causal LM folder to serve instead of the default model"
+    )
+    cache_dir: Path = Path.home() / ".cache" / "inferql"
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    torch_threads: int = 0        # 0 = torch's default (one per core)
+
+    # Engine and queue
+    max_batch_size: int = 16      # generations decoded together in one forward pass
+    max_queued_jobs: int = 256    # beyond this, new work is refused with OVERLOADED
+    max_prompt_chars: int = 32_000
+    max_new_tokens: int = 2048
+
+    # Answers below this confidence score are flagged needsReview
+    review_threshold: float = 0.5
+
+    # GraphQL transport
+    graphiql: bool | None = None  # default: on, except in production
+    max_query_depth: int = 12
+    connection_init_wait_timeout: float = 10.0
+    allowed_origins: list[str] = []  # extra browser Origins allowed to open websockets (same-origin always is)
+
+    @property
+    def graphiql_enabled(self) -> bool:
+        return self.graphiql if self.graphiql is not None else self.env != "production"
