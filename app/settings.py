@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(
         default=None, description="a local HF-format causal LM folder to serve instead of the default model"
     )
-    cache_dir: Path = Path.home() / ".cache" / "inferql"
+    cache_dir: Path = Path.home() / ".cache" / "inferql"  # the default model is kept here
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     torch_threads: int = 0        # 0 = torch's default (one per core)
 
