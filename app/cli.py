@@ -12,7 +12,13 @@ from app.settings import Settings
 
 app = typer.Typer(help="InferQL: a GraphQL API for AI inference.", no_args_is_help=True)
 model_app = typer.Typer(help="The model's weights.", no_args_is_help=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Stored jobs.", no_args_is_help=True)
+webhooks_app = typer.Typer(help="Webhook signing.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(webhooks_app, name="webhooks")
 
 
 @app.command()
@@ -68,6 +74,56 @@ def schema(out: Annotated[Path | None, typer.Option(help="Write to this file ins
         out.write_text(sdl)
     else:
         typer.echo(sdl, nl=False)
+
+
+async def _with_db(fn):
+    from app.jobs.db import make_engine
+    from app.jobs.migrate import upgrade
+
+    engine = make_engine(Settings().database_url)
+    try:
+        await upgrade(engine)
+        return await fn(engine)
+    finally:
+        await engine.dispose()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending migrations (the server also does this on start)."""
+    import asyncio
+
+    from app.jobs.migrate import current
+
+    revision = asyncio.run(_with_db(current))
+    typer.echo(f"database at revision {revision}")
+
+
+@jobs_app.command("purge")
+def jobs_purge(
+    days: Annotated[float | None, typer.Option(help="Overrides INFERQL_RETENTION_DAYS.")] = None,
+) -> None:
+    """Delete finished jobs older than the retention period."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from app.jobs.store import JobStore
+
+    keep = timedelta(days=days if days is not None else Settings().retention_days)
+
+    async def purge(engine):
+        return await JobStore(engine).purge_finished_before(datetime.now(UTC) - keep)
+
+    typer.echo(f"purged {asyncio.run(_with_db(purge))} finished jobs older than {keep}")
+
+
+@webhooks_app.command("secret")
+def webhooks_secret() -> None:
+    """Print the secret webhooks are signed with (give it to your receiver)."""
+    from app.jobs.webhooks import load_or_create_secret
+
+    settings = Settings()
+    typer.echo(settings.webhook_secret or load_or_create_secret(settings.data_dir))
 
 
 def main() -> None:

@@ -19,10 +19,12 @@ from app.api.schema import build_schema
 from app.inference.engine import Engine
 from app.inference.model import load_model
 from app.inference.weights import pull_default_model
-from app.jobs.db import create_tables, make_engine, ping
+from app.jobs.db import make_engine, ping
+from app.jobs.migrate import upgrade
 from app.jobs.service import JobService
 from app.jobs.store import JobStore
 from app.jobs.validation import Limits
+from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
 from app.settings import Settings
 
 log = logging.getLogger("inferql")
@@ -47,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
         db = make_engine(settings.database_url)
-        await create_tables(db)
+        await upgrade(db)
         engine = Engine(lm, max_batch_size=settings.max_batch_size)
         engine.start()
         service = JobService(
@@ -61,6 +63,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             ),
             review_threshold=settings.review_threshold,
             max_queued=settings.max_queued_jobs,
+            max_attempts=settings.max_attempts,
+            webhooks=WebhookDispatcher(
+                db,
+                settings.webhook_secret or load_or_create_secret(settings.data_dir),
+                settings.retry_delays,
+                timeout=settings.webhook_timeout,
+            ),
         )
         await service.start()
         registry = CollectorRegistry()

@@ -40,6 +40,20 @@ class Settings(BaseSettings):
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5
 
+    # Jobs
+    max_attempts: int = 3         # a job whose worker died this many times ends FAILED (WORKER_LOST)
+    retention_days: float = 30.0  # finished jobs older than this are removed by `inferql jobs purge`
+
+    # Webhooks (Standard Webhooks signatures)
+    webhook_secret: str | None = None  # "whsec_..."; None = generated once into data_dir
+    webhook_retry_delays: str = "5,30,120,600,1800"  # seconds between attempts
+    webhook_timeout: float = 10.0
+    data_dir: Path = Path("data")  # where a generated webhook secret is kept
+
+    @property
+    def retry_delays(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_delays.split(",") if x.strip()]
+
     # GraphQL transport
     graphiql: bool | None = None  # default: on, except in production
     max_query_depth: int = 12

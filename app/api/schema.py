@@ -12,17 +12,22 @@ from strawberry.types import Info
 from app.inference.types import SamplingParams
 from app.jobs.domain import ChatMessage, GenerationSpec
 from app.jobs.domain import JobOptions as JobOptionsData
+from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.service import JobService
 
 from .errors import ErrorCodes
 from .types import (
+    Batch,
     ClassificationInput,
     ClassificationResult,
     GenerationEvent,
     GenerationInput,
     Job,
+    JobConnection,
     JobOptions,
+    JobStatus,
     ModelInfo,
+    ReviewVerdict,
     event_of,
 )
 
@@ -72,6 +77,20 @@ class Query:
         job = await _service(info).get(str(id))
         return Job.of(job) if job else None
 
+    @strawberry.field(description="Jobs, newest first, optionally of one status; cursor-paginated.")
+    async def jobs(self, info: Info, status: JobStatus | None = None, first: int = 20,
+                   after: str | None = None) -> JobConnection:
+        return JobConnection.of(await _service(info).list_jobs(status=status, first=first, after=after))
+
+    @strawberry.field(description="A batch by id; null when it does not exist.")
+    async def batch(self, info: Info, id: strawberry.ID) -> Batch | None:
+        batch = await _service(info).batch(str(id))
+        return Batch.of(batch) if batch else None
+
+    @strawberry.field(description="Succeeded jobs flagged needsReview that no one has reviewed yet, newest first.")
+    async def review_queue(self, info: Info, first: int = 20, after: str | None = None) -> JobConnection:
+        return JobConnection.of(await _service(info).review_queue(first=first, after=after))
+
 
 @strawberry.type
 class Mutation:
@@ -83,6 +102,22 @@ class Mutation:
     @strawberry.mutation(description="Cancel a job. A finished job is returned unchanged.")
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
         return Job.of(await _service(info).cancel(str(id)))
+
+    @strawberry.mutation(
+        description="Queue many generations at once. One invalid input refuses the whole batch (its index is named)."
+    )
+    async def submit_batch(self, info: Info, inputs: list[GenerationInput], options: JobOptions | None = None) -> Batch:
+        return Batch.of(await _service(info).submit_batch([_spec(i) for i in inputs], _options(options)))
+
+    @strawberry.mutation(description="Cancel every job of a batch that has not finished.")
+    async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
+        return Batch.of(await _service(info).cancel_batch(str(id)))
+
+    @strawberry.mutation(description="Record a person's verdict on a job's answer; it leaves the review queue.")
+    async def submit_review(self, info: Info, job_id: strawberry.ID, verdict: ReviewVerdict,
+                            corrected_text: str | None = None) -> Job:
+        return Job.of(await _service(info).submit_review(str(job_id), ReviewVerdictData(verdict.value),
+                                                         corrected_text))
 
     @strawberry.mutation(description="Score each label as the model's answer to the text; synchronous.")
     async def classify(self, info: Info, input: ClassificationInput) -> ClassificationResult:

@@ -13,9 +13,14 @@ from app.inference.types import ModelInfo as ModelInfoData
 from app.jobs import events as ev
 from app.jobs.domain import GenerationResult as ResultData
 from app.jobs.domain import Job as JobData
+from app.jobs.domain import Batch as BatchData
+from app.jobs.domain import BatchStatus as BatchStatusData
 from app.jobs.domain import JobStatus as JobStatusData
+from app.jobs.domain import Page as PageData
+from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.domain import TokenRecord
 from app.jobs.service import Classification
+from app.jobs.store import encode_cursor
 
 # Token i of a job is event seq i + 3: JobQueued is 1 and GenerationStarted is 2.
 FIRST_TOKEN_SEQ = 3
@@ -144,7 +149,9 @@ class GenerationResult:
     text: str
     finish_reason: FinishReason
     confidence: Confidence
-    needs_review: bool = strawberry.field(description="confidence.score is below the server's review threshold.")
+    needs_review: bool = strawberry.field(
+        description="confidence.score is below the server's review threshold, or the answer is empty."
+    )
     model: ModelInfo
     usage: Usage
     timing: Timing
@@ -219,6 +226,26 @@ def event_of(e: ev.JobEvent) -> GenerationEvent:
     raise TypeError(f"unknown event {type(e).__name__}")
 
 
+ReviewVerdict = strawberry.enum(ReviewVerdictData, name="ReviewVerdict")
+
+
+@strawberry.type(description="A person's verdict on a low-confidence answer.")
+class Review:
+    verdict: ReviewVerdict
+    reviewer: str | None
+    at: datetime
+    corrected_text: str | None
+
+
+@strawberry.type(description="One attempt to deliver a job's or batch's webhook.")
+class WebhookDelivery:
+    attempt: int
+    at: datetime
+    http_status: int | None
+    error: str | None
+    next_retry_at: datetime | None = strawberry.field(description="When it is tried again; null when it is not.")
+
+
 @strawberry.type(description="A generation: poll it, follow its events, or cancel it.")
 class Job:
     id: strawberry.ID
@@ -230,9 +257,17 @@ class Job:
     queue_position: int | None = strawberry.field(description="0 = next to start; null unless QUEUED.")
     result: GenerationResult | None
     error: JobError | None
+    batch_id: strawberry.ID | None
+    review: Review | None
+    attempts: int = strawberry.field(description="Times a worker started it (more than 1 after a crash).")
+
+    @strawberry.field(description="Every attempt to call this job's webhookUrl, oldest first.")
+    async def webhook_deliveries(self, info: strawberry.Info) -> list[WebhookDelivery]:
+        return [_delivery(d) for d in await info.context["service"].webhook_deliveries(str(self.id))]
 
     @classmethod
     def of(cls, j: JobData) -> Job:
+        r = j.review
         return cls(
             id=strawberry.ID(j.id),
             status=j.status,
@@ -243,6 +278,91 @@ class Job:
             queue_position=j.queue_position,
             result=GenerationResult.of(j.id, j.result) if j.result else None,
             error=JobError(code=j.error.code, message=j.error.message) if j.error else None,
+            batch_id=strawberry.ID(j.batch_id) if j.batch_id else None,
+            review=Review(verdict=r.verdict, reviewer=r.reviewer, at=r.at, corrected_text=r.corrected_text)
+            if r else None,
+            attempts=j.attempts,
+        )
+
+
+def _delivery(d) -> WebhookDelivery:
+    return WebhookDelivery(attempt=d.attempt, at=d.at, http_status=d.http_status, error=d.error,
+                           next_retry_at=d.next_retry_at)
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class JobEdge:
+    cursor: str
+    node: Job
+
+
+@strawberry.type(description="A page of jobs, newest first. Pass `pageInfo.endCursor` as `after` for the next.")
+class JobConnection:
+    edges: list[JobEdge]
+    page_info: PageInfo
+
+    @strawberry.field
+    def nodes(self) -> list[Job]:
+        return [e.node for e in self.edges]
+
+    @classmethod
+    def of(cls, page: PageData) -> JobConnection:
+        return cls(
+            edges=[JobEdge(cursor=encode_cursor(j.created_at, j.id), node=Job.of(j)) for j in page.items],
+            page_info=PageInfo(has_next_page=page.has_next_page, end_cursor=page.end_cursor),
+        )
+
+
+BatchStatus = strawberry.enum(BatchStatusData, name="BatchStatus")
+
+
+@strawberry.type(description="Jobs of a batch by status.")
+class BatchCounts:
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    expired: int
+    total: int
+
+
+@strawberry.type(description="Many generations submitted together; one webhook when all are terminal.")
+class Batch:
+    id: strawberry.ID
+    status: BatchStatus
+    size: int
+    created_at: datetime
+    finished_at: datetime | None
+    counts: BatchCounts
+    usage: Usage = strawberry.field(description="Summed over the batch's jobs so far.")
+
+    @strawberry.field(description="The batch's jobs, newest first.")
+    async def jobs(self, info: strawberry.Info, status: JobStatus | None = None, first: int = 20,
+                   after: str | None = None) -> JobConnection:
+        page = await info.context["service"].list_jobs(batch_id=str(self.id), status=status, first=first,
+                                                       after=after)
+        return JobConnection.of(page)
+
+    @strawberry.field(description="Every attempt to call the batch's webhookUrl, oldest first.")
+    async def webhook_deliveries(self, info: strawberry.Info) -> list[WebhookDelivery]:
+        return [_delivery(d) for d in await info.context["service"].webhook_deliveries(str(self.id))]
+
+    @classmethod
+    def of(cls, b: BatchData) -> Batch:
+        c = b.counts
+        return cls(
+            id=strawberry.ID(b.id), status=b.status, size=b.size, created_at=b.created_at,
+            finished_at=b.finished_at,
+            counts=BatchCounts(queued=c.queued, running=c.running, succeeded=c.succeeded, failed=c.failed,
+                               cancelled=c.cancelled, expired=c.expired, total=c.total),
+            usage=_usage(b.usage),
         )
 
 

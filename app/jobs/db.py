@@ -6,9 +6,6 @@ from pathlib import Path
 
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlmodel import SQLModel
-
-from . import tables  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 
 def async_url(url: str) -> str:
@@ -38,11 +35,6 @@ def make_engine(url: str) -> AsyncEngine:
 
         return engine
     return create_async_engine(url, pool_pre_ping=True)
-
-
-async def create_tables(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(SQLModel.metadata.create_all)
 
 
 async def ping(engine: AsyncEngine) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -132,6 +132,29 @@ class JobError:
     message: str
 
 
+class ReviewVerdict(str, enum.Enum):
+    APPROVED = "APPROVED"
+    REJECTED = "REJECTED"
+    CORRECTED = "CORRECTED"
+
+
+@dataclass(frozen=True)
+class Review:
+    verdict: ReviewVerdict
+    reviewer: str | None
+    at: datetime
+    corrected_text: str | None
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    attempt: int
+    at: datetime
+    http_status: int | None
+    error: str | None
+    next_retry_at: datetime | None
+
+
 @dataclass(frozen=True)
 class Job:
     id: str
@@ -148,5 +171,58 @@ class Job:
     attempts: int = 0
     result: GenerationResult | None = None
     error: JobError | None = None
+    batch_id: str | None = None
+    review: Review | None = None
     queue_position: int | None = None  # filled from the runner's live queue, not stored
-    prompt_tokens: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    expired: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.running + self.succeeded + self.failed + self.cancelled + self.expired
+
+    @property
+    def done(self) -> bool:
+        return self.queued == 0 and self.running == 0
+
+
+class BatchStatus(str, enum.Enum):
+    IN_PROGRESS = "IN_PROGRESS"  # some jobs are still queued or running
+    COMPLETED = "COMPLETED"      # every job is terminal
+    CANCELLED = "CANCELLED"      # cancelBatch was called (its jobs are terminal or being stopped)
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: str
+    owner: str | None
+    size: int
+    created_at: datetime
+    finished_at: datetime | None
+    cancelled: bool
+    counts: BatchCounts
+    usage: Usage
+    webhook_url: str | None = None
+
+    @property
+    def status(self) -> BatchStatus:
+        if self.cancelled:
+            return BatchStatus.CANCELLED
+        return BatchStatus.COMPLETED if self.counts.done else BatchStatus.IN_PROGRESS
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a newest-first listing; `end_cursor` continues after its last item."""
+
+    items: list
+    end_cursor: str | None
+    has_next_page: bool

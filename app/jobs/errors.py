@@ -20,9 +20,3 @@ class NotFound(ServiceError):
 
 class Overloaded(ServiceError):
     code = "OVERLOADED"
-
-
-class Unavailable(ServiceError):
-    """The model is not loaded (yet): same public code as overload, the client retries."""
-
-    code = "OVERLOADED"

@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -65,6 +66,7 @@ class JobRunner:
         review_threshold: float,
         max_queued: int,
         keep_finished_logs: int = 512,
+        on_webhook_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -72,9 +74,11 @@ class JobRunner:
         self._review_threshold = review_threshold
         self.max_queued = max_queued
         self._keep_finished = keep_finished_logs
+        self._on_webhook_queued = on_webhook_queued
         self._heap: list[_Entry] = []
         self._queued: dict[str, _Entry] = {}
         self._running: dict[str, RequestHandle] = {}
+        self._ended: dict[str, asyncio.Event] = {}  # set when a running job's end is persisted
         self._logs: dict[str, EventLog] = {}
         self._finished_logs: OrderedDict[str, None] = OrderedDict()
         self._order = itertools.count()
@@ -126,18 +130,24 @@ class JobRunner:
         self._wake.set()
         return position
 
-    async def cancel(self, job_id: str) -> bool:
-        """True when the job was active here and is now being cancelled."""
+    async def cancel(self, job_id: str, wait: float = 5.0) -> bool:
+        """True when the job was active here. A queued job ends at once; a running one
+        stops within a decode step, and this waits (up to `wait` s) until its end is stored."""
         entry = self._queued.pop(job_id, None)
         if entry is not None:
             entry.removed = True
             await self._end_unstarted(entry.job, JobStatus.CANCELLED, FinishReason.CANCELLED)
             return True
         handle = self._running.get(job_id)
-        if handle is not None:
-            handle.cancel()
-            return True
-        return False
+        if handle is None:
+            return False
+        ended = self._ended[job_id]
+        handle.cancel()
+        try:
+            await asyncio.wait_for(ended.wait(), wait)
+        except TimeoutError:
+            log.warning("job %s: cancel not settled within %.1fs", job_id, wait)
+        return True
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -156,6 +166,7 @@ class JobRunner:
                     continue
                 handle = self._engine.submit(entry.prompt_ids, entry.job.spec.sampling, request_id=entry.job.id)
                 self._running[entry.job.id] = handle
+                self._ended[entry.job.id] = asyncio.Event()
                 task = asyncio.create_task(self._follow(entry.job, handle, len(entry.prompt_ids)))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -194,6 +205,7 @@ class JobRunner:
             if deadline_timer is not None:
                 deadline_timer.cancel()
             self._running.pop(job.id, None)
+            self._ended.pop(job.id).set()
             self._retire_log(job.id)
 
     async def _finish(
@@ -215,7 +227,7 @@ class JobRunner:
             review_threshold=self._review_threshold,
         )
         at = epoch_to_dt(out.at)
-        await self._store.finish(job.id, status, at, result=result)
+        await self._persist_end(job.id, status, at, result=result)
         event_log = self._logs[job.id]
         if status is JobStatus.SUCCEEDED:
             await event_log.append(GenerationCompleted(job.id, event_log.next_seq, at, result))
@@ -224,7 +236,7 @@ class JobRunner:
 
     async def _fail(self, job: Job, error: JobError) -> None:
         at = datetime.now(UTC)
-        await self._store.finish(job.id, JobStatus.FAILED, at, error=error)
+        await self._persist_end(job.id, JobStatus.FAILED, at, error=error)
         event_log = self._logs[job.id]
         if not event_log.closed:
             await event_log.append(GenerationFailed(job.id, event_log.next_seq, at, error))
@@ -237,9 +249,20 @@ class JobRunner:
             review_threshold=self._review_threshold,
         )
         at = epoch_to_dt(now)
-        await self._store.finish(job.id, status, at, result=result)
+        await self._persist_end(job.id, status, at, result=result)
         event_log = self._logs[job.id]
         await event_log.append(GenerationCancelled(job.id, event_log.next_seq, at, result, status))
+        self._retire_log(job.id)
+
+    async def _persist_end(self, job_id: str, status: JobStatus, at: datetime, **outcome) -> None:
+        if await self._store.finish(job_id, status, at, **outcome):
+            self._on_webhook_queued()
+
+    async def fail_unstarted(self, job: Job, error: JobError) -> None:
+        """Ends a job that will not run (e.g. its worker died too often) with a failure event."""
+        event_log = self._logs[job.id] = EventLog(job.id)
+        await event_log.append(JobQueued(job.id, 1, job.created_at, 0))
+        await self._fail(job, error)
         self._retire_log(job.id)
 
     def _retire_log(self, job_id: str) -> None:

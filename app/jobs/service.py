@@ -6,6 +6,7 @@ classifications. It knows the engine and the database, nothing of GraphQL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -18,12 +19,33 @@ from app.inference.engine import Engine
 from app.inference.model import LoadedModel
 from app.inference.types import ModelInfo
 
-from .domain import GenerationSpec, Job, JobOptions, JobStatus, Timing, Usage
+from .domain import (
+    Batch,
+    GenerationSpec,
+    Job,
+    JobError,
+    JobOptions,
+    JobStatus,
+    Page,
+    ReviewVerdict,
+    Timing,
+    Usage,
+    WebhookAttempt,
+)
 from .errors import InvalidInput, NotFound, Overloaded
 from .events import JobEvent, replay_finished
 from .runner import JobRunner, with_position
-from .store import JobStore
-from .validation import Limits, validate_classification, validate_context, validate_generation
+from .store import IdempotentReplay, JobStore
+from .validation import (
+    MAX_BATCH_SIZE,
+    MAX_PAGE,
+    Limits,
+    validate_classification,
+    validate_context,
+    validate_generation,
+    validate_options,
+)
+from .webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +71,19 @@ class JobService:
         limits: Limits,
         review_threshold: float,
         max_queued: int,
+        max_attempts: int = 3,
+        webhooks: WebhookDispatcher | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
         self._lm = lm
         self.limits = limits
         self._review_threshold = review_threshold
+        self._max_attempts = max_attempts
+        self._webhooks = webhooks
         self.runner = JobRunner(
-            store, engine, lm.info, review_threshold=review_threshold, max_queued=max_queued
+            store, engine, lm.info, review_threshold=review_threshold, max_queued=max_queued,
+            on_webhook_queued=webhooks.wake if webhooks else lambda: None,
         )
 
     @property
@@ -66,9 +93,13 @@ class JobService:
     async def start(self) -> None:
         self.runner.start()
         await self._recover()
+        if self._webhooks:
+            self._webhooks.start()
 
     async def stop(self) -> None:
         await self.runner.stop()
+        if self._webhooks:
+            await self._webhooks.stop()
 
     # ---- generations --------------------------------------------------------------------
 
@@ -79,23 +110,24 @@ class JobService:
             return self._lm.encode_raw(spec.prompt)
         return self._lm.encode_chat([{"role": "user", "content": spec.prompt}])
 
-    async def submit(self, spec: GenerationSpec, options: JobOptions | None = None, owner: str | None = None) -> Job:
-        """Validate, persist a QUEUED job and queue it. Nothing is stored when input is bad."""
-        options = options or JobOptions()
+    def _check(self, spec: GenerationSpec) -> list[int]:
+        """All input rules; returns the prompt's token ids."""
         validate_generation(spec, self.limits)
-        if options.deadline_seconds is not None and not 0 < options.deadline_seconds <= 86400:
-            raise InvalidInput("`deadlineSeconds` must be in (0, 86400]", field="deadlineSeconds")
-        if not -100 <= options.priority <= 100:
-            raise InvalidInput("`priority` must be between -100 and 100", field="priority")
         prompt_ids = self._prompt_ids(spec)
         validate_context(len(prompt_ids), spec.sampling.max_tokens, self.limits.context_length)
-        if self.runner.queued_count >= self.runner.max_queued:
+        return prompt_ids
+
+    def _check_room(self, n: int) -> None:
+        free = self.runner.max_queued - self.runner.queued_count
+        if n > free:
             raise Overloaded(
-                f"the queue is full ({self.runner.max_queued} jobs waiting); retry shortly",
-                retryAfterMs=1000,
+                f"the queue is full ({self.runner.queued_count} of {self.runner.max_queued} jobs waiting); "
+                "retry shortly", retryAfterMs=1000,
             )
-        now = datetime.now(UTC)
-        job = Job(
+
+    def _new_job(self, spec: GenerationSpec, options: JobOptions, owner: str | None, now: datetime,
+                 batch_id: str | None = None, webhook: bool = True) -> Job:
+        return Job(
             id=str(uuid.uuid4()),
             owner=owner,
             status=JobStatus.QUEUED,
@@ -103,16 +135,87 @@ class JobService:
             spec=spec,
             created_at=now,
             deadline_at=now + timedelta(seconds=options.deadline_seconds) if options.deadline_seconds else None,
-            idempotency_key=options.idempotency_key,
-            webhook_url=options.webhook_url,
+            idempotency_key=options.idempotency_key if batch_id is None else None,
+            webhook_url=options.webhook_url if webhook else None,
+            batch_id=batch_id,
         )
-        await self._store.insert(job)
+
+    async def submit(self, spec: GenerationSpec, options: JobOptions | None = None, owner: str | None = None) -> Job:
+        """Validate, persist a QUEUED job and queue it. Nothing is stored when input is bad.
+
+        The same idempotency key (for the same owner) returns the job it created first.
+        """
+        options = options or JobOptions()
+        validate_options(options)
+        prompt_ids = self._check(spec)
+        self._check_room(1)
+        job = self._new_job(spec, options, owner, datetime.now(UTC))
+        try:
+            await self._store.insert(job)
+        except IdempotentReplay as replay:
+            if replay.job.spec != spec:
+                raise InvalidInput(
+                    "this idempotencyKey was already used with a different input", field="idempotencyKey"
+                ) from None
+            return with_position(replay.job, self.runner)
         position = await self.runner.enqueue(job, prompt_ids)
-        return replace(job, queue_position=position, prompt_tokens=len(prompt_ids))
+        return replace(job, queue_position=position)
+
+    async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None = None,
+                           owner: str | None = None) -> Batch:
+        """All or nothing: one invalid input refuses the whole batch, naming its index."""
+        options = options or JobOptions()
+        if options.idempotency_key:
+            raise InvalidInput("`idempotencyKey` is not supported for batches", field="idempotencyKey")
+        validate_options(options)
+        if not 1 <= len(specs) <= MAX_BATCH_SIZE:
+            raise InvalidInput(f"a batch holds 1 to {MAX_BATCH_SIZE} inputs; got {len(specs)}", field="inputs")
+        prompts = []
+        for index, spec in enumerate(specs):
+            try:
+                prompts.append(self._check(spec))
+            except InvalidInput as exc:
+                raise InvalidInput(f"inputs[{index}]: {exc.message}", index=index, **exc.extensions) from None
+        self._check_room(len(specs))
+        now = datetime.now(UTC)
+        batch_id = str(uuid.uuid4())
+        jobs = [self._new_job(spec, options, owner, now, batch_id=batch_id, webhook=False) for spec in specs]
+        await self._store.insert_batch(batch_id, owner, jobs, options.webhook_url, now)
+        for job, prompt_ids in zip(jobs, prompts):
+            await self.runner.enqueue(job, prompt_ids)
+        return await self._store.batch(batch_id)
+
+    async def batch(self, batch_id: str, owner: str | None = None) -> Batch | None:
+        batch = await self._store.batch(batch_id)
+        if batch is None or not self._visible(batch.owner, owner):
+            return None
+        return batch
+
+    async def cancel_batch(self, batch_id: str, owner: str | None = None) -> Batch:
+        batch = await self.batch(batch_id, owner)
+        if batch is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        if not batch.counts.done:
+            await self._store.mark_batch_cancelled(batch_id)
+            page = await self._store.list_jobs(owner=owner, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE)
+            await asyncio.gather(*(self.runner.cancel(j.id) for j in page.items if not j.status.terminal))
+        return await self._store.batch(batch_id)
+
+    async def list_jobs(self, *, owner: str | None = None, all_owners: bool = True, status: JobStatus | None = None,
+                        batch_id: str | None = None, first: int = 20, after: str | None = None) -> Page:
+        if not 1 <= first <= MAX_PAGE:
+            raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
+        page = await self._store.list_jobs(owner=owner, all_owners=all_owners, status=status, batch_id=batch_id,
+                                           first=first, after=after)
+        return replace(page, items=[with_position(j, self.runner) for j in page.items])
+
+    @staticmethod
+    def _visible(item_owner: str | None, caller: str | None) -> bool:
+        return caller is None or item_owner == caller
 
     async def get(self, job_id: str, owner: str | None = None) -> Job | None:
         job = await self._store.get(job_id)
-        if job is None or (owner is not None and job.owner != owner):
+        if job is None or not self._visible(job.owner, owner):
             return None
         return with_position(job, self.runner)
 
@@ -144,10 +247,46 @@ class JobService:
                 yield event
 
     async def _recover(self) -> None:
-        """Jobs left QUEUED or RUNNING by a previous process are queued again."""
+        """Jobs a previous process left QUEUED run now; RUNNING ones (their worker died) run
+        again, unless they already used every attempt: then they fail with WORKER_LOST."""
         for job in await self._store.by_status(JobStatus.QUEUED, JobStatus.RUNNING):
+            if job.status is JobStatus.RUNNING:
+                if job.attempts >= self._max_attempts:
+                    log.error("job %s: worker lost %d times; failing it", job.id, job.attempts)
+                    await self.runner.fail_unstarted(job, JobError(
+                        "WORKER_LOST", f"the worker stopped during all {job.attempts} attempts"))
+                    continue
+                await self._store.requeue(job.id)
             log.info("re-queueing job %s left %s by a previous run", job.id, job.status.value)
             await self.runner.enqueue(job, self._prompt_ids(job.spec))
+
+    # ---- review, webhooks, retention ----------------------------------------------------
+
+    async def review_queue(self, first: int = 20, after: str | None = None) -> Page:
+        if not 1 <= first <= MAX_PAGE:
+            raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
+        return await self._store.list_jobs(owner=None, all_owners=True, first=first, after=after, review_queue=True)
+
+    async def submit_review(self, job_id: str, verdict: ReviewVerdict, corrected_text: str | None,
+                            reviewer: str | None = None) -> Job:
+        job = await self.get(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        if job.status is not JobStatus.SUCCEEDED or job.result is None:
+            raise InvalidInput(f"only a SUCCEEDED job can be reviewed; this one is {job.status.value}", field="jobId")
+        if (verdict is ReviewVerdict.CORRECTED) != bool(corrected_text and corrected_text.strip()):
+            raise InvalidInput("`correctedText` is required with CORRECTED and only with it", field="correctedText")
+        if corrected_text and len(corrected_text) > self.limits.max_prompt_chars:
+            raise InvalidInput(f"`correctedText` is over {self.limits.max_prompt_chars} characters",
+                               field="correctedText")
+        await self._store.submit_review(job_id, verdict, reviewer, corrected_text, datetime.now(UTC))
+        return await self.get(job_id)
+
+    async def webhook_deliveries(self, subject_id: str) -> list[WebhookAttempt]:
+        return await self._store.webhook_attempts(subject_id)
+
+    async def purge(self, retention: timedelta) -> int:
+        return await self._store.purge_finished_before(datetime.now(UTC) - retention)
 
     # ---- classification -----------------------------------------------------------------
 

@@ -1,16 +1,41 @@
-"""Persistence of jobs. Converts rows <-> domain Jobs; nothing else reads the tables."""
+"""Persistence of jobs, batches, reviews and webhook messages.
+
+Converts rows <-> domain objects; nothing else reads the job tables. A job's end and the
+webhook messages it triggers are written in one transaction, so a crash can never leave
+a finished job whose callback is lost.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 
+from sqlalchemy import and_, delete, func, or_, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from .domain import GenerationResult, GenerationSpec, Job, JobError, JobStatus
-from .tables import JobRow
+from .domain import (
+    Batch,
+    BatchCounts,
+    GenerationResult,
+    GenerationSpec,
+    Job,
+    JobError,
+    JobStatus,
+    Page,
+    Review,
+    ReviewVerdict,
+    Usage,
+    WebhookAttempt,
+)
+from .errors import InvalidInput
+from .tables import BatchRow, JobRow, WebhookAttemptRow, WebhookRow
+from .webhook_messages import batch_message, job_message
+
+TERMINAL = [s.value for s in JobStatus if s.terminal]
 
 
 def utc(dt: datetime | None) -> datetime | None:
@@ -21,6 +46,9 @@ def utc(dt: datetime | None) -> datetime | None:
 
 
 def _to_job(row: JobRow) -> Job:
+    review = None
+    if row.review_verdict:
+        review = Review(ReviewVerdict(row.review_verdict), row.reviewed_by, utc(row.reviewed_at), row.corrected_text)
     return Job(
         id=row.id,
         owner=row.owner,
@@ -31,12 +59,52 @@ def _to_job(row: JobRow) -> Job:
         started_at=utc(row.started_at),
         finished_at=utc(row.finished_at),
         deadline_at=utc(row.deadline_at),
-        idempotency_key=row.idempotency_key,
+        idempotency_key=row.idempotency_scope.split(":", 1)[1] if row.idempotency_scope else None,
         webhook_url=row.webhook_url,
         attempts=row.attempts,
         result=GenerationResult.from_dict(json.loads(row.result_json)) if row.result_json else None,
         error=JobError(row.error_code, row.error_message or "") if row.error_code else None,
+        batch_id=row.batch_id,
+        review=review,
     )
+
+
+def idempotency_scope(owner: str | None, key: str | None) -> str | None:
+    return f"{owner or ''}:{key}" if key else None
+
+
+def encode_cursor(at: datetime, item_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{item_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        at, item_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return utc(datetime.fromisoformat(at)), item_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("`after` is not a cursor this API returned", field="after") from exc
+
+
+def _new_row(job: Job) -> JobRow:
+    return JobRow(
+        id=job.id,
+        owner=job.owner,
+        batch_id=job.batch_id,
+        status=job.status.value,
+        priority=job.priority,
+        input_json=json.dumps(job.spec.to_dict()),
+        idempotency_scope=idempotency_scope(job.owner, job.idempotency_key),
+        webhook_url=job.webhook_url,
+        deadline_at=job.deadline_at,
+        created_at=job.created_at,
+    )
+
+
+class IdempotentReplay(Exception):
+    """A job with this idempotency key already exists; `job` is it."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
 
 
 class JobStore:
@@ -46,42 +114,48 @@ class JobStore:
     def _session(self) -> AsyncSession:
         return AsyncSession(self._engine, expire_on_commit=False)
 
+    # ---- writes ---------------------------------------------------------------------------
+
     async def insert(self, job: Job) -> None:
-        row = JobRow(
-            id=job.id,
-            owner=job.owner,
-            status=job.status.value,
-            priority=job.priority,
-            input_json=json.dumps(job.spec.to_dict()),
-            idempotency_key=job.idempotency_key,
-            webhook_url=job.webhook_url,
-            deadline_at=job.deadline_at,
-            created_at=job.created_at,
-        )
+        """Raises IdempotentReplay when the caller already used this idempotency key."""
+        scope = idempotency_scope(job.owner, job.idempotency_key)
+        if scope and (existing := await self._by_scope(scope)):
+            raise IdempotentReplay(existing)
+        try:
+            async with self._session() as session:
+                session.add(_new_row(job))
+                await session.commit()
+        except IntegrityError:
+            existing = await self._by_scope(scope) if scope else None
+            if existing is None:
+                raise
+            raise IdempotentReplay(existing) from None  # lost a race with the same key
+
+    async def insert_batch(self, batch_id: str, owner: str | None, jobs: list[Job], webhook_url: str | None,
+                           created_at: datetime) -> None:
         async with self._session() as session:
-            session.add(row)
+            session.add(BatchRow(id=batch_id, owner=owner, size=len(jobs), webhook_url=webhook_url,
+                                 created_at=created_at))
+            for index, job in enumerate(jobs):
+                row = _new_row(job)
+                row.batch_index = index
+                session.add(row)
             await session.commit()
-
-    async def get(self, job_id: str) -> Job | None:
-        async with self._session() as session:
-            row = await session.get(JobRow, job_id)
-            return _to_job(row) if row else None
-
-    async def by_status(self, *statuses: JobStatus) -> list[Job]:
-        async with self._session() as session:
-            rows = await session.exec(
-                select(JobRow)
-                .where(col(JobRow.status).in_([s.value for s in statuses]))
-                .order_by(col(JobRow.created_at))
-            )
-            return [_to_job(r) for r in rows]
 
     async def mark_running(self, job_id: str, started_at: datetime) -> None:
         async with self._session() as session:
-            row = await session.get(JobRow, job_id)
-            row.status = JobStatus.RUNNING.value
-            row.started_at = started_at
-            row.attempts += 1
+            await session.exec(
+                update(JobRow).where(col(JobRow.id) == job_id)
+                .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
+            )
+            await session.commit()
+
+    async def requeue(self, job_id: str) -> None:
+        """A job whose worker died goes back to QUEUED, keeping its attempt count."""
+        async with self._session() as session:
+            await session.exec(
+                update(JobRow).where(col(JobRow.id) == job_id).values(status=JobStatus.QUEUED.value, started_at=None)
+            )
             await session.commit()
 
     async def finish(
@@ -91,12 +165,163 @@ class JobStore:
         finished_at: datetime,
         result: GenerationResult | None = None,
         error: JobError | None = None,
-    ) -> None:
+    ) -> bool:
+        """Ends a job (once: a job already terminal is left alone) and queues its webhooks.
+
+        Returns True when webhook messages were queued.
+        """
         async with self._session() as session:
             row = await session.get(JobRow, job_id)
+            if row is None or JobStatus(row.status).terminal:
+                return False
             row.status = status.value
             row.finished_at = finished_at
             row.result_json = json.dumps(result.to_dict()) if result else None
             row.error_code = error.code if error else None
             row.error_message = error.message if error else None
+            if result is not None:
+                row.prompt_tokens = result.usage.prompt_tokens
+                row.completion_tokens = result.usage.completion_tokens
+                row.needs_review = status is JobStatus.SUCCEEDED and result.needs_review
+            queued = False
+            if row.webhook_url:
+                session.add(job_message(_to_job(row), row.webhook_url, finished_at))
+                queued = True
+            if row.batch_id:
+                await session.flush()
+                queued |= await self._maybe_finish_batch(session, row.batch_id, finished_at)
             await session.commit()
+            return queued
+
+    async def _maybe_finish_batch(self, session: AsyncSession, batch_id: str, now: datetime) -> bool:
+        batch = await session.get(BatchRow, batch_id)
+        if batch is None or batch.finished_at is not None:
+            return False
+        counts, usage = await self._batch_counts(session, batch_id)
+        if not counts.done:
+            return False
+        batch.finished_at = now
+        if batch.webhook_url:
+            session.add(batch_message(self._to_batch(batch, counts, usage), batch.webhook_url, now))
+            return True
+        return False
+
+    async def mark_batch_cancelled(self, batch_id: str) -> None:
+        async with self._session() as session:
+            await session.exec(update(BatchRow).where(col(BatchRow.id) == batch_id).values(cancelled=True))
+            await session.commit()
+
+    async def submit_review(self, job_id: str, verdict: ReviewVerdict, reviewer: str | None,
+                            corrected_text: str | None, at: datetime) -> None:
+        async with self._session() as session:
+            await session.exec(
+                update(JobRow).where(col(JobRow.id) == job_id)
+                .values(review_verdict=verdict.value, reviewed_by=reviewer, reviewed_at=at,
+                        corrected_text=corrected_text)
+            )
+            await session.commit()
+
+    async def purge_finished_before(self, cutoff: datetime) -> int:
+        """Deletes finished jobs (and their webhook records) older than cutoff; returns how many."""
+        async with self._session() as session:
+            old = select(JobRow.id).where(col(JobRow.status).in_(TERMINAL), col(JobRow.finished_at) < cutoff)
+            hooks = select(WebhookRow.id).where(col(WebhookRow.subject_id).in_(old))
+            await session.exec(delete(WebhookAttemptRow).where(col(WebhookAttemptRow.webhook_id).in_(hooks)))
+            await session.exec(delete(WebhookRow).where(col(WebhookRow.subject_id).in_(old)))
+            result = await session.exec(delete(JobRow).where(col(JobRow.id).in_(old)))
+            await session.exec(delete(BatchRow).where(
+                col(BatchRow.finished_at) < cutoff,
+                ~col(BatchRow.id).in_(select(JobRow.batch_id).where(col(JobRow.batch_id).is_not(None))),
+            ))
+            await session.commit()
+            return result.rowcount or 0
+
+    # ---- reads ----------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._session() as session:
+            row = await session.get(JobRow, job_id)
+            return _to_job(row) if row else None
+
+    async def _by_scope(self, scope: str) -> Job | None:
+        async with self._session() as session:
+            row = (await session.exec(select(JobRow).where(col(JobRow.idempotency_scope) == scope))).first()
+            return _to_job(row) if row else None
+
+    async def by_status(self, *statuses: JobStatus) -> list[Job]:
+        async with self._session() as session:
+            rows = await session.exec(
+                select(JobRow).where(col(JobRow.status).in_([s.value for s in statuses]))
+                .order_by(col(JobRow.created_at))
+            )
+            return [_to_job(r) for r in rows]
+
+    async def list_jobs(
+        self,
+        *,
+        owner: str | None,
+        all_owners: bool,
+        status: JobStatus | None = None,
+        batch_id: str | None = None,
+        first: int = 20,
+        after: str | None = None,
+        review_queue: bool = False,
+    ) -> Page:
+        """Newest first, keyset-paginated on (created_at, id)."""
+        query = select(JobRow)
+        if not all_owners:
+            query = query.where(col(JobRow.owner) == owner if owner is not None else col(JobRow.owner).is_(None))
+        if status is not None:
+            query = query.where(col(JobRow.status) == status.value)
+        if batch_id is not None:
+            query = query.where(col(JobRow.batch_id) == batch_id)
+        if review_queue:
+            query = query.where(col(JobRow.needs_review).is_(True), col(JobRow.review_verdict).is_(None))
+        if after:
+            at, last_id = decode_cursor(after)
+            query = query.where(or_(col(JobRow.created_at) < at,
+                                    and_(col(JobRow.created_at) == at, col(JobRow.id) < last_id)))
+        query = query.order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(first + 1)
+        async with self._session() as session:
+            rows = list(await session.exec(query))
+        has_next = len(rows) > first
+        rows = rows[:first]
+        end = encode_cursor(utc(rows[-1].created_at), rows[-1].id) if rows else None
+        return Page(items=[_to_job(r) for r in rows], end_cursor=end, has_next_page=has_next)
+
+    async def batch(self, batch_id: str) -> Batch | None:
+        async with self._session() as session:
+            row = await session.get(BatchRow, batch_id)
+            if row is None:
+                return None
+            counts, usage = await self._batch_counts(session, batch_id)
+            return self._to_batch(row, counts, usage)
+
+    async def _batch_counts(self, session: AsyncSession, batch_id: str) -> tuple[BatchCounts, Usage]:
+        rows = await session.exec(
+            select(JobRow.status, func.count(), func.sum(JobRow.prompt_tokens), func.sum(JobRow.completion_tokens))
+            .where(col(JobRow.batch_id) == batch_id).group_by(JobRow.status)
+        )
+        counts: dict[str, int] = {}
+        prompt = completion = 0
+        for status, n, p, c in rows:
+            counts[status.lower()] = n
+            prompt += p or 0
+            completion += c or 0
+        return BatchCounts(**counts), Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+    @staticmethod
+    def _to_batch(row: BatchRow, counts: BatchCounts, usage: Usage) -> Batch:
+        return Batch(id=row.id, owner=row.owner, size=row.size, created_at=utc(row.created_at),
+                     finished_at=utc(row.finished_at), cancelled=row.cancelled, counts=counts, usage=usage,
+                     webhook_url=row.webhook_url)
+
+    async def webhook_attempts(self, subject_id: str) -> list[WebhookAttempt]:
+        async with self._session() as session:
+            rows = await session.exec(
+                select(WebhookAttemptRow)
+                .join(WebhookRow, col(WebhookRow.id) == col(WebhookAttemptRow.webhook_id))
+                .where(col(WebhookRow.subject_id) == subject_id)
+                .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
+            )
+            return [WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at)) for r in rows]

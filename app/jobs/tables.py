@@ -1,32 +1,93 @@
-"""Database tables (SQLModel). Only the store touches these."""
+"""Database tables (SQLModel). Only the store and the webhook dispatcher touch these.
+
+Schema changes go through Alembic (app/jobs/migrations): edit a table here, then add a
+migration that makes the same change.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, Text
+from sqlalchemy import Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
 
-def _ts(nullable: bool = True) -> Column:
-    return Column(DateTime(timezone=True), nullable=nullable)
+def _ts(nullable: bool = True, index: bool = False) -> Column:
+    return Column(DateTime(timezone=True), nullable=nullable, index=index)
 
 
 class JobRow(SQLModel, table=True):
     __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index("ix_jobs_review_queue", "needs_review", "review_verdict", "finished_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=36)
-    owner: str | None = Field(default=None, index=True, max_length=64)  # the API key that submitted it
+    owner: str | None = Field(default=None, max_length=64)  # the API key that submitted it
+    batch_id: str | None = Field(default=None, index=True, max_length=36)
+    batch_index: int | None = None
     status: str = Field(index=True, max_length=16)
     priority: int = 0
     input_json: str = Field(sa_column=Column(Text, nullable=False))
-    idempotency_key: str | None = Field(default=None, index=True, max_length=200)
+    # "<owner>:<key>", unique: the database itself refuses a second job for one key.
+    idempotency_scope: str | None = Field(default=None, unique=True, max_length=300)
     webhook_url: str | None = Field(default=None, max_length=2048)
     deadline_at: datetime | None = Field(default=None, sa_column=_ts())
     created_at: datetime = Field(sa_column=_ts(nullable=False))
     started_at: datetime | None = Field(default=None, sa_column=_ts())
-    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+    finished_at: datetime | None = Field(default=None, sa_column=_ts(index=True))
     attempts: int = 0
     result_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Denormalised from the result, for batch sums, usage reports and the review queue.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    needs_review: bool = False
+    review_verdict: str | None = Field(default=None, max_length=16)
+    reviewed_by: str | None = Field(default=None, max_length=64)
+    reviewed_at: datetime | None = Field(default=None, sa_column=_ts())
+    corrected_text: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class BatchRow(SQLModel, table=True):
+    __tablename__ = "batches"
+
+    id: str = Field(primary_key=True, max_length=36)
+    owner: str | None = Field(default=None, index=True, max_length=64)
+    size: int
+    webhook_url: str | None = Field(default=None, max_length=2048)
+    cancelled: bool = False
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class WebhookRow(SQLModel, table=True):
+    """One message to deliver (for a job or a batch), retried until delivered or given up."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_due", "state", "next_attempt_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)  # the `webhook-id` header: stable across retries
+    subject_type: str = Field(max_length=8)  # job | batch
+    subject_id: str = Field(index=True, max_length=36)
+    event_type: str = Field(max_length=40)
+    url: str = Field(max_length=2048)
+    payload_json: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(max_length=12)  # PENDING | DELIVERED | FAILED
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default=None, sa_column=_ts())
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+
+
+class WebhookAttemptRow(SQLModel, table=True):
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: str = Field(index=True, max_length=40)
+    attempt: int
+    at: datetime = Field(sa_column=_ts(nullable=False))
+    http_status: int | None = None
+    error: str | None = Field(default=None, max_length=500)
+    next_retry_at: datetime | None = Field(default=None, sa_column=_ts())

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .domain import GenerationSpec
+from urllib.parse import urlsplit
+
+from .domain import GenerationSpec, JobOptions
 from .errors import InvalidInput
 
 MAX_ALTERNATIVES = 10
@@ -15,6 +17,10 @@ MAX_MESSAGES = 256
 MAX_LABELS = 50
 MAX_LABEL_CHARS = 200
 MAX_SEED = 2**63 - 1
+MAX_BATCH_SIZE = 100
+MAX_PAGE = 100
+MAX_IDEMPOTENCY_KEY = 200
+MAX_URL = 2048
 
 
 @dataclass(frozen=True)
@@ -90,3 +96,31 @@ def validate_classification(text: str, labels: list[str], instruction: str | Non
         raise _bad(f"each label must be 1 to {MAX_LABEL_CHARS} characters", "labels")
     if len(set(labels)) != len(labels):
         raise _bad("`labels` must not repeat a label", "labels")
+
+
+def validate_options(options: JobOptions) -> None:
+    if not -100 <= options.priority <= 100:
+        raise _bad("`priority` must be between -100 and 100", "priority")
+    if options.deadline_seconds is not None and not (
+        math.isfinite(options.deadline_seconds) and 0 < options.deadline_seconds <= 86400
+    ):
+        raise _bad("`deadlineSeconds` must be in (0, 86400]", "deadlineSeconds")
+    key = options.idempotency_key
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise _bad(f"`idempotencyKey` must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "idempotencyKey")
+    if options.webhook_url is not None:
+        validate_webhook_url(options.webhook_url)
+
+
+def validate_webhook_url(url: str) -> None:
+    if len(url) > MAX_URL:
+        raise _bad(f"`webhookUrl` is over {MAX_URL} characters", "webhookUrl")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        raise _bad("`webhookUrl` is not a valid URL", "webhookUrl") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _bad("`webhookUrl` must be an absolute http:// or https:// URL", "webhookUrl")
+    if parts.username or parts.password:
+        raise _bad("`webhookUrl` must not carry credentials", "webhookUrl")
