@@ -1,0 +1,40 @@
+# InferQL on CPU: the project, the CPU build of torch, and the default model converted
+# at build time, so the container starts without fetching anything.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    INFERQL_CACHE_DIR=/opt/inferql/cache \
+    INFERQL_DATABASE_URL=sqlite:////var/lib/inferql/inferql.db
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY app ./app
+# torch is pinned to 2.13.0 in pyproject.toml; the extra index supplies its CPU build
+# (2.13.0+cpu), which pip prefers over the CUDA-dependent wheel.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+ && rm -rf /src
+
+RUN useradd --create-home --uid 10001 inferql \
+ && mkdir -p /opt/inferql/cache /var/lib/inferql \
+ && chown -R inferql:inferql /opt/inferql /var/lib/inferql
+
+USER inferql
+WORKDIR /home/inferql
+
+# Fetch and convert the default model once, into the image.
+RUN inferql model pull
+
+ENV INFERQL_HOST=0.0.0.0 \
+    INFERQL_PORT=8000 \
+    HF_HUB_OFFLINE=1
+
+EXPOSE 8000
+VOLUME ["/var/lib/inferql"]
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('INFERQL_PORT', '8000'), timeout=4)" || exit 1
+
+CMD ["inferql", "serve"]
