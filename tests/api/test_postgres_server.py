@@ -1,0 +1,44 @@
+"""The same server on PostgreSQL: migrations, a streamed generation, its persisted job."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from app.client import InferQLClient
+from tests.conftest import ServerProcess
+from tests.gql import GENERATE, JOB, collect
+from tests.jobs.test_store import POSTGRES
+
+
+@pytest.fixture
+async def pg_url():
+    name = f"inferql_srv_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(POSTGRES)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
+    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def test_server_on_postgresql(tmp_path, tiny_model_dir, pg_url):
+    server = ServerProcess(tmp_path, {"INFERQL_MODEL_PATH": str(tiny_model_dir), "INFERQL_DATABASE_URL": pg_url})
+    server.start()
+    try:
+        async with InferQLClient(server.url) as client:
+            events = await collect(client, GENERATE, {"input": {"prompt": "Hello", "maxTokens": 5}})
+            assert events[-1]["__typename"] == "GenerationCompleted"
+            job = (await client.execute(JOB, {"id": events[0]["jobId"]}))["job"]
+            assert job["status"] == "SUCCEEDED"
+            assert job["result"]["text"] == events[-1]["result"]["text"]
+            assert job["createdAt"] <= job["startedAt"] <= job["finishedAt"]
+    finally:
+        server.stop()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("select version_num from alembic_version") == "0001"
+        assert await conn.fetchval("select count(*) from jobs where status = 'SUCCEEDED'") == 1
+    finally:
+        await conn.close()

@@ -1,0 +1,180 @@
+"""The job store on both databases it supports: SQLite (aiosqlite) and PostgreSQL (asyncpg).
+
+PostgreSQL runs on 127.0.0.1:5432 with trust auth (INFERQL_TEST_POSTGRES_URL overrides);
+each run gets a database of its own, created here and dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from app.inference.confidence import Confidence
+from app.inference.types import FinishReason, ModelInfo, SamplingParams
+from app.jobs.db import make_engine
+from app.jobs.domain import (
+    GenerationResult,
+    GenerationSpec,
+    Job,
+    JobStatus,
+    ReviewVerdict,
+    Timing,
+    TokenRecord,
+    Usage,
+)
+from app.jobs.errors import InvalidInput
+from app.jobs.migrate import current, upgrade
+from app.jobs.store import IdempotentReplay, JobStore
+from app.jobs.tables import WebhookRow
+
+POSTGRES = os.environ.get("INFERQL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+MODEL = ModelInfo("m", "abc123def456", 1, "float32", "cpu", 512, "local")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], scope="module")
+async def store(request, tmp_path_factory):
+    if request.param == "sqlite":
+        url, cleanup = f"sqlite:///{tmp_path_factory.mktemp('store') / 'jobs.db'}", None
+    else:
+        name = f"inferql_test_{uuid.uuid4().hex[:10]}"
+        admin = await asyncpg.connect(POSTGRES)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = POSTGRES.rsplit("/", 1)[0] + "/" + name
+
+        async def cleanup():
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            await admin.close()
+
+    engine = make_engine(url)
+    await upgrade(engine)
+    yield JobStore(engine)
+    await engine.dispose()
+    if cleanup:
+        await cleanup()
+
+
+def spec(prompt: str = "hi", max_tokens: int = 4) -> GenerationSpec:
+    return GenerationSpec(prompt=prompt, messages=None, sampling=SamplingParams(max_tokens=max_tokens, stop=("x",)))
+
+
+def new_job(**kw) -> Job:
+    defaults = dict(id=str(uuid.uuid4()), owner=None, status=JobStatus.QUEUED, priority=0, spec=spec(),
+                    created_at=datetime.now(UTC))
+    return Job(**{**defaults, **kw})
+
+
+def result(text: str = "ok", needs_review: bool = False) -> GenerationResult:
+    tokens = (TokenRecord(0, 5, text, -0.1, ((5, text, -0.1), (6, "no", -2.3)), 1.0),)
+    return GenerationResult(
+        text=text, finish_reason=FinishReason.STOP, confidence=Confidence(0.9, -0.1, 0.9, 1.1),
+        needs_review=needs_review, tokens=tokens, model=MODEL, usage=Usage(7, 1),
+        timing=Timing(1.0, 2.0, 3.0, 4.0, 5.0),
+    )
+
+
+async def test_migrations_are_at_head_and_idempotent(store):
+    assert await current(store._engine) == "0001"
+    await upgrade(store._engine)  # a second run is a no-op
+    assert await current(store._engine) == "0001"
+
+
+async def test_round_trip_keeps_everything(store):
+    job = new_job(priority=5, webhook_url="http://example.test/hook", deadline_at=datetime.now(UTC))
+    await store.insert(job)
+    got = await store.get(job.id)
+    assert got.spec == job.spec and got.priority == 5 and got.webhook_url == job.webhook_url
+    assert got.created_at == job.created_at and got.created_at.tzinfo is not None
+    started = datetime.now(UTC)
+    await store.mark_running(job.id, started)
+    assert (await store.get(job.id)).status is JobStatus.RUNNING
+    assert await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result("done"))
+    got = await store.get(job.id)
+    assert got.status is JobStatus.SUCCEEDED and got.result == result("done") and got.attempts == 1
+    assert got.started_at == started
+
+
+async def test_finish_happens_once_and_queues_one_webhook(store):
+    job = new_job(webhook_url="http://example.test/hook")
+    await store.insert(job)
+    assert await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result())
+    # a second end (say, a late cancel) changes nothing and queues nothing
+    assert not await store.finish(job.id, JobStatus.CANCELLED, datetime.now(UTC), result=result("other"))
+    assert (await store.get(job.id)).status is JobStatus.SUCCEEDED
+    async with store._session() as session:
+        from sqlmodel import select
+
+        rows = list(await session.exec(select(WebhookRow).where(WebhookRow.subject_id == job.id)))
+    assert len(rows) == 1 and rows[0].state == "PENDING" and rows[0].event_type == "job.succeeded"
+    assert json.loads(rows[0].payload_json)["data"]["job"]["result"]["text"] == "ok"
+
+
+async def test_idempotency_scope_is_per_owner_and_race_safe(store):
+    a = new_job(owner="key-a", idempotency_key="k1")
+    await store.insert(a)
+    with pytest.raises(IdempotentReplay) as replay:
+        await store.insert(new_job(owner="key-a", idempotency_key="k1"))
+    assert replay.value.job.id == a.id
+    await store.insert(new_job(owner="key-b", idempotency_key="k1"))  # another owner: its own key space
+    # ten concurrent inserts with one fresh key: exactly one wins, the others get it back
+    racers = [new_job(owner="key-c", idempotency_key="k2") for _ in range(10)]
+    outcomes = await asyncio.gather(*(store.insert(j) for j in racers), return_exceptions=True)
+    winners = [j for j, o in zip(racers, outcomes) if o is None]
+    assert len(winners) == 1
+    assert all(isinstance(o, IdempotentReplay) and o.job.id == winners[0].id for o in outcomes if o is not None)
+
+
+async def test_listing_is_newest_first_with_stable_cursors(store):
+    owner = f"lister-{uuid.uuid4().hex[:6]}"
+    base = datetime.now(UTC)
+    jobs = [new_job(owner=owner, created_at=base + timedelta(seconds=i // 2)) for i in range(7)]  # ties on time
+    for job in jobs:
+        await store.insert(job)
+    seen, after = [], None
+    while True:
+        page = await store.list_jobs(owner=owner, all_owners=False, first=3, after=after)
+        seen += [j.id for j in page.items]
+        if not page.has_next_page:
+            break
+        after = page.end_cursor
+    expected = [j.id for j in sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)]
+    assert seen == expected
+    with pytest.raises(InvalidInput):
+        await store.list_jobs(owner=owner, all_owners=False, after="not-a-cursor")
+
+
+async def test_batch_counts_usage_and_one_batch_webhook(store):
+    batch_id = str(uuid.uuid4())
+    jobs = [new_job(batch_id=batch_id) for _ in range(3)]
+    await store.insert_batch(batch_id, None, jobs, "http://example.test/batch", datetime.now(UTC))
+    batch = await store.batch(batch_id)
+    assert batch.counts.queued == 3 and batch.status.value == "IN_PROGRESS"
+    queued = [await store.finish(j.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result()) for j in jobs]
+    assert queued == [False, False, True]  # only the last job's end queues the batch webhook
+    batch = await store.batch(batch_id)
+    assert batch.counts.succeeded == 3 and batch.finished_at is not None and batch.status.value == "COMPLETED"
+    assert batch.usage == Usage(21, 3)
+
+
+async def test_review_and_purge(store):
+    job = new_job()
+    await store.insert(job)
+    await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC) - timedelta(days=40),
+                       result=result(needs_review=True))
+    queue = await store.list_jobs(owner=None, all_owners=True, review_queue=True, first=100)
+    assert job.id in [j.id for j in queue.items]
+    await store.submit_review(job.id, ReviewVerdict.APPROVED, "alice", None, datetime.now(UTC))
+    got = await store.get(job.id)
+    assert got.review.verdict is ReviewVerdict.APPROVED and got.review.reviewer == "alice"
+    queue = await store.list_jobs(owner=None, all_owners=True, review_queue=True, first=100)
+    assert job.id not in [j.id for j in queue.items]
+    fresh = new_job()
+    await store.insert(fresh)
+    assert await store.purge_finished_before(datetime.now(UTC) - timedelta(days=30)) >= 1
+    assert await store.get(job.id) is None
+    assert await store.get(fresh.id) is not None  # unfinished jobs are never purged
