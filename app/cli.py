@@ -15,6 +15,8 @@ model_app = typer.Typer(help="The model's weights.", no_args_is_help=True)
 db_app = typer.Typer(help="The database.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Stored jobs.", no_args_is_help=True)
 webhooks_app = typer.Typer(help="Webhook signing.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 app.add_typer(model_app, name="model")
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
@@ -115,6 +117,66 @@ def jobs_purge(
         return await JobStore(engine).purge_finished_before(datetime.now(UTC) - keep)
 
     typer.echo(f"purged {asyncio.run(_with_db(purge))} finished jobs older than {keep}")
+
+
+def _keys(engine):
+    from app.jobs.keys import Defaults, KeyStore
+
+    s = Settings()
+    return KeyStore(engine, Defaults(s.default_rpm, s.default_tpm, s.default_concurrency))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="A unique name for the key.")],
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute (default: INFERQL_DEFAULT_RPM).")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute (default: INFERQL_DEFAULT_TPM).")] = None,
+    concurrency: Annotated[int | None, typer.Option(min=1, help="Generations queued or running at once.")] = None,
+    admin: Annotated[bool, typer.Option(help="Sees every key's jobs and runs the review queue.")] = False,
+) -> None:
+    """Create a key. It is printed once, as the last line; only its hash is stored."""
+    import asyncio
+
+    from app.jobs.keys import KeyNameTaken
+
+    async def create(engine):
+        return await _keys(engine).create(name, admin=admin, rpm=rpm, tpm=tpm, concurrency=concurrency)
+
+    try:
+        key = asyncio.run(_with_db(create))
+    except KeyNameTaken as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"created key {name!r}{' (admin)' if admin else ''}; store it now, it is not shown again:")
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (names, prefixes, limits); never the keys themselves."""
+    import asyncio
+
+    async def listing(engine):
+        return await _keys(engine).list()
+
+    for k in asyncio.run(_with_db(listing)):
+        state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+        limits = f"rpm={k.rpm or 'default'} tpm={k.tpm or 'default'} concurrency={k.concurrency or 'default'}"
+        typer.echo(f"{k.name:20} {k.prefix}…  {'admin ' if k.admin else ''}{limits}  {state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Revoke a key by name; it stops working at once."""
+    import asyncio
+
+    async def revoke(engine):
+        return await _keys(engine).revoke(name)
+
+    if not asyncio.run(_with_db(revoke)):
+        typer.echo(f"no active key named {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {name!r}")
 
 
 @webhooks_app.command("secret")

@@ -29,11 +29,14 @@ class GraphQLErrors(Exception):
 
 
 class InferQLClient:
-    def __init__(self, base_url: str, headers: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, headers: dict[str, str] | None = None,
+                 timeout: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.http_url = self.base_url + "/graphql"
         self.ws_url = self.http_url.replace("http", "ws", 1)
-        self.headers = headers or {}
+        self.api_key = api_key
+        self.headers = {**({"Authorization": f"Bearer {api_key}"} if api_key else {}), **(headers or {})}
+        self.last_ack: dict[str, Any] | None = None  # the latest connection_ack payload
         self._http = httpx.AsyncClient(timeout=timeout, headers=self.headers)
         self._ids = itertools.count(1)
 
@@ -70,10 +73,13 @@ class InferQLClient:
         Leaving the loop early sends `complete` / `stop` and closes the socket.
         """
         async with websockets.connect(self.ws_url, subprotocols=[protocol], max_size=1 << 24) as ws:
+            if init_payload is None and self.api_key:
+                init_payload = {"Authorization": f"Bearer {self.api_key}"}
             await ws.send(json.dumps({"type": "connection_init", "payload": init_payload or {}}))
             ack = json.loads(await ws.recv())
             if ack.get("type") != "connection_ack":
                 raise ConnectionError(f"no connection_ack: {ack}")
+            self.last_ack = ack.get("payload")
             op_id = str(next(self._ids))
             start = "subscribe" if protocol == TRANSPORT_WS else "start"
             await ws.send(json.dumps({"id": op_id, "type": start,

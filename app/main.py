@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -12,14 +13,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
+from app.api.auth import HOW_TO, identify, key_from
 from app.api.metrics import EngineCollector, metrics_endpoint
 from app.api.schema import build_schema
 from app.inference.engine import Engine
 from app.inference.model import load_model
 from app.inference.weights import pull_default_model
 from app.jobs.db import make_engine, ping
+from app.jobs.keys import Defaults, KeyNameTaken, KeyStore
 from app.jobs.migrate import upgrade
 from app.jobs.service import JobService
 from app.jobs.store import JobStore
@@ -38,8 +42,59 @@ def resolve_model_path(settings: Settings) -> Path:
 
 
 class InferQLGraphQL(GraphQL):
+    """The GraphQL view: identifies the caller once per HTTP request or websocket connection."""
+
+    def __init__(self, *args, auth_on: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.auth_on = auth_on
+
     async def get_context(self, request, response=None):
-        return {"service": request.app.state.service, "request": request, "response": response}
+        service = request.app.state.service
+        caller = None
+        if isinstance(request, Request):  # a websocket's caller is set by on_ws_connect
+            caller = await identify(service, self.auth_on, key_from(request.headers))
+            request.state.caller = caller
+        return {"service": service, "request": request, "response": response, "caller": caller}
+
+    async def on_ws_connect(self, context):
+        """Authenticates the connection_init payload; a bad or missing key closes with 4403."""
+        service = context["service"]
+        key = key_from(context.get("connection_params")) or key_from(context["request"].headers)
+        caller = await identify(service, self.auth_on, key)
+        if caller is None:
+            raise ConnectionRejectionError({"message": f"a valid API key is required: {HOW_TO}"})
+        context["caller"] = caller
+        return {"rateLimit": await service.rate_state(caller)}
+
+    async def process_result(self, request, result):
+        """Every HTTP response tells the caller where it stands against its limits."""
+        body = await super().process_result(request, result)
+        caller = getattr(request.state, "caller", None)
+        if caller is not None:
+            state = await request.app.state.service.rate_state(caller)
+            if state is not None:
+                body.setdefault("extensions", {})["rateLimit"] = state
+        return body
+
+
+async def bootstrap_key(keys: KeyStore) -> None:
+    """First start with auth on and no key: create a local admin key and show it once."""
+    if await keys.count_active():
+        return
+    try:
+        key = await keys.create("local", admin=True)
+    except KeyNameTaken:  # the first "local" key was revoked
+        key = await keys.create(f"local-{int(time.time())}", admin=True)
+    print(
+        "\n" + "=" * 72 +
+        "\nInferQL created an admin API key for local use. It is shown only this once:\n"
+        f"\n    {key}\n"
+        "\nIn GraphiQL open 'Headers' and paste:"
+        f'\n    {{"Authorization": "Bearer {key}"}}'
+        "\nMore keys: inferql keys create --name NAME   (list / revoke: inferql keys ...)\n"
+        + "=" * 72 + "\n",
+        flush=True,
+    )
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -50,6 +105,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
         db = make_engine(settings.database_url)
         await upgrade(db)
+        keys = KeyStore(db, Defaults(settings.default_rpm, settings.default_tpm, settings.default_concurrency))
+        if settings.auth == "on":
+            await bootstrap_key(keys)
+        else:
+            log.warning("INFERQL_AUTH=off: every caller is an anonymous admin without limits")
         engine = Engine(lm, max_batch_size=settings.max_batch_size)
         engine.start()
         service = JobService(
@@ -70,6 +130,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.retry_delays,
                 timeout=settings.webhook_timeout,
             ),
+            keys=keys,
         )
         await service.start()
         registry = CollectorRegistry()
@@ -89,6 +150,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
         connection_init_wait_timeout=_timedelta(settings.connection_init_wait_timeout),
         allowed_origins=settings.allowed_origins,
+        auth_on=settings.auth == "on",
     )
 
     async def healthz(_: Request) -> JSONResponse:

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     torch_threads: int = 0        # 0 = torch's default (one per core)
 
+    # Access: API keys (Authorization: Bearer <key>). "off" is for trusted local use only.
+    auth: Literal["on", "off"] = "on"
+    default_rpm: int = 600            # requests per minute, for keys created without --rpm
+    default_tpm: int = 200_000        # tokens per minute (prompt + completion), without --tpm
+    default_concurrency: int = 64     # generations queued or running at once, without --concurrency
+
     # Engine and queue
     max_batch_size: int = 16      # generations decoded together in one forward pass
     max_queued_jobs: int = 256    # beyond this, new work is refused with OVERLOADED

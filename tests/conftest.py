@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def free_port() -> int:
 class ServerProcess:
     """A real `inferql serve` (uvicorn) in a subprocess, on its own port and database."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None, key: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -63,9 +64,15 @@ class ServerProcess:
             "INFERQL_DATABASE_URL": f"sqlite:///{tmp / f'inferql-{self.port}.db'}",
             "INFERQL_CACHE_DIR": str(CACHE_DIR),
             "INFERQL_LOG_LEVEL": "warning",
+            # Tests poll fast; limits are tested with keys that set their own.
+            "INFERQL_DEFAULT_RPM": "1000000",
+            "INFERQL_DEFAULT_TPM": "100000000",
+            "INFERQL_DEFAULT_CONCURRENCY": "10000",
             **(env or {}),
         }
         self.proc: subprocess.Popen | None = None
+        # The admin key the server prints on first start; pass it in for a restart on the same database.
+        self.key = key
 
     def start(self, timeout: float = 180) -> ServerProcess:
         self._log = self.log_path.open("ab")
@@ -78,6 +85,10 @@ class ServerProcess:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    if self.key is None and self.env.get("INFERQL_AUTH", "on") == "on":
+                        found = re.search(r"^\s+(iq_[\w-]{40,})$", self.log(), re.M)
+                        assert found, f"no bootstrap key printed:\n{self.log()}"
+                        self.key = found.group(1)
                     return self
             except httpx.HTTPError:
                 pass
@@ -85,7 +96,21 @@ class ServerProcess:
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def client(self, key: str | None = None):
+        """An InferQLClient on this server, with its admin key unless another is given."""
+        from app.client import InferQLClient
+
+        return InferQLClient(self.url, api_key=key or self.key)
+
+    def create_key(self, name: str, *args: str) -> str:
+        """`inferql keys create` against this server's database; returns the new key."""
+        out = subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", "create", "--name", name, *args],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, check=True,
+        )
+        return out.stdout.strip().splitlines()[-1]
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from datetime import datetime
+from typing import Annotated
 
 import strawberry
 from strawberry.extensions import QueryDepthLimiter
 from strawberry.types import Info
 
 from app.inference.types import SamplingParams
-from app.jobs.domain import ChatMessage, GenerationSpec
+from app.jobs.domain import Caller, ChatMessage, GenerationSpec
 from app.jobs.domain import JobOptions as JobOptionsData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.service import JobService
 
+from .auth import admitted
 from .errors import ErrorCodes
 from .types import (
     Batch,
@@ -28,6 +31,7 @@ from .types import (
     JobStatus,
     ModelInfo,
     ReviewVerdict,
+    UsageReport,
     event_of,
 )
 
@@ -37,6 +41,10 @@ _background: set[asyncio.Task] = set()
 
 def _service(info: Info) -> JobService:
     return info.context["service"]
+
+
+async def _caller(info: Info) -> Caller:
+    return await admitted(info)
 
 
 def _spec(inp: GenerationInput) -> GenerationSpec:
@@ -69,59 +77,77 @@ def _options(opts: JobOptions | None) -> JobOptionsData:
 @strawberry.type
 class Query:
     @strawberry.field(description="The models this server serves.")
-    def models(self, info: Info) -> list[ModelInfo]:
+    async def models(self, info: Info) -> list[ModelInfo]:
+        await _caller(info)
         return [ModelInfo.of(_service(info).model)]
 
     @strawberry.field(description="A job by id; null when it does not exist.")
     async def job(self, info: Info, id: strawberry.ID) -> Job | None:
-        job = await _service(info).get(str(id))
+        job = await _service(info).get(str(id), await _caller(info))
         return Job.of(job) if job else None
 
     @strawberry.field(description="Jobs, newest first, optionally of one status; cursor-paginated.")
     async def jobs(self, info: Info, status: JobStatus | None = None, first: int = 20,
                    after: str | None = None) -> JobConnection:
-        return JobConnection.of(await _service(info).list_jobs(status=status, first=first, after=after))
+        caller = await _caller(info)
+        return JobConnection.of(await _service(info).list_jobs(caller, status=status, first=first, after=after))
 
     @strawberry.field(description="A batch by id; null when it does not exist.")
     async def batch(self, info: Info, id: strawberry.ID) -> Batch | None:
-        batch = await _service(info).batch(str(id))
+        batch = await _service(info).batch(str(id), await _caller(info))
         return Batch.of(batch) if batch else None
+
+    @strawberry.field(description="Your usage in [from, to), per model version; an admin key sees every key.")
+    async def usage(
+        self, info: Info, from_: Annotated[datetime, strawberry.argument(name="from")], to: datetime
+    ) -> list[UsageReport]:
+        caller = await _caller(info)
+        return [
+            UsageReport(key_id=u.owner, key_name=name, model_version=u.model_version, requests=u.requests,
+                        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                        total_tokens=u.prompt_tokens + u.completion_tokens)
+            for u, name in await _service(info).usage(caller, from_, to)
+        ]
 
     @strawberry.field(description="Succeeded jobs flagged needsReview that no one has reviewed yet, newest first.")
     async def review_queue(self, info: Info, first: int = 20, after: str | None = None) -> JobConnection:
-        return JobConnection.of(await _service(info).review_queue(first=first, after=after))
+        caller = await _caller(info)
+        return JobConnection.of(await _service(info).review_queue(caller, first=first, after=after))
 
 
 @strawberry.type
 class Mutation:
     @strawberry.mutation(description="Queue a generation and return its job at once.")
     async def submit_generation(self, info: Info, input: GenerationInput, options: JobOptions | None = None) -> Job:
-        job = await _service(info).submit(_spec(input), _options(options))
+        job = await _service(info).submit(_spec(input), _options(options), await _caller(info))
         return Job.of(job)
 
     @strawberry.mutation(description="Cancel a job. A finished job is returned unchanged.")
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
-        return Job.of(await _service(info).cancel(str(id)))
+        return Job.of(await _service(info).cancel(str(id), await _caller(info)))
 
     @strawberry.mutation(
         description="Queue many generations at once. One invalid input refuses the whole batch (its index is named)."
     )
     async def submit_batch(self, info: Info, inputs: list[GenerationInput], options: JobOptions | None = None) -> Batch:
-        return Batch.of(await _service(info).submit_batch([_spec(i) for i in inputs], _options(options)))
+        caller = await _caller(info)
+        return Batch.of(await _service(info).submit_batch([_spec(i) for i in inputs], _options(options), caller))
 
     @strawberry.mutation(description="Cancel every job of a batch that has not finished.")
     async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
-        return Batch.of(await _service(info).cancel_batch(str(id)))
+        return Batch.of(await _service(info).cancel_batch(str(id), await _caller(info)))
 
     @strawberry.mutation(description="Record a person's verdict on a job's answer; it leaves the review queue.")
     async def submit_review(self, info: Info, job_id: strawberry.ID, verdict: ReviewVerdict,
                             corrected_text: str | None = None) -> Job:
+        caller = await _caller(info)
         return Job.of(await _service(info).submit_review(str(job_id), ReviewVerdictData(verdict.value),
-                                                         corrected_text))
+                                                         corrected_text, caller))
 
     @strawberry.mutation(description="Score each label as the model's answer to the text; synchronous.")
     async def classify(self, info: Info, input: ClassificationInput) -> ClassificationResult:
-        result = await _service(info).classify(input.text, list(input.labels), input.instruction)
+        caller = await _caller(info)
+        result = await _service(info).classify(input.text, list(input.labels), input.instruction, caller)
         return ClassificationResult.of(result)
 
 
@@ -133,22 +159,22 @@ class Subscription:
     async def generate(
         self, info: Info, input: GenerationInput, options: JobOptions | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        service = _service(info)
-        job = await service.submit(_spec(input), _options(options))
+        service, caller = _service(info), await _caller(info)
+        job = await service.submit(_spec(input), _options(options), caller)
         finished = False
         try:
-            async for event in await service.events(job.id):
+            async for event in await service.events(job.id, 0, caller):
                 yield event_of(event)
             finished = True
         finally:
             if not finished:  # the client completed, unsubscribed or dropped the socket
-                task = asyncio.get_running_loop().create_task(service.cancel(job.id))
+                task = asyncio.get_running_loop().create_task(service.cancel(job.id, caller))
                 _background.add(task)
                 task.add_done_callback(_background.discard)
 
     @strawberry.subscription(description="Replay a job's events with seq > after, then follow it live to the end.")
     async def job_events(self, info: Info, id: strawberry.ID, after: int = 0) -> AsyncGenerator[GenerationEvent, None]:
-        async for event in await _service(info).events(str(id), after):
+        async for event in await _service(info).events(str(id), after, await _caller(info)):
             yield event_of(event)
 
 

@@ -346,8 +346,8 @@ class Batch:
     @strawberry.field(description="The batch's jobs, newest first.")
     async def jobs(self, info: strawberry.Info, status: JobStatus | None = None, first: int = 20,
                    after: str | None = None) -> JobConnection:
-        page = await info.context["service"].list_jobs(batch_id=str(self.id), status=status, first=first,
-                                                       after=after)
+        page = await info.context["service"].list_jobs(info.context["caller"], batch_id=str(self.id),
+                                                       status=status, first=first, after=after)
         return JobConnection.of(page)
 
     @strawberry.field(description="Every attempt to call the batch's webhookUrl, oldest first.")
@@ -435,3 +435,14 @@ class ClassificationInput:
     instruction: str | None = strawberry.field(
         default=None, description="System instruction; `{labels}` is replaced by the label list."
     )
+
+
+@strawberry.type(description="Requests and tokens of one key on one model version, for billing.")
+class UsageReport:
+    key_id: str | None
+    key_name: str | None
+    model_version: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

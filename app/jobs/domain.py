@@ -25,6 +25,26 @@ class JobStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who is calling: an API key (or the open door when auth is off)."""
+
+    key_id: str | None   # stored as the owner of what the caller creates
+    name: str
+    admin: bool
+    rpm: int | None = None          # None = unlimited
+    tpm: int | None = None
+    concurrency: int | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return self.key_id
+
+
+# INFERQL_AUTH=off: everyone is this caller, who sees everything and has no limits.
+OPEN_DOOR = Caller(key_id=None, name="anonymous", admin=True)
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str  # system | user | assistant
     content: str

@@ -20,3 +20,11 @@ class NotFound(ServiceError):
 
 class Overloaded(ServiceError):
     code = "OVERLOADED"
+
+
+class Forbidden(ServiceError):
+    code = "FORBIDDEN"
+
+
+class Unauthenticated(ServiceError):
+    code = "UNAUTHENTICATED"

@@ -1,8 +1,11 @@
 """The runner: feeds queued jobs to the engine and records what happens to them.
 
-Queued jobs wait here (highest priority first, FIFO within a priority) and go to the
-engine only while it has a free batch slot, so the engine's own queue stays short and
-the order is decided here. For each running job the runner turns engine outputs into
+Queued jobs wait here and go to the engine only while it has a free batch slot, so the
+engine's own queue stays short and the order is decided here: highest priority first;
+within a priority, round-robin across owners (API keys), FIFO within an owner. The
+round-robin is virtual-time fair queueing: each job gets a tag one past the larger of
+its owner's last tag and the tag last dispatched, so a key with 100 queued jobs delays
+another key's single job by about one turn, not by 100. For each running job the runner turns engine outputs into
 job events (the in-memory EventLog every consumer follows) and persists the start and
 the end of the job; tokens are persisted once, with the result.
 """
@@ -14,8 +17,8 @@ import heapq
 import itertools
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -50,7 +53,7 @@ _STATUS_FOR = {
 
 @dataclass(order=True)
 class _Entry:
-    sort_key: tuple[int, int]
+    sort_key: tuple[int, int, int]  # (-priority, fair-queueing tag, arrival)
     job: Job = field(compare=False)
     prompt_ids: list[int] = field(compare=False)
     removed: bool = field(default=False, compare=False)
@@ -67,6 +70,7 @@ class JobRunner:
         max_queued: int,
         keep_finished_logs: int = 512,
         on_webhook_queued: Callable[[], None] = lambda: None,
+        on_job_end: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -75,6 +79,10 @@ class JobRunner:
         self.max_queued = max_queued
         self._keep_finished = keep_finished_logs
         self._on_webhook_queued = on_webhook_queued
+        self._on_job_end = on_job_end
+        self._virtual_time: dict[int, int] = {}             # priority -> tag last dispatched
+        self._owner_tag: dict[tuple[int, str | None], int] = {}
+        self._active: Counter[str | None] = Counter()       # owner -> jobs queued or running
         self._heap: list[_Entry] = []
         self._queued: dict[str, _Entry] = {}
         self._running: dict[str, RequestHandle] = {}
@@ -108,6 +116,9 @@ class JobRunner:
     def is_active(self, job_id: str) -> bool:
         return job_id in self._queued or job_id in self._running
 
+    def active_count(self, owner: str | None) -> int:
+        return self._active[owner]
+
     def queue_position(self, job_id: str) -> int | None:
         """0 = next to start. None when the job is not waiting here."""
         entry = self._queued.get(job_id)
@@ -121,9 +132,13 @@ class JobRunner:
     # ---- commands -------------------------------------------------------------------------
 
     async def enqueue(self, job: Job, prompt_ids: list[int]) -> int:
-        entry = _Entry((-job.priority, next(self._order)), job, prompt_ids)
+        owner_key = (job.priority, job.owner)
+        tag = max(self._virtual_time.get(job.priority, 0), self._owner_tag.get(owner_key, 0)) + 1
+        self._owner_tag[owner_key] = tag
+        entry = _Entry((-job.priority, tag, next(self._order)), job, prompt_ids)
         heapq.heappush(self._heap, entry)
         self._queued[job.id] = entry
+        self._active[job.owner] += 1
         event_log = self._logs[job.id] = EventLog(job.id)
         position = self.queue_position(job.id) or 0
         await event_log.append(JobQueued(job.id, 1, job.created_at, position))
@@ -160,6 +175,7 @@ class JobRunner:
                 if entry.removed:
                     continue
                 del self._queued[entry.job.id]
+                self._virtual_time[entry.job.priority] = entry.sort_key[1]
                 deadline = entry.job.deadline_at
                 if deadline is not None and datetime.now(UTC) >= deadline:
                     await self._end_unstarted(entry.job, JobStatus.EXPIRED, FinishReason.DEADLINE)
@@ -227,7 +243,7 @@ class JobRunner:
             review_threshold=self._review_threshold,
         )
         at = epoch_to_dt(out.at)
-        await self._persist_end(job.id, status, at, result=result)
+        await self._persist_end(job, status, at, result=result)
         event_log = self._logs[job.id]
         if status is JobStatus.SUCCEEDED:
             await event_log.append(GenerationCompleted(job.id, event_log.next_seq, at, result))
@@ -236,7 +252,7 @@ class JobRunner:
 
     async def _fail(self, job: Job, error: JobError) -> None:
         at = datetime.now(UTC)
-        await self._persist_end(job.id, JobStatus.FAILED, at, error=error)
+        await self._persist_end(job, JobStatus.FAILED, at, error=error)
         event_log = self._logs[job.id]
         if not event_log.closed:
             await event_log.append(GenerationFailed(job.id, event_log.next_seq, at, error))
@@ -249,17 +265,26 @@ class JobRunner:
             review_threshold=self._review_threshold,
         )
         at = epoch_to_dt(now)
-        await self._persist_end(job.id, status, at, result=result)
+        await self._persist_end(job, status, at, result=result)
         event_log = self._logs[job.id]
         await event_log.append(GenerationCancelled(job.id, event_log.next_seq, at, result, status))
         self._retire_log(job.id)
 
-    async def _persist_end(self, job_id: str, status: JobStatus, at: datetime, **outcome) -> None:
-        if await self._store.finish(job_id, status, at, **outcome):
+    async def _persist_end(self, job: Job, status: JobStatus, at: datetime, **outcome) -> None:
+        """Stores a job's end, once; releases its owner's slot and settles its quota."""
+        ended = await self._store.finish(job.id, status, at, **outcome)
+        if ended.webhooks_queued:
             self._on_webhook_queued()
+        if not ended.changed:
+            return
+        self._active[job.owner] -= 1
+        if self._on_job_end is not None:
+            result = outcome.get("result")
+            await self._on_job_end(job.id, result.usage.total_tokens if result else 0)
 
     async def fail_unstarted(self, job: Job, error: JobError) -> None:
         """Ends a job that will not run (e.g. its worker died too often) with a failure event."""
+        self._active[job.owner] += 1  # _fail releases it
         event_log = self._logs[job.id] = EventLog(job.id)
         await event_log.append(JobQueued(job.id, 1, job.created_at, 0))
         await self._fail(job, error)

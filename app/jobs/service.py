@@ -1,7 +1,9 @@
 """JobService: the one entry point the API layer calls.
 
-It validates, persists, queues and reads jobs, hands out their event streams, and runs
-classifications. It knows the engine and the database, nothing of GraphQL.
+It authenticates callers, holds them to their quotas, validates, persists, queues and
+reads jobs, hands out their event streams, and runs classifications. Every read and
+write is scoped to the caller: another key's job looks exactly like a missing one.
+It knows the engine and the database, nothing of GraphQL.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from app.inference.types import ModelInfo
 
 from .domain import (
     Batch,
+    Caller,
     GenerationSpec,
     Job,
     JobError,
@@ -32,10 +35,12 @@ from .domain import (
     Usage,
     WebhookAttempt,
 )
-from .errors import InvalidInput, NotFound, Overloaded
+from .errors import Forbidden, InvalidInput, NotFound, Overloaded
 from .events import JobEvent, replay_finished
+from .keys import KeyStore
+from .quotas import Quotas, RateLimited
 from .runner import JobRunner, with_position
-from .store import IdempotentReplay, JobStore
+from .store import IdempotentReplay, JobStore, UsageSummary
 from .validation import (
     MAX_BATCH_SIZE,
     MAX_PAGE,
@@ -61,6 +66,11 @@ class Classification:
     timing: Timing
 
 
+def _check_page(first: int) -> None:
+    if not 1 <= first <= MAX_PAGE:
+        raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
+
+
 class JobService:
     def __init__(
         self,
@@ -73,6 +83,7 @@ class JobService:
         max_queued: int,
         max_attempts: int = 3,
         webhooks: WebhookDispatcher | None = None,
+        keys: KeyStore | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -81,9 +92,12 @@ class JobService:
         self._review_threshold = review_threshold
         self._max_attempts = max_attempts
         self._webhooks = webhooks
+        self.keys = keys
+        self.quotas = Quotas()
         self.runner = JobRunner(
             store, engine, lm.info, review_threshold=review_threshold, max_queued=max_queued,
             on_webhook_queued=webhooks.wake if webhooks else lambda: None,
+            on_job_end=self.quotas.settle,
         )
 
     @property
@@ -101,6 +115,28 @@ class JobService:
         if self._webhooks:
             await self._webhooks.stop()
 
+    # ---- callers ------------------------------------------------------------------------
+
+    async def authenticate(self, key: str | None) -> Caller | None:
+        """The caller behind an API key; None when the key is missing, unknown or revoked."""
+        if self.keys is None or not key:
+            return None
+        return await self.keys.authenticate(key)
+
+    async def admit(self, caller: Caller) -> None:
+        """Counts one request against the caller's requests-per-minute."""
+        await self.quotas.hit_request(caller)
+
+    async def rate_state(self, caller: Caller) -> dict | None:
+        state = await self.quotas.state(caller)
+        if state is not None and caller.concurrency is not None:
+            state["concurrency"]["active"] = self.runner.active_count(caller.owner)
+        return state
+
+    @staticmethod
+    def _visible(item_owner: str | None, caller: Caller) -> bool:
+        return caller.admin or item_owner == caller.owner
+
     # ---- generations --------------------------------------------------------------------
 
     def _prompt_ids(self, spec: GenerationSpec) -> list[int]:
@@ -117,7 +153,12 @@ class JobService:
         validate_context(len(prompt_ids), spec.sampling.max_tokens, self.limits.context_length)
         return prompt_ids
 
-    def _check_room(self, n: int) -> None:
+    def _check_room(self, caller: Caller, n: int) -> None:
+        if caller.concurrency is not None and self.runner.active_count(caller.owner) + n > caller.concurrency:
+            raise RateLimited(
+                f"rate limit: {caller.concurrency} generations queued or running at once for this key",
+                limit="concurrency", retryAfterMs=1000,
+            )
         free = self.runner.max_queued - self.runner.queued_count
         if n > free:
             raise Overloaded(
@@ -125,44 +166,47 @@ class JobService:
                 "retry shortly", retryAfterMs=1000,
             )
 
-    def _new_job(self, spec: GenerationSpec, options: JobOptions, owner: str | None, now: datetime,
-                 batch_id: str | None = None, webhook: bool = True) -> Job:
+    def _new_job(self, spec: GenerationSpec, options: JobOptions, caller: Caller, now: datetime,
+                 batch_id: str | None = None) -> Job:
         return Job(
             id=str(uuid.uuid4()),
-            owner=owner,
+            owner=caller.owner,
             status=JobStatus.QUEUED,
             priority=options.priority,
             spec=spec,
             created_at=now,
             deadline_at=now + timedelta(seconds=options.deadline_seconds) if options.deadline_seconds else None,
             idempotency_key=options.idempotency_key if batch_id is None else None,
-            webhook_url=options.webhook_url if webhook else None,
+            webhook_url=options.webhook_url if batch_id is None else None,  # a batch has one webhook
             batch_id=batch_id,
         )
 
-    async def submit(self, spec: GenerationSpec, options: JobOptions | None = None, owner: str | None = None) -> Job:
+    async def submit(self, spec: GenerationSpec, options: JobOptions | None, caller: Caller) -> Job:
         """Validate, persist a QUEUED job and queue it. Nothing is stored when input is bad.
 
-        The same idempotency key (for the same owner) returns the job it created first.
+        The same idempotency key (for the same caller) returns the job it created first.
         """
         options = options or JobOptions()
         validate_options(options)
         prompt_ids = self._check(spec)
-        self._check_room(1)
-        job = self._new_job(spec, options, owner, datetime.now(UTC))
+        self._check_room(caller, 1)
+        job = self._new_job(spec, options, caller, datetime.now(UTC))
+        await self.quotas.reserve_tokens(caller, [job.id], [len(prompt_ids) + spec.sampling.max_tokens])
         try:
             await self._store.insert(job)
-        except IdempotentReplay as replay:
-            if replay.job.spec != spec:
+        except BaseException as exc:
+            await self.quotas.settle(job.id, 0)
+            if not isinstance(exc, IdempotentReplay):
+                raise
+            if exc.job.spec != spec:
                 raise InvalidInput(
                     "this idempotencyKey was already used with a different input", field="idempotencyKey"
                 ) from None
-            return with_position(replay.job, self.runner)
+            return with_position(exc.job, self.runner)
         position = await self.runner.enqueue(job, prompt_ids)
         return replace(job, queue_position=position)
 
-    async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None = None,
-                           owner: str | None = None) -> Batch:
+    async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None, caller: Caller) -> Batch:
         """All or nothing: one invalid input refuses the whole batch, naming its index."""
         options = options or JobOptions()
         if options.idempotency_key:
@@ -175,65 +219,46 @@ class JobService:
             try:
                 prompts.append(self._check(spec))
             except InvalidInput as exc:
-                raise InvalidInput(f"inputs[{index}]: {exc.message}", index=index, **exc.extensions) from None
-        self._check_room(len(specs))
+                raise InvalidInput(f"inputs[{index}]: {exc.message}", **{**exc.extensions, "index": index}) from None
+        self._check_room(caller, len(specs))
         now = datetime.now(UTC)
         batch_id = str(uuid.uuid4())
-        jobs = [self._new_job(spec, options, owner, now, batch_id=batch_id, webhook=False) for spec in specs]
-        await self._store.insert_batch(batch_id, owner, jobs, options.webhook_url, now)
+        jobs = [self._new_job(spec, options, caller, now, batch_id=batch_id) for spec in specs]
+        await self.quotas.reserve_tokens(caller, [j.id for j in jobs],
+                                         [len(p) + s.sampling.max_tokens for p, s in zip(prompts, specs)])
+        try:
+            await self._store.insert_batch(batch_id, caller.owner, jobs, options.webhook_url, now)
+        except BaseException:
+            for job in jobs:
+                await self.quotas.settle(job.id, 0)
+            raise
         for job, prompt_ids in zip(jobs, prompts):
             await self.runner.enqueue(job, prompt_ids)
         return await self._store.batch(batch_id)
 
-    async def batch(self, batch_id: str, owner: str | None = None) -> Batch | None:
-        batch = await self._store.batch(batch_id)
-        if batch is None or not self._visible(batch.owner, owner):
-            return None
-        return batch
-
-    async def cancel_batch(self, batch_id: str, owner: str | None = None) -> Batch:
-        batch = await self.batch(batch_id, owner)
-        if batch is None:
-            raise NotFound(f"no batch with id {batch_id!r}")
-        if not batch.counts.done:
-            await self._store.mark_batch_cancelled(batch_id)
-            page = await self._store.list_jobs(owner=owner, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE)
-            await asyncio.gather(*(self.runner.cancel(j.id) for j in page.items if not j.status.terminal))
-        return await self._store.batch(batch_id)
-
-    async def list_jobs(self, *, owner: str | None = None, all_owners: bool = True, status: JobStatus | None = None,
-                        batch_id: str | None = None, first: int = 20, after: str | None = None) -> Page:
-        if not 1 <= first <= MAX_PAGE:
-            raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
-        page = await self._store.list_jobs(owner=owner, all_owners=all_owners, status=status, batch_id=batch_id,
-                                           first=first, after=after)
-        return replace(page, items=[with_position(j, self.runner) for j in page.items])
-
-    @staticmethod
-    def _visible(item_owner: str | None, caller: str | None) -> bool:
-        return caller is None or item_owner == caller
-
-    async def get(self, job_id: str, owner: str | None = None) -> Job | None:
+    async def get(self, job_id: str, caller: Caller) -> Job | None:
         job = await self._store.get(job_id)
-        if job is None or not self._visible(job.owner, owner):
+        if job is None or not self._visible(job.owner, caller):
             return None
         return with_position(job, self.runner)
 
-    async def cancel(self, job_id: str, owner: str | None = None) -> Job:
-        job = await self.get(job_id, owner)
+    async def _get_or_404(self, job_id: str, caller: Caller) -> Job:
+        job = await self.get(job_id, caller)
         if job is None:
             raise NotFound(f"no job with id {job_id!r}")
+        return job
+
+    async def cancel(self, job_id: str, caller: Caller) -> Job:
+        job = await self._get_or_404(job_id, caller)
         if not job.status.terminal:
             await self.runner.cancel(job_id)
-        return await self.get(job_id, owner)
+        return await self.get(job_id, caller)
 
-    async def events(self, job_id: str, after: int = 0, owner: str | None = None) -> AsyncIterator[JobEvent]:
+    async def events(self, job_id: str, after: int, caller: Caller) -> AsyncIterator[JobEvent]:
         """Replay events with seq > after, then follow live ones to the end."""
         if after < 0:
             raise InvalidInput("`after` must be 0 or more", field="after")
-        job = await self.get(job_id, owner)
-        if job is None:
-            raise NotFound(f"no job with id {job_id!r}")
+        job = await self._get_or_404(job_id, caller)
         return self._follow(job, after)
 
     async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
@@ -245,6 +270,31 @@ class JobService:
         for event in replay_finished(await self._store.get(job.id)):
             if event.seq > after:
                 yield event
+
+    async def list_jobs(self, caller: Caller, *, status: JobStatus | None = None, batch_id: str | None = None,
+                        first: int = 20, after: str | None = None) -> Page:
+        _check_page(first)
+        page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
+                                           batch_id=batch_id, first=first, after=after)
+        return replace(page, items=[with_position(j, self.runner) for j in page.items])
+
+    # ---- batches ------------------------------------------------------------------------
+
+    async def batch(self, batch_id: str, caller: Caller) -> Batch | None:
+        batch = await self._store.batch(batch_id)
+        if batch is None or not self._visible(batch.owner, caller):
+            return None
+        return batch
+
+    async def cancel_batch(self, batch_id: str, caller: Caller) -> Batch:
+        batch = await self.batch(batch_id, caller)
+        if batch is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        if not batch.counts.done:
+            await self._store.mark_batch_cancelled(batch_id)
+            page = await self._store.list_jobs(owner=None, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE)
+            await asyncio.gather(*(self.runner.cancel(j.id) for j in page.items if not j.status.terminal))
+        return await self._store.batch(batch_id)
 
     async def _recover(self) -> None:
         """Jobs a previous process left QUEUED run now; RUNNING ones (their worker died) run
@@ -260,18 +310,22 @@ class JobService:
             log.info("re-queueing job %s left %s by a previous run", job.id, job.status.value)
             await self.runner.enqueue(job, self._prompt_ids(job.spec))
 
-    # ---- review, webhooks, retention ----------------------------------------------------
+    # ---- review, webhooks, usage, retention ---------------------------------------------
 
-    async def review_queue(self, first: int = 20, after: str | None = None) -> Page:
-        if not 1 <= first <= MAX_PAGE:
-            raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
+    @staticmethod
+    def _require_admin(caller: Caller, what: str) -> None:
+        if not caller.admin:
+            raise Forbidden(f"{what} needs an admin key")
+
+    async def review_queue(self, caller: Caller, first: int = 20, after: str | None = None) -> Page:
+        self._require_admin(caller, "the review queue")
+        _check_page(first)
         return await self._store.list_jobs(owner=None, all_owners=True, first=first, after=after, review_queue=True)
 
     async def submit_review(self, job_id: str, verdict: ReviewVerdict, corrected_text: str | None,
-                            reviewer: str | None = None) -> Job:
-        job = await self.get(job_id)
-        if job is None:
-            raise NotFound(f"no job with id {job_id!r}")
+                            caller: Caller) -> Job:
+        self._require_admin(caller, "reviewing")
+        job = await self._get_or_404(job_id, caller)
         if job.status is not JobStatus.SUCCEEDED or job.result is None:
             raise InvalidInput(f"only a SUCCEEDED job can be reviewed; this one is {job.status.value}", field="jobId")
         if (verdict is ReviewVerdict.CORRECTED) != bool(corrected_text and corrected_text.strip()):
@@ -279,18 +333,27 @@ class JobService:
         if corrected_text and len(corrected_text) > self.limits.max_prompt_chars:
             raise InvalidInput(f"`correctedText` is over {self.limits.max_prompt_chars} characters",
                                field="correctedText")
-        await self._store.submit_review(job_id, verdict, reviewer, corrected_text, datetime.now(UTC))
-        return await self.get(job_id)
+        await self._store.submit_review(job_id, verdict, caller.name, corrected_text, datetime.now(UTC))
+        return await self.get(job_id, caller)
 
     async def webhook_deliveries(self, subject_id: str) -> list[WebhookAttempt]:
+        """Callers reach this only through a job or batch they can already see."""
         return await self._store.webhook_attempts(subject_id)
+
+    async def usage(self, caller: Caller, start: datetime, end: datetime) -> list[tuple[UsageSummary, str | None]]:
+        """Usage rows with the name of the key each belongs to."""
+        if end <= start:
+            raise InvalidInput("`to` must be after `from`", field="to")
+        rows = await self._store.usage(start, end, owner=caller.owner, all_owners=caller.admin)
+        names = {k.id: k.name for k in await self.keys.list()} if self.keys else {}
+        return [(row, names.get(row.owner)) for row in rows]
 
     async def purge(self, retention: timedelta) -> int:
         return await self._store.purge_finished_before(datetime.now(UTC) - retention)
 
     # ---- classification -----------------------------------------------------------------
 
-    async def classify(self, text: str, labels: list[str], instruction: str | None = None) -> Classification:
+    async def classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller) -> Classification:
         validate_classification(text, labels, instruction, self.limits)
         created = time.time()
         timings: dict[str, float] = {}
@@ -299,17 +362,27 @@ class JobService:
             timings["started"] = time.time()
             return score_labels(self._lm, text, labels, instruction)
 
-        scored = await self._engine.call(run)
+        job_id = f"classify-{uuid.uuid4()}"
+        # Reserve a generous bound (every character a token), settle to the real count.
+        await self.quotas.reserve_tokens(caller, [job_id], [len(text) + len(instruction or "") + 64 * len(labels)])
+        scored = None
+        try:
+            scored = await self._engine.call(run)
+        finally:
+            await self.quotas.settle(job_id, scored.prompt_tokens if scored else 0)
         finished = time.time()
         best = max(scored.scores, key=lambda s: s.probability)
         started = timings["started"]
+        usage = Usage(prompt_tokens=scored.prompt_tokens, completion_tokens=0)
+        await self._store.record_usage(caller.owner, "classification", self._lm.info.version, usage,
+                                       datetime.now(UTC))
         return Classification(
             label=best.label,
             confidence=best.probability,
             scores=scored.scores,
             needs_review=best.probability < self._review_threshold,
             model=self._lm.info,
-            usage=Usage(prompt_tokens=scored.prompt_tokens, completion_tokens=0),
+            usage=usage,
             timing=Timing(
                 queued_ms=(started - created) * 1000,
                 time_to_first_token_ms=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import and_, delete, func, or_, update
@@ -32,7 +33,7 @@ from .domain import (
     WebhookAttempt,
 )
 from .errors import InvalidInput
-from .tables import BatchRow, JobRow, WebhookAttemptRow, WebhookRow
+from .tables import BatchRow, JobRow, UsageRow, WebhookAttemptRow, WebhookRow
 from .webhook_messages import batch_message, job_message
 
 TERMINAL = [s.value for s in JobStatus if s.terminal]
@@ -100,6 +101,21 @@ def _new_row(job: Job) -> JobRow:
     )
 
 
+@dataclass(frozen=True)
+class Ended:
+    changed: bool          # False: the job was already terminal (or is unknown)
+    webhooks_queued: bool
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    owner: str | None
+    model_version: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class IdempotentReplay(Exception):
     """A job with this idempotency key already exists; `job` is it."""
 
@@ -165,15 +181,13 @@ class JobStore:
         finished_at: datetime,
         result: GenerationResult | None = None,
         error: JobError | None = None,
-    ) -> bool:
-        """Ends a job (once: a job already terminal is left alone) and queues its webhooks.
-
-        Returns True when webhook messages were queued.
-        """
+    ) -> Ended:
+        """Ends a job (once: a job already terminal is left alone), queues its webhooks and
+        records its usage, all in one transaction."""
         async with self._session() as session:
             row = await session.get(JobRow, job_id)
             if row is None or JobStatus(row.status).terminal:
-                return False
+                return Ended(False, False)
             row.status = status.value
             row.finished_at = finished_at
             row.result_json = json.dumps(result.to_dict()) if result else None
@@ -183,6 +197,10 @@ class JobStore:
                 row.prompt_tokens = result.usage.prompt_tokens
                 row.completion_tokens = result.usage.completion_tokens
                 row.needs_review = status is JobStatus.SUCCEEDED and result.needs_review
+                if result.usage.total_tokens:
+                    session.add(UsageRow(owner=row.owner, kind="generation", model_version=result.model.version,
+                                         at=finished_at, prompt_tokens=result.usage.prompt_tokens,
+                                         completion_tokens=result.usage.completion_tokens))
             queued = False
             if row.webhook_url:
                 session.add(job_message(_to_job(row), row.webhook_url, finished_at))
@@ -191,7 +209,7 @@ class JobStore:
                 await session.flush()
                 queued |= await self._maybe_finish_batch(session, row.batch_id, finished_at)
             await session.commit()
-            return queued
+            return Ended(True, queued)
 
     async def _maybe_finish_batch(self, session: AsyncSession, batch_id: str, now: datetime) -> bool:
         batch = await session.get(BatchRow, batch_id)
@@ -325,3 +343,25 @@ class JobStore:
                 .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
             )
             return [WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at)) for r in rows]
+
+    async def record_usage(self, owner: str | None, kind: str, model_version: str, usage: Usage,
+                           at: datetime) -> None:
+        async with self._session() as session:
+            session.add(UsageRow(owner=owner, kind=kind, model_version=model_version, at=at,
+                                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens))
+            await session.commit()
+
+    async def usage(self, start: datetime, end: datetime, *, owner: str | None, all_owners: bool) -> list[UsageSummary]:
+        """Requests and tokens in [start, end), per owner and model version."""
+        query = (
+            select(UsageRow.owner, UsageRow.model_version, func.count(),
+                   func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens))
+            .where(col(UsageRow.at) >= start, col(UsageRow.at) < end)
+            .group_by(UsageRow.owner, UsageRow.model_version)
+            .order_by(UsageRow.owner, UsageRow.model_version)
+        )
+        if not all_owners:
+            query = query.where(col(UsageRow.owner) == owner)
+        async with self._session() as session:
+            rows = await session.exec(query)
+            return [UsageSummary(o, v, n, int(p or 0), int(c or 0)) for o, v, n, p, c in rows]

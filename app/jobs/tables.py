@@ -91,3 +91,35 @@ class WebhookAttemptRow(SQLModel, table=True):
     http_status: int | None = None
     error: str | None = Field(default=None, max_length=500)
     next_retry_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class ApiKeyRow(SQLModel, table=True):
+    """An API key, stored only as its sha256 (keys are 256-bit random, so no slow hash is needed)."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=36)
+    name: str = Field(unique=True, max_length=100)
+    key_hash: str = Field(unique=True, max_length=64)
+    prefix: str = Field(max_length=16)  # the first characters, to recognise a key in a list
+    admin: bool = False
+    rpm: int | None = None           # requests per minute; None = the server default
+    tpm: int | None = None           # tokens per minute (prompt + completion)
+    concurrency: int | None = None   # generations queued or running at once
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts())
+
+
+class UsageRow(SQLModel, table=True):
+    """One billable request: a finished generation or a classification."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_owner_at", "owner", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner: str | None = Field(default=None, max_length=64)
+    kind: str = Field(max_length=16)  # generation | classification
+    model_version: str = Field(max_length=64)
+    at: datetime = Field(sa_column=_ts(nullable=False, index=True))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0

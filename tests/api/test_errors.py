@@ -10,7 +10,7 @@ import sqlite3
 import httpx
 import pytest
 
-from app.client import GraphQLErrors, InferQLClient
+from app.client import GraphQLErrors
 from tests.conftest import ServerProcess
 from tests.gql import CANCEL, CLASSIFY, GENERATE, JOB, JOB_EVENTS, SUBMIT, collect
 
@@ -51,7 +51,7 @@ LEAK = re.compile(r"Traceback|File \"|/app/|\.py\b|site-packages", re.I)
 
 @pytest.fixture
 async def client(tiny_server):
-    async with InferQLClient(tiny_server.url) as c:
+    async with tiny_server.client() as c:
         yield c
 
 
@@ -156,7 +156,7 @@ async def test_overload_is_refused_with_a_code(tmp_path, tiny_model_dir):
         "INFERQL_MODEL_PATH": str(tiny_model_dir), "INFERQL_MAX_BATCH_SIZE": "1", "INFERQL_MAX_QUEUED_JOBS": "2",
     }).start()
     try:
-        async with InferQLClient(server.url) as client:
+        async with server.client() as client:
             long = {"prompt": "go", "maxTokens": 400}
             codes = []
             for _ in range(6):

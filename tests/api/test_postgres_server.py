@@ -7,9 +7,9 @@ import uuid
 import asyncpg
 import pytest
 
-from app.client import InferQLClient
 from tests.conftest import ServerProcess
 from tests.gql import GENERATE, JOB, collect
+from app.jobs.migrate import head
 from tests.jobs.test_store import POSTGRES
 
 
@@ -27,7 +27,7 @@ async def test_server_on_postgresql(tmp_path, tiny_model_dir, pg_url):
     server = ServerProcess(tmp_path, {"INFERQL_MODEL_PATH": str(tiny_model_dir), "INFERQL_DATABASE_URL": pg_url})
     server.start()
     try:
-        async with InferQLClient(server.url) as client:
+        async with server.client() as client:
             events = await collect(client, GENERATE, {"input": {"prompt": "Hello", "maxTokens": 5}})
             assert events[-1]["__typename"] == "GenerationCompleted"
             job = (await client.execute(JOB, {"id": events[0]["jobId"]}))["job"]
@@ -38,7 +38,7 @@ async def test_server_on_postgresql(tmp_path, tiny_model_dir, pg_url):
         server.stop()
     conn = await asyncpg.connect(pg_url)
     try:
-        assert await conn.fetchval("select version_num from alembic_version") == "0001"
+        assert await conn.fetchval("select version_num from alembic_version") == head()
         assert await conn.fetchval("select count(*) from jobs where status = 'SUCCEEDED'") == 1
     finally:
         await conn.close()

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import websockets
 
-from app.client import LEGACY_WS, TRANSPORT_WS, InferQLClient
+from app.client import LEGACY_WS, TRANSPORT_WS
 from app.inference.weights import weights_version
 from tests.gql import CLASSIFY, GENERATE, JOB, collect
 
@@ -21,7 +21,7 @@ FRANCE = {"prompt": "What is the capital of France?", "maxTokens": 32}
 
 @pytest.fixture
 async def client(real_server):
-    async with InferQLClient(real_server.url) as c:
+    async with real_server.client() as c:
         yield c
 
 
@@ -96,7 +96,7 @@ async def test_client_leaving_after_three_tokens_cancels_the_job(client):
 async def test_dropped_socket_mid_stream_cancels_the_job(real_server, client):
     """No `complete`, no close handshake: the TCP connection just goes away."""
     ws = await websockets.connect(client.ws_url, subprotocols=[TRANSPORT_WS])
-    await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+    await ws.send(json.dumps({"type": "connection_init", "payload": {"Authorization": f"Bearer {client.api_key}"}}))
     assert json.loads(await ws.recv())["type"] == "connection_ack"
     variables = {"input": {"prompt": "Tell me a very long story.", "maxTokens": 300}}
     await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": GENERATE, "variables": variables}}))

@@ -29,7 +29,7 @@ from app.jobs.domain import (
     Usage,
 )
 from app.jobs.errors import InvalidInput
-from app.jobs.migrate import current, upgrade
+from app.jobs.migrate import current, head, upgrade
 from app.jobs.store import IdempotentReplay, JobStore
 from app.jobs.tables import WebhookRow
 
@@ -79,9 +79,9 @@ def result(text: str = "ok", needs_review: bool = False) -> GenerationResult:
 
 
 async def test_migrations_are_at_head_and_idempotent(store):
-    assert await current(store._engine) == "0001"
+    assert await current(store._engine) == head()
     await upgrade(store._engine)  # a second run is a no-op
-    assert await current(store._engine) == "0001"
+    assert await current(store._engine) == head()
 
 
 async def test_round_trip_keeps_everything(store):
@@ -93,7 +93,7 @@ async def test_round_trip_keeps_everything(store):
     started = datetime.now(UTC)
     await store.mark_running(job.id, started)
     assert (await store.get(job.id)).status is JobStatus.RUNNING
-    assert await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result("done"))
+    assert (await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result("done"))).changed
     got = await store.get(job.id)
     assert got.status is JobStatus.SUCCEEDED and got.result == result("done") and got.attempts == 1
     assert got.started_at == started
@@ -102,9 +102,10 @@ async def test_round_trip_keeps_everything(store):
 async def test_finish_happens_once_and_queues_one_webhook(store):
     job = new_job(webhook_url="http://example.test/hook")
     await store.insert(job)
-    assert await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result())
+    assert (await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result())).webhooks_queued
     # a second end (say, a late cancel) changes nothing and queues nothing
-    assert not await store.finish(job.id, JobStatus.CANCELLED, datetime.now(UTC), result=result("other"))
+    late = await store.finish(job.id, JobStatus.CANCELLED, datetime.now(UTC), result=result("other"))
+    assert not late.changed and not late.webhooks_queued
     assert (await store.get(job.id)).status is JobStatus.SUCCEEDED
     async with store._session() as session:
         from sqlmodel import select
@@ -154,7 +155,8 @@ async def test_batch_counts_usage_and_one_batch_webhook(store):
     await store.insert_batch(batch_id, None, jobs, "http://example.test/batch", datetime.now(UTC))
     batch = await store.batch(batch_id)
     assert batch.counts.queued == 3 and batch.status.value == "IN_PROGRESS"
-    queued = [await store.finish(j.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result()) for j in jobs]
+    queued = [(await store.finish(j.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result())).webhooks_queued
+              for j in jobs]
     assert queued == [False, False, True]  # only the last job's end queues the batch webhook
     batch = await store.batch(batch_id)
     assert batch.counts.succeeded == 3 and batch.finished_at is not None and batch.status.value == "COMPLETED"

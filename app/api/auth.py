@@ -1,0 +1,45 @@
+"""Who is calling, and may they: API keys over HTTP and websockets, quotas per request."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from strawberry.types import Info
+
+from app.jobs.domain import OPEN_DOOR, Caller
+from app.jobs.errors import Unauthenticated
+from app.jobs.service import JobService
+
+HOW_TO = 'send "Authorization: Bearer <key>" (websockets: in the connection_init payload)'
+
+
+def bearer(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_from(headers_or_payload: Mapping | None) -> str | None:
+    if not isinstance(headers_or_payload, Mapping):
+        return None
+    for name in ("Authorization", "authorization"):
+        if name in headers_or_payload:
+            return bearer(headers_or_payload[name])
+    return None
+
+
+async def identify(service: JobService, auth_on: bool, key: str | None) -> Caller | None:
+    if not auth_on:
+        return OPEN_DOOR
+    return await service.authenticate(key)
+
+
+async def admitted(info: Info) -> Caller:
+    """The caller of this root field, counted against its requests per minute."""
+    ctx = info.context
+    caller = ctx.get("caller")
+    if caller is None:
+        raise Unauthenticated(f"a valid API key is required: {HOW_TO}")
+    await ctx["service"].admit(caller)
+    return caller

@@ -1,0 +1,110 @@
+"""API keys: created and revoked by the CLI, looked up by the API on every request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from .domain import Caller
+from .tables import ApiKeyRow
+
+KEY_PREFIX = "iq_"
+
+
+class KeyNameTaken(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    name: str
+    prefix: str
+    admin: bool
+    rpm: int | None
+    tpm: int | None
+    concurrency: int | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Limits for keys created without their own."""
+
+    rpm: int
+    tpm: int
+    concurrency: int
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine, defaults: Defaults) -> None:
+        self._engine = engine
+        self.defaults = defaults
+
+    def _session(self) -> AsyncSession:
+        return AsyncSession(self._engine, expire_on_commit=False)
+
+    async def create(self, name: str, *, admin: bool = False, rpm: int | None = None, tpm: int | None = None,
+                     concurrency: int | None = None) -> str:
+        """Returns the new key; only its hash is stored, so this is the one chance to see it."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        row = ApiKeyRow(id=str(uuid.uuid4()), name=name, key_hash=hash_key(key), prefix=key[:10], admin=admin,
+                        rpm=rpm, tpm=tpm, concurrency=concurrency, created_at=datetime.now(UTC))
+        try:
+            async with self._session() as session:
+                session.add(row)
+                await session.commit()
+        except IntegrityError:
+            raise KeyNameTaken(f"a key named {name!r} already exists") from None
+        return key
+
+    async def revoke(self, name: str) -> bool:
+        async with self._session() as session:
+            row = (await session.exec(select(ApiKeyRow).where(col(ApiKeyRow.name) == name))).first()
+            if row is None or row.revoked_at is not None:
+                return False
+            row.revoked_at = datetime.now(UTC)
+            await session.commit()
+            return True
+
+    async def list(self) -> list[KeyInfo]:
+        async with self._session() as session:
+            rows = await session.exec(select(ApiKeyRow).order_by(col(ApiKeyRow.created_at)))
+            return [KeyInfo(r.id, r.name, r.prefix, r.admin, r.rpm, r.tpm, r.concurrency, r.created_at,
+                            r.revoked_at) for r in rows]
+
+    async def count_active(self) -> int:
+        async with self._session() as session:
+            return (await session.exec(
+                select(func.count()).select_from(ApiKeyRow).where(col(ApiKeyRow.revoked_at).is_(None))
+            )).one()
+
+    async def authenticate(self, key: str) -> Caller | None:
+        """The caller a key belongs to; None for an unknown or revoked key."""
+        if not key.startswith(KEY_PREFIX) or len(key) > 100:
+            return None
+        async with self._session() as session:
+            row = (await session.exec(select(ApiKeyRow).where(col(ApiKeyRow.key_hash) == hash_key(key)))).first()
+        # compare_digest: the lookup already matched, this only keeps timing flat for near-misses
+        if row is None or row.revoked_at is not None or not secrets.compare_digest(row.key_hash, hash_key(key)):
+            return None
+        d = self.defaults
+        return Caller(
+            key_id=row.id, name=row.name, admin=row.admin,
+            rpm=row.rpm if row.rpm is not None else d.rpm,
+            tpm=row.tpm if row.tpm is not None else d.tpm,
+            concurrency=row.concurrency if row.concurrency is not None else d.concurrency,
+        )

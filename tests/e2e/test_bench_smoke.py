@@ -1,0 +1,33 @@
+"""scripts/bench.py --smoke runs end to end: its own server, the engine in-process, the report.
+
+Only the run and the shape of its report are checked; timings vary with the machine and are
+never asserted (the benchmark prints PASS/MISS and exits 0 either way).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ROW = re.compile(r"^(API|direct)\s+(\d+)\s+([0-9]+(?:\.[0-9]+)?)\s", re.M)
+
+
+@pytest.mark.e2e
+def test_bench_smoke_runs_and_reports(real_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--smoke"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "API/direct" in out
+    assert "TTFT" in out
+    assert re.search(r"^\s+(PASS|MISS)\s+API/direct tok/s at 1 stream", out, re.M), out
+    rows = {(mode, int(c)): float(tok_s) for mode, c, tok_s in ROW.findall(out)}
+    assert {("API", 1), ("direct", 1), ("API", 2), ("direct", 2)} <= rows.keys(), out
+    assert all(v > 0 for v in rows.values()), rows
