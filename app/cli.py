@@ -41,7 +41,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_max_size=1 << 20,  # a prompt is capped far below 1 MiB; a bigger frame is hostile
+        ws_max_size=settings.max_body_bytes,  # websocket frames: the same cap as HTTP bodies
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -17,6 +18,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from app.api.auth import HOW_TO, identify, key_from
+from app.api.limits import BodySizeLimit
 from app.api.metrics import EngineCollector, metrics_endpoint
 from app.api.schema import build_schema
 from app.inference.engine import Engine
@@ -44,9 +46,10 @@ def resolve_model_path(settings: Settings) -> Path:
 class InferQLGraphQL(GraphQL):
     """The GraphQL view: identifies the caller once per HTTP request or websocket connection."""
 
-    def __init__(self, *args, auth_on: bool, **kwargs) -> None:
+    def __init__(self, *args, auth_on: bool, max_subscriptions: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.auth_on = auth_on
+        self.max_subscriptions = max_subscriptions
 
     async def get_context(self, request, response=None):
         service = request.app.state.service
@@ -54,7 +57,8 @@ class InferQLGraphQL(GraphQL):
         if isinstance(request, Request):  # a websocket's caller is set by on_ws_connect
             caller = await identify(service, self.auth_on, key_from(request.headers))
             request.state.caller = caller
-        return {"service": service, "request": request, "response": response, "caller": caller}
+        return {"service": service, "request": request, "response": response, "caller": caller,
+                "max_subscriptions": self.max_subscriptions}
 
     async def on_ws_connect(self, context):
         """Authenticates the connection_init payload; a bad or missing key closes with 4403."""
@@ -145,12 +149,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await db.dispose()
 
     graphql = InferQLGraphQL(
-        build_schema(max_depth=settings.max_query_depth),
+        build_schema(settings),
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
         subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
         connection_init_wait_timeout=_timedelta(settings.connection_init_wait_timeout),
         allowed_origins=settings.allowed_origins,
         auth_on=settings.auth == "on",
+        max_subscriptions=settings.max_subscriptions_per_connection,
     )
 
     async def healthz(_: Request) -> JSONResponse:
@@ -177,6 +182,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             WebSocketRoute("/graphql", graphql),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)],
     )
 
 

@@ -60,12 +60,22 @@ class Settings(BaseSettings):
     def retry_delays(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_delays.split(",") if x.strip()]
 
-    # GraphQL transport
-    graphiql: bool | None = None  # default: on, except in production
+    # GraphQL transport and document limits
+    graphiql: bool | None = None       # default: on, except in production
+    introspection: bool | None = None  # default: on, except in production
     max_query_depth: int = 12
+    max_aliases: int = 20
+    max_query_tokens: int = 2000
+    max_directives: int = 20
+    max_body_bytes: int = 1_000_000    # bigger HTTP bodies get 413; websocket frames are capped likewise
+    max_subscriptions_per_connection: int = 8
     connection_init_wait_timeout: float = 10.0
     allowed_origins: list[str] = []  # extra browser Origins allowed to open websockets (same-origin always is)
 
     @property
     def graphiql_enabled(self) -> bool:
         return self.graphiql if self.graphiql is not None else self.env != "production"
+
+    @property
+    def introspection_enabled(self) -> bool:
+        return self.introspection if self.introspection is not None else self.env != "production"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 
 from strawberry.types import Info
 
 from app.jobs.domain import OPEN_DOOR, Caller
 from app.jobs.errors import Unauthenticated
+from app.jobs.quotas import RateLimited
 from app.jobs.service import JobService
 
 HOW_TO = 'send "Authorization: Bearer <key>" (websockets: in the connection_init payload)'
@@ -43,3 +45,19 @@ async def admitted(info: Info) -> Caller:
         raise Unauthenticated(f"a valid API key is required: {HOW_TO}")
     await ctx["service"].admit(caller)
     return caller
+
+
+@contextlib.asynccontextmanager
+async def subscription_slot(info: Info) -> AsyncIterator[None]:
+    """Holds one of the connection's subscription slots while a subscription is open."""
+    ctx = info.context
+    limit = ctx.get("max_subscriptions")
+    open_now = ctx.get("open_subscriptions", 0)
+    if limit is not None and open_now >= limit:
+        raise RateLimited(f"{limit} subscriptions are already open on this connection",
+                          limit="subscriptionsPerConnection", retryAfterMs=1000)
+    ctx["open_subscriptions"] = open_now + 1
+    try:
+        yield
+    finally:
+        ctx["open_subscriptions"] -= 1

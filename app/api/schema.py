@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Annotated
 
 import strawberry
-from strawberry.extensions import QueryDepthLimiter
+from strawberry.extensions import DisableIntrospection
 from strawberry.types import Info
 
 from app.inference.types import SamplingParams
@@ -17,8 +17,11 @@ from app.jobs.domain import JobOptions as JobOptionsData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.service import JobService
 
-from .auth import admitted
+from app.settings import Settings
+
+from .auth import admitted, subscription_slot
 from .errors import ErrorCodes
+from .limits import document_limits
 from .types import (
     Batch,
     ClassificationInput,
@@ -160,31 +163,37 @@ class Subscription:
         self, info: Info, input: GenerationInput, options: JobOptions | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
         service, caller = _service(info), await _caller(info)
-        job = await service.submit(_spec(input), _options(options), caller)
         finished = False
-        try:
-            async for event in await service.events(job.id, 0, caller):
-                yield event_of(event)
-            finished = True
-        finally:
-            if not finished:  # the client completed, unsubscribed or dropped the socket
-                task = asyncio.get_running_loop().create_task(service.cancel(job.id, caller))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
+        async with subscription_slot(info):
+            job = await service.submit(_spec(input), _options(options), caller)
+            try:
+                async for event in await service.events(job.id, 0, caller):
+                    yield event_of(event)
+                finished = True
+            finally:
+                if not finished:  # the client completed, unsubscribed or dropped the socket
+                    task = asyncio.get_running_loop().create_task(service.cancel(job.id, caller))
+                    _background.add(task)
+                    task.add_done_callback(_background.discard)
 
     @strawberry.subscription(description="Replay a job's events with seq > after, then follow it live to the end.")
     async def job_events(self, info: Info, id: strawberry.ID, after: int = 0) -> AsyncGenerator[GenerationEvent, None]:
-        async for event in await _service(info).events(str(id), after, await _caller(info)):
-            yield event_of(event)
+        caller = await _caller(info)
+        async with subscription_slot(info):
+            async for event in await _service(info).events(str(id), after, caller):
+                yield event_of(event)
 
 
-def build_schema(max_depth: int = 12) -> strawberry.Schema:
-    return strawberry.Schema(
-        query=Query,
-        mutation=Mutation,
-        subscription=Subscription,
-        extensions=[ErrorCodes, lambda: QueryDepthLimiter(max_depth=max_depth)],
-    )
+def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+    settings = settings or Settings()
+    extensions = [
+        ErrorCodes,
+        *document_limits(max_depth=settings.max_query_depth, max_aliases=settings.max_aliases,
+                         max_tokens=settings.max_query_tokens, max_directives=settings.max_directives),
+    ]
+    if not settings.introspection_enabled:
+        extensions.append(DisableIntrospection)
+    return strawberry.Schema(query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions)
 
 
-schema = build_schema()
+schema = build_schema(Settings(_env_file=None, env="development"))
