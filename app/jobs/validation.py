@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from urllib.parse import urlsplit
 
+import httpx
+
 from .domain import GenerationSpec, JobOptions
 from .errors import InvalidInput
 
@@ -124,3 +126,9 @@ def validate_webhook_url(url: str) -> None:
         raise _bad("`webhookUrl` must be an absolute http:// or https:// URL", "webhookUrl")
     if parts.username or parts.password:
         raise _bad("`webhookUrl` must not carry credentials", "webhookUrl")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise _bad("`webhookUrl` must not contain spaces or control characters", "webhookUrl")
+    try:  # the client that will call it must be able to build the request
+        httpx.Request("POST", url)
+    except Exception:
+        raise _bad("`webhookUrl` is not a URL that can be called", "webhookUrl") from None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from standardwebhooks import Webhook
@@ -119,7 +120,22 @@ class WebhookDispatcher:
             self._inflight.discard(row.id)
             self._wake.set()
 
+    async def _claim(self, row: WebhookRow) -> bool:
+        """Takes the message for this attempt. A pass that read the row before an earlier
+        attempt was recorded (or another process sharing the database) loses the claim."""
+        async with self._session() as session:
+            claimed = await session.exec(
+                update(WebhookRow)
+                .where(col(WebhookRow.id) == row.id, col(WebhookRow.state) == "PENDING",
+                       col(WebhookRow.attempts) == row.attempts)
+                .values(attempts=row.attempts + 1)
+            )
+            await session.commit()
+            return claimed.rowcount == 1
+
     async def _attempt(self, row: WebhookRow) -> None:
+        if not await self._claim(row):
+            return
         attempt = row.attempts + 1
         at = datetime.now(UTC)
         headers = {
@@ -134,8 +150,8 @@ class WebhookDispatcher:
             status = resp.status_code
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
-        except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__
+        except Exception as exc:  # any failure is a failed attempt, retried like the others
+            error = f"{type(exc).__name__}: {exc}"[:500]
         delivered = error is None
         next_at = None
         if not delivered and attempt <= len(self._delays):
@@ -145,7 +161,7 @@ class WebhookDispatcher:
             session.add(WebhookAttemptRow(webhook_id=row.id, attempt=attempt, at=at, http_status=status,
                                           error=error, next_retry_at=next_at))
             db_row = await session.get(WebhookRow, row.id)
-            db_row.attempts, db_row.state, db_row.next_attempt_at = attempt, state, next_at
+            db_row.state, db_row.next_attempt_at = state, next_at
             await session.commit()
         if not delivered:
             log.warning("webhook %s to %s attempt %d failed (%s); %s", row.id, row.url, attempt, error,
