@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -106,6 +107,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        # The engine thread runs Python between torch kernels and holds the GIL meanwhile;
+        # a short switch interval keeps the event loop's requests from queueing behind it.
+        sys.setswitchinterval(settings.gil_switch_interval)
         lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
         db = make_engine(settings.database_url)
         await upgrade(db)

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "inferql"  # the default model is kept here
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     torch_threads: int = 0        # 0 = torch's default (one per core)
+    gil_switch_interval: float = 0.0005  # seconds; Python's default 0.005 makes requests wait on the engine
 
     # Access: API keys (Authorization: Bearer <key>). "off" is for trusted local use only.
     auth: Literal["on", "off"] = "on"

@@ -12,7 +12,12 @@ import json
 from graphql import FieldNode, FragmentSpreadNode, GraphQLError, InlineFragmentNode, ValidationRule
 from graphql.language import DirectiveNode, OperationDefinitionNode, SelectionSetNode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from strawberry.extensions import AddValidationRules, MaxAliasesLimiter, MaxTokensLimiter
+from strawberry.extensions import (
+    AddValidationRules,
+    MaxTokensLimiter,
+    ParserCache,
+    ValidationCache,
+)
 
 
 # Introspection fields that return lists: nesting them multiplies the response size
@@ -68,24 +73,38 @@ def _depth_rule(max_depth: int) -> type[ValidationRule]:
     return MaxDepth
 
 
-def _directives_rule(max_directives: int) -> type[ValidationRule]:
-    class MaxDirectives(ValidationRule):
-        count = 0
+def _count_rule(max_aliases: int, max_directives: int) -> type[ValidationRule]:
+    class MaxAliasesAndDirectives(ValidationRule):
+        aliases = directives = 0
+
+        def enter_field(self, node: FieldNode, *_):
+            if node.alias is not None:
+                self.aliases += 1
+                if self.aliases == max_aliases + 1:
+                    self.report_error(GraphQLError(f"more than {max_aliases} aliases in one request", node))
 
         def enter_directive(self, node: DirectiveNode, *_):
-            self.count += 1
-            if self.count == max_directives + 1:
+            self.directives += 1
+            if self.directives == max_directives + 1:
                 self.report_error(GraphQLError(f"more than {max_directives} directives in one request", node))
 
-    return MaxDirectives
+    return MaxAliasesAndDirectives
 
 
 def document_limits(*, max_depth: int, max_aliases: int, max_tokens: int, max_directives: int) -> list:
-    """Schema extensions (as factories: strawberry wants classes or callables)."""
+    """Schema extensions (as factories: strawberry wants classes or callables).
+
+    Parsing and validating a document costs several ms of pure Python; the caches make a
+    document seen before (clients send the same few operations) cost nearly nothing.
+    The limit rules run inside validation, so a cached document was already checked.
+    """
+    # Built once: the validation cache is keyed by the rule classes, among other things.
+    rules = [_depth_rule(max_depth), _count_rule(max_aliases, max_directives)]
     return [
-        lambda: AddValidationRules([_depth_rule(max_depth), _directives_rule(max_directives)]),
-        lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
         lambda: MaxTokensLimiter(max_token_count=max_tokens),
+        lambda: ParserCache(maxsize=1024),
+        lambda: AddValidationRules(rules),
+        lambda: ValidationCache(maxsize=1024),
     ]
 
 
