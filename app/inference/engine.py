@@ -207,6 +207,11 @@ class Engine:
                     self._fail_all(exc)
                 self._flush()
             self._fail_all(EngineStopped("server shutting down"), include_waiting=True)
+            with self._cv:
+                calls = list(self._calls)
+                self._calls.clear()
+            for _, fut in calls:  # nobody will run these now
+                self._loop.call_soon_threadsafe(_settle, fut, None, EngineStopped("server shutting down"))
             self._flush()
 
     def _emit(self, seq: _Seq, output: EngineOutput) -> None:
@@ -267,7 +272,12 @@ class Engine:
             if not seq.done:
                 newcomers.append((seq, cache))
         if newcomers:
-            self._merge(newcomers)
+            try:
+                self._merge(newcomers)
+            except Exception as exc:  # they are in no batch yet: finish them here
+                log.exception("merging new requests into the batch failed")
+                for seq, _ in newcomers:
+                    self._finish(seq, FinishReason.ERROR, error=str(exc))
 
     def _prefill(self, seq: _Seq, batch_size: int) -> DynamicCache:
         self._emit(seq, Started(prompt_tokens=len(seq.prompt_ids), at=time.time(), batch_size=batch_size))
@@ -339,7 +349,8 @@ class Engine:
         self._release(seq, released)
         if hit_stop:
             self._finish(seq, FinishReason.STOP_SEQUENCE)
-        elif seq.generated >= seq.params.max_tokens or seq.position >= self.lm.info.context_length:
+        elif (seq.generated >= seq.params.max_tokens
+              or len(seq.prompt_ids) + seq.generated >= self.lm.info.context_length):
             self._finish(seq, FinishReason.LENGTH)
 
     def _release(self, seq: _Seq, released: list[tuple[int, str]]) -> None:

