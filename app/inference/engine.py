@@ -269,6 +269,8 @@ class Engine:
                 log.exception("prefill failed")
                 self._finish(seq, FinishReason.ERROR, error=str(exc))
                 continue
+            finally:
+                self._flush()  # its first token goes out now, not after the other prefills
             if not seq.done:
                 newcomers.append((seq, cache))
         if newcomers:

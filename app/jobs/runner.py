@@ -191,6 +191,7 @@ class JobRunner:
         event_log = self._logs[job.id]
         tokens: list[TokenRecord] = []
         started: float | None = None
+        marked: asyncio.Task | None = None
         deadline_timer = None
         if job.deadline_at is not None:
             delay = max(0.0, job.deadline_at.timestamp() - time.time())
@@ -204,11 +205,14 @@ class JobRunner:
                     await event_log.append(TokenGenerated(job.id, event_log.next_seq, epoch_to_dt(out.at), record))
                 elif isinstance(out, Started):
                     started = out.at
-                    await self._store.mark_running(job.id, epoch_to_dt(out.at))
+                    # Stored in the background: the first token must not wait for a commit.
+                    marked = asyncio.create_task(self._store.mark_running(job.id, epoch_to_dt(out.at)))
                     await event_log.append(
                         GenerationStarted(job.id, event_log.next_seq, epoch_to_dt(out.at), self._model, prompt_tokens)
                     )
                 elif isinstance(out, Finished):
+                    if marked is not None:
+                        await marked  # RUNNING is stored before the end is
                     await self._finish(job, out, tokens, started, prompt_tokens)
         except asyncio.CancelledError:
             handle.cancel()

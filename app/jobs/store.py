@@ -161,7 +161,7 @@ class JobStore:
     async def mark_running(self, job_id: str, started_at: datetime) -> None:
         async with self._session() as session:
             await session.exec(
-                update(JobRow).where(col(JobRow.id) == job_id)
+                update(JobRow).where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.QUEUED.value)
                 .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
             )
             await session.commit()

@@ -1,0 +1,618 @@
+#!/usr/bin/env python3
+"""InferQL benchmark: the GraphQL `generate` subscription against the engine called directly.
+
+In one run it drives N concurrent `generate` subscriptions over real websockets against a
+running server (its own `inferql serve` subprocess unless --url is given) and, in
+alternating phases, the same engine in-process on the same prompts. It prints aggregate
+tokens/s, time to first token (TTFT) p50/p95, the ratios between them and a PASS/MISS line
+per target. Timings never fail the run: it exits 0 whatever the figures are, and non-zero
+only when the benchmark itself cannot run (no server, a failed stream).
+
+Fairness on a small, shared machine:
+  * the server and the in-process engine never compute at the same time: for each round
+    and each concurrency the API phase and the direct phase run back to back (which one
+    goes first alternates), so a ratio compares two phases under the same machine load;
+    the in-process engine is started right before its phase and stopped right after it,
+    and the server's engine thread sleeps on a condition variable while idle;
+  * both modes get the same prompts in the same order, greedy (temperature 0), no stop
+    strings, the same maxTokens; the direct side gets pre-tokenized prompts (the server
+    tokenizes in its request path, so that cost is counted against the API);
+  * tokens are counted as received (a greedy answer may end early on end-of-sequence);
+  * one warm-up generation per mode and concurrency precedes the measured rounds;
+  * figures are medians over rounds (tok/s) or percentiles over every stream of every
+    round (TTFT). Absolute numbers follow the machine's load; the ratios are the point.
+
+Definitions:
+  aggregate tok/s = tokens received by all streams of a phase / wall time from the first
+                    submit to the last completion. A phase at concurrency c runs
+                    max(c, --requests) generations through c closed-loop workers.
+  TTFT            = API: from sending the `subscribe` message to the first TokenGenerated
+                    (the websocket connect + connection_init before it is shown apart);
+                    direct: from engine.submit() to the first TokenStep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import contextvars
+import math
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import websockets  # noqa: E402
+
+PROMPTS = [
+    "Explain how a bicycle stays upright while it moves.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe the water cycle for a ten-year-old.",
+    "What are the main differences between a cat and a dog as pets?",
+    "Give some advice to someone starting to learn the piano.",
+    "Explain why the sky is blue.",
+    "Describe a busy market on a Saturday morning.",
+    "What should a beginner know before planting a vegetable garden?",
+]
+
+SUBSCRIPTION = """
+subscription Bench($input: GenerationInput!) {
+  generate(input: $input) {
+    __typename
+    ... on TokenGenerated { index text }
+    ... on GenerationCompleted { result { usage { completionTokens } } }
+  }
+}
+"""
+
+TARGET_OVERHEAD = 0.95     # API tok/s >= 0.95 x direct, at 1 and 8 streams
+TARGET_BATCHING = 3.0      # 8 streams >= 3 x the tok/s of 1 stream
+BATCHING_STREAMS = 8
+TARGET_TTFT_MS = 50.0      # API TTFT <= direct TTFT + 50 ms, at 1 stream
+
+
+# ---- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    t_submit: float            # subscribe message sent / engine.submit()
+    t_first: float | None      # first token received
+    t_done: float              # completion received
+    tokens: int                # tokens received
+    t_call: float | None = None  # API only: before the websocket connect
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.t_first is None else (self.t_first - self.t_submit) * 1000
+
+
+@dataclass
+class Phase:
+    mode: str
+    concurrency: int
+    streams: list[Stream]
+    max_batch: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.streams)
+
+    @property
+    def wall_s(self) -> float:
+        return max(s.t_done for s in self.streams) - min(s.t_submit for s in self.streams)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class Summary:
+    mode: str
+    concurrency: int
+    tok_s: float               # median over rounds
+    ttft_p50: float | None
+    ttft_p95: float | None
+    tokens: int                # median tokens per round
+    max_batch: int             # largest decode batch seen in any round
+    rounds: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(phases: list[Phase]) -> Summary:
+    ttfts = [s.ttft_ms for p in phases for s in p.streams if s.ttft_ms is not None]
+    per_round = [p.tok_s for p in phases]
+    return Summary(
+        mode=phases[0].mode,
+        concurrency=phases[0].concurrency,
+        tok_s=statistics.median(per_round),
+        ttft_p50=percentile(ttfts, 0.50),
+        ttft_p95=percentile(ttfts, 0.95),
+        tokens=int(statistics.median(p.tokens for p in phases)),
+        max_batch=max(p.max_batch for p in phases),
+        rounds=per_round,
+    )
+
+
+# ---- closed-loop driver -------------------------------------------------------------------
+
+
+async def run_phase(concurrency: int, prompts: list, one) -> list[Stream]:
+    """Run every prompt through `concurrency` workers; each worker runs one stream at a time."""
+    work = iter(prompts)
+    streams: list[Stream] = []
+
+    async def worker() -> None:
+        for item in work:  # a shared iterator: no await between next() calls, so no races
+            streams.append(await one(item))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return streams
+
+
+def phase_prompts(concurrency: int, requests: int) -> list[str]:
+    n = max(concurrency, requests)
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+# ---- the API side -------------------------------------------------------------------------
+
+# The project's client (app/client.py) opens the socket, sends connection_init and then the
+# subscribe message inside one generator. To time TTFT from the subscribe message itself, its
+# module-level `websockets` is swapped (in this process only) for one whose connections note
+# when `subscribe` goes out, in the calling task's context.
+_sent: contextvars.ContextVar[dict] = contextvars.ContextVar("bench_sent")
+
+
+class _TimedSocket:
+    def __init__(self, ws) -> None:
+        self._ws = ws
+
+    async def send(self, message: str) -> None:
+        if '"type": "subscribe"' in message or '"type": "start"' in message:
+            with contextlib.suppress(LookupError):
+                _sent.get()["subscribe"] = time.perf_counter()
+        await self._ws.send(message)
+
+    async def recv(self):
+        return await self._ws.recv()
+
+
+class _TimedConnect:
+    def __init__(self, *args, **kwargs) -> None:
+        self._cm = websockets.connect(*args, **kwargs)
+
+    async def __aenter__(self) -> _TimedSocket:
+        return _TimedSocket(await self._cm.__aenter__())
+
+    async def __aexit__(self, *exc):
+        return await self._cm.__aexit__(*exc)
+
+
+def install_client_timing() -> None:
+    import app.client
+
+    app.client.websockets = types.SimpleNamespace(
+        connect=_TimedConnect, ConnectionClosed=websockets.ConnectionClosed
+    )
+
+
+async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
+    sent: dict[str, float] = {}
+    _sent.set(sent)
+    variables = {"input": {"prompt": prompt, "maxTokens": max_tokens, "temperature": 0}}
+    t_call = time.perf_counter()
+    first = done = None
+    tokens = 0
+    completion_tokens = None
+    async for data in client.subscribe(SUBSCRIPTION, variables):
+        event = data["generate"]
+        kind = event["__typename"]
+        if kind == "TokenGenerated":
+            tokens += 1
+            if first is None:
+                first = time.perf_counter()
+        elif kind == "GenerationCompleted":
+            done = time.perf_counter()
+            completion_tokens = event["result"]["usage"]["completionTokens"]
+        elif kind in ("GenerationFailed", "GenerationCancelled"):
+            raise RuntimeError(f"generation ended with {kind}")
+    if done is None:
+        raise RuntimeError("the subscription ended without GenerationCompleted")
+    if completion_tokens is not None and completion_tokens != tokens:
+        print(f"  warning: received {tokens} tokens, the server counted {completion_tokens}", flush=True)
+    return Stream(t_submit=sent.get("subscribe", t_call), t_first=first, t_done=done, tokens=tokens, t_call=t_call)
+
+
+_HIST = re.compile(r'^inferql_engine_batch_size_steps\{size="(\d+)"\}\s+([0-9.eE+]+)\s*$', re.M)
+
+
+async def batch_histogram(http: httpx.AsyncClient, base_url: str) -> dict[int, float]:
+    resp = await http.get(base_url + "/metrics")
+    resp.raise_for_status()
+    return {int(size): float(count) for size, count in _HIST.findall(resp.text)}
+
+
+async def api_phase(client, http, base_url: str, concurrency: int, prompts: list[str], max_tokens: int) -> Phase:
+    before = await batch_histogram(http, base_url)
+    streams = await run_phase(concurrency, prompts, lambda p: api_stream(client, p, max_tokens))
+    after = await batch_histogram(http, base_url)
+    sizes = [size for size, count in after.items() if count > before.get(size, 0.0)]
+    return Phase("API", concurrency, streams, max(sizes, default=0))
+
+
+# ---- the direct side ----------------------------------------------------------------------
+
+
+async def direct_stream(engine, ids: list[int], max_tokens: int) -> Stream:
+    from app.inference.types import Finished, SamplingParams, TokenStep
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    t_submit = time.perf_counter()
+    handle = engine.submit(ids, params)
+    first = None
+    tokens = 0
+    async for out in handle:
+        if isinstance(out, TokenStep):
+            tokens += 1
+            if first is None:
+                first = time.perf_counter()
+        elif isinstance(out, Finished):
+            if out.error:
+                raise RuntimeError(f"direct generation failed: {out.error}")
+            break
+    return Stream(t_submit=t_submit, t_first=first, t_done=time.perf_counter(), tokens=tokens)
+
+
+class Direct:
+    """The model loaded once in-process; an Engine runs only while direct phases run."""
+
+    def __init__(self, lm, max_batch_size: int) -> None:
+        self.lm = lm
+        self.max_batch_size = max_batch_size
+        self._ids: dict[str, list[int]] = {}
+        self.engine = None
+
+    def ids(self, prompt: str) -> list[int]:
+        if prompt not in self._ids:
+            self._ids[prompt] = self.lm.encode_chat([{"role": "user", "content": prompt}])
+        return self._ids[prompt]
+
+    async def start(self) -> None:
+        from app.inference.engine import Engine
+
+        self.engine = Engine(self.lm, max_batch_size=self.max_batch_size)
+        self.engine.start()
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+            self.engine = None
+
+    async def phase(self, concurrency: int, prompts: list[str], max_tokens: int) -> Phase:
+        from app.inference.types import EngineStats
+
+        self.engine.stats = EngineStats()
+        items = [self.ids(p) for p in prompts]
+        streams = await run_phase(concurrency, items, lambda ids: direct_stream(self.engine, ids, max_tokens))
+        return Phase("direct", concurrency, streams, self.engine.stats.max_batch_size)
+
+
+# ---- the server subprocess ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workdir: Path, model_path: Path | None, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "server.log"
+        self.env = {
+            **os.environ,
+            "INFERQL_PORT": str(self.port),
+            "INFERQL_HOST": "127.0.0.1",
+            "INFERQL_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
+            "INFERQL_LOG_LEVEL": "warning",
+            "INFERQL_DATA_DIR": str(workdir / "data"),
+            # Auth stays on (it is part of the API path measured); the bootstrap admin key gets
+            # limits that a benchmark never reaches, so no request is throttled.
+            "INFERQL_DEFAULT_RPM": "1000000",
+            "INFERQL_DEFAULT_TPM": "1000000000",
+            "INFERQL_DEFAULT_CONCURRENCY": "10000",
+        }
+        if model_path is not None:
+            self.env["INFERQL_MODEL_PATH"] = str(model_path)
+        if threads > 0:
+            self.env["INFERQL_TORCH_THREADS"] = str(threads)
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        self.key: str | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=self.env, stdout=self._log, stderr=self._log
+        )
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    async def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=2) as http:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(self.url + "/readyz")).status_code == 200:
+                        # With auth on, a first start on a fresh database prints an admin key.
+                        found = re.search(r"^\s+(iq_[\w-]{40,})\s*$", self.log_path.read_text(errors="replace"), re.M)
+                        self.key = found.group(1) if found else None
+                        return
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"the server was not ready in {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+
+# ---- report -------------------------------------------------------------------------------
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def ratio_of_rounds(num: Summary, den: Summary) -> tuple[float, list[float]]:
+    """Median over rounds of the per-round ratio (phases of one round ran close in time)."""
+    ratios = [a / b if b else 0.0 for a, b in zip(num.rounds, den.rounds)]
+    return statistics.median(ratios), ratios
+
+
+def report(summaries: dict[tuple[str, int], Summary], concurrency: list[int], connect_ms: list[float]) -> None:
+    print()
+    print(f"{'mode':<8}{'streams':>8}{'tok/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'tokens':>8}"
+          f"{'max batch':>11}   tok/s per round")
+    for c in concurrency:
+        for mode in ("API", "direct"):
+            s = summaries[(mode, c)]
+            rounds = " ".join(f"{v:.1f}" for v in s.rounds)
+            print(f"{mode:<8}{c:>8}{s.tok_s:>10.1f}{fmt_ms(s.ttft_p50):>10}{fmt_ms(s.ttft_p95):>10}"
+                  f"{s.tokens:>8}{s.max_batch:>11}   {rounds}")
+    print("(tok/s: aggregate, median over rounds; TTFT in ms over all streams of all rounds;"
+          " tokens: per phase, median over rounds; max batch: largest decode batch seen)")
+    if connect_ms:
+        print(f"(API TTFT starts at the subscribe message; the websocket connect + connection_init before it"
+              f" took p50 {percentile(connect_ms, 0.5):.1f} ms, p95 {percentile(connect_ms, 0.95):.1f} ms)")
+
+    print()
+    print("Targets (ratios: median over rounds of the per-round ratio; per-round values in brackets)")
+    lines: list[tuple[str, str, str]] = []
+
+    def per_round(values: list[float], unit: str = "x") -> str:
+        return "[" + " ".join(f"{v:.2f}{unit}" for v in values) + "]"
+
+    for c in concurrency:
+        ratio, rounds = ratio_of_rounds(summaries[("API", c)], summaries[("direct", c)])
+        targeted = c in (1, BATCHING_STREAMS)
+        goal = f"(>= {TARGET_OVERHEAD}x)" if targeted else "(no target at this concurrency)"
+        lines.append((f"API/direct tok/s at {c} stream{'s' if c > 1 else ''}",
+                      f"{ratio:.3f}x {goal} {per_round(rounds)}",
+                      verdict(ratio >= TARGET_OVERHEAD if targeted else None)))
+    top = max(concurrency)
+    if 1 in concurrency and top > 1:
+        for mode in ("API", "direct"):
+            ratio, rounds = ratio_of_rounds(summaries[(mode, top)], summaries[(mode, 1)])
+            targeted = top == BATCHING_STREAMS
+            goal = f"(>= {TARGET_BATCHING:.0f}x)" if targeted else \
+                f"(the {TARGET_BATCHING:.0f}x target is for {BATCHING_STREAMS} streams)"
+            lines.append((f"batching {mode} {top}/1 streams tok/s", f"{ratio:.2f}x {goal} {per_round(rounds)}",
+                          verdict(ratio >= TARGET_BATCHING if targeted else None)))
+    if 1 in concurrency:
+        api, direct = summaries[("API", 1)], summaries[("direct", 1)]
+        if api.ttft_p50 is not None and direct.ttft_p50 is not None:
+            delta = api.ttft_p50 - direct.ttft_p50
+            lines.append(("TTFT p50 API - direct at 1 stream",
+                          f"{delta:+.1f} ms (API {api.ttft_p50:.1f} ms, direct {direct.ttft_p50:.1f} ms;"
+                          f" <= +{TARGET_TTFT_MS:.0f} ms)",
+                          verdict(delta <= TARGET_TTFT_MS)))
+    width = max(len(name) for name, _, _ in lines)
+    for name, value, status in lines:
+        print(f"  {status:<5} {name:<{width}}  {value}")
+    print("(targets are reported, never enforced: the exit status does not depend on them)")
+
+
+# ---- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--url", help="an already running server (default: start one on a free port)")
+    ap.add_argument("--api-key", default=os.environ.get("INFERQL_API_KEY"),
+                    help="API key for --url (default: $INFERQL_API_KEY; the server started here makes its own)")
+    ap.add_argument("--concurrency", default="1,8", help="comma-separated stream counts (default 1,8)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="maxTokens per generation (default 64)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of API+direct phases (default 2)")
+    ap.add_argument("--requests", type=int, default=len(PROMPTS),
+                    help=f"generations per phase, at least the concurrency (default {len(PROMPTS)})")
+    ap.add_argument("--model-path", type=Path, help="model folder for the server and the direct engine"
+                    " (default: the default model)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the direct engine and the server it starts (INFERQL_TORCH_THREADS);"
+                    "\n0 = torch's default, as the server runs by default (the default, except --smoke: 1,"
+                    "\nsince 2+ threads on a busy small machine can stall for seconds in OpenMP barriers)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a few seconds: 1 round, concurrency 1,2, max-tokens 8, 4 generations per phase,"
+                    " 1 torch thread")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.concurrency, args.max_tokens, args.requests = 1, "1,2", 8, 4
+        if args.threads is None:
+            args.threads = 1
+    if args.threads is None:
+        args.threads = 0
+    args.concurrency = sorted({int(c) for c in str(args.concurrency).split(",") if c.strip()})
+    if not args.concurrency or min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 1:
+        ap.error("--concurrency, --rounds and --max-tokens must be positive")
+    if args.threads < 0:
+        ap.error("--threads must be 0 (torch's default) or more")
+    return args
+
+
+async def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from app.client import InferQLClient
+    from app.settings import Settings
+
+    settings = Settings()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.url is None:
+        server_threads = args.threads or settings.torch_threads
+        server_note = f"the server started here: {server_threads or torch.get_num_threads()}"
+    else:
+        server_note = "the server at --url: its own INFERQL_TORCH_THREADS"
+    print(f"CPU cores: {os.cpu_count()}   torch threads: {torch.get_num_threads()} in this process;"
+          f" {server_note}")
+    load1, load5, _ = os.getloadavg()
+    print(f"load average before the run: {load1:.2f} (1 min), {load5:.2f} (5 min) on {os.cpu_count()} cores"
+          + ("  -- the machine is busy: absolute figures will be low and noisy" if load1 > 0.5 * (os.cpu_count() or 1)
+             else ""))
+    print(f"rounds {args.rounds}, concurrency {','.join(map(str, args.concurrency))}, maxTokens {args.max_tokens},"
+          f" temperature 0, generations per phase max(c, {args.requests})", flush=True)
+
+    install_client_timing()
+    model_path = args.model_path
+    server = None
+    tmp = tempfile.TemporaryDirectory(prefix="inferql-bench-")
+    try:
+        if args.url is None:
+            if model_path is None:  # resolve once here so the server does not fetch it a second time
+                from app.inference.weights import pull_default_model
+
+                model_path = pull_default_model(Path(settings.cache_dir))
+            server = Server(Path(tmp.name), model_path, args.threads)
+            server.start()
+            base_url = server.url
+        else:
+            base_url = args.url.rstrip("/")
+        api_key = args.api_key
+
+        # Load the direct model while the server loads its own (load time is not measured).
+        from transformers.utils import logging as hf_logging
+
+        from app.inference.model import load_model
+
+        hf_logging.disable_progress_bar()
+        if model_path is None:
+            from app.inference.weights import pull_default_model
+
+            model_path = pull_default_model(Path(settings.cache_dir))
+        t0 = time.perf_counter()
+        lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
+        print(f"direct: loaded {lm.info.id} ({lm.info.version}, {lm.info.dtype}, {lm.info.device})"
+              f" in {time.perf_counter() - t0:.1f}s", flush=True)
+        if server is not None:
+            t0 = time.perf_counter()
+            await server.wait_ready()
+            print(f"server: ready at {base_url} after {time.perf_counter() - t0:.1f}s more"
+                  f" ({'with its bootstrap API key' if server.key else 'no API key printed: auth off?'})", flush=True)
+            api_key = server.key
+        direct = Direct(lm, settings.max_batch_size)
+
+        async with InferQLClient(base_url, api_key=api_key) as client, httpx.AsyncClient(timeout=30) as http:
+            models = (await client.execute("{ models { id version } }"))["models"]
+            if not any(m["version"] == lm.info.version for m in models):
+                print(f"warning: the server serves {models}, the direct engine {lm.info.id} {lm.info.version}")
+
+            # Warm-up: one short phase per mode at the highest concurrency (first forward passes,
+            # batched kernels, the server's DB and sockets), not measured.
+            top = max(args.concurrency)
+            warm = phase_prompts(top, top)
+            await api_phase(client, http, base_url, top, warm, min(4, args.max_tokens))
+            await direct.start()
+            await direct.phase(top, warm, min(4, args.max_tokens))
+            await direct.stop()
+
+            phases: dict[tuple[str, int], list[Phase]] = {}
+            connect_ms: list[float] = []
+            step = 0
+            for r in range(args.rounds):
+                for c in args.concurrency:
+                    # The two modes of one concurrency run back to back (first one, then the
+                    # other), so that their ratio sees the same machine load.
+                    order = ("API", "direct") if step % 2 == 0 else ("direct", "API")
+                    step += 1
+                    prompts = phase_prompts(c, args.requests)
+                    for mode in order:
+                        if mode == "API":
+                            phase = await api_phase(client, http, base_url, c, prompts, args.max_tokens)
+                            connect_ms += [(s.t_submit - s.t_call) * 1000 for s in phase.streams if s.t_call]
+                        else:
+                            await direct.start()
+                            try:
+                                phase = await direct.phase(c, prompts, args.max_tokens)
+                            finally:
+                                await direct.stop()
+                        phases.setdefault((mode, c), []).append(phase)
+                        print(f"round {r + 1} {mode:<6} {c:>2} streams: {phase.tokens:>5} tokens"
+                              f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}",
+                              flush=True)
+
+        summaries = {key: summarize(ps) for key, ps in phases.items()}
+        report(summaries, args.concurrency, connect_ms)
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
