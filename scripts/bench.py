@@ -331,15 +331,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, workdir: Path, model_path: Path | None, threads: int) -> None:
+    def __init__(self, workdir: Path, model_path: Path | None, threads: int, **extra_env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "server.log"
+        self.log_path = workdir / f"server-{self.port}.log"
         self.env = {
             **os.environ,
             "INFERQL_PORT": str(self.port),
             "INFERQL_HOST": "127.0.0.1",
-            "INFERQL_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}",
+            "INFERQL_DATABASE_URL": f"sqlite:///{workdir / f'bench-{self.port}.db'}",
             "INFERQL_LOG_LEVEL": "warning",
             "INFERQL_DATA_DIR": str(workdir / "data"),
             # Auth stays on (it is part of the API path measured); the bootstrap admin key gets
@@ -347,6 +347,8 @@ class Server:
             "INFERQL_DEFAULT_RPM": "1000000",
             "INFERQL_DEFAULT_TPM": "1000000000",
             "INFERQL_DEFAULT_CONCURRENCY": "10000",
+            "INFERQL_MAX_QUEUED_JOBS": "100000",
+            **extra_env,
         }
         if model_path is not None:
             self.env["INFERQL_MODEL_PATH"] = str(model_path)
@@ -390,6 +392,76 @@ class Server:
                 self.proc.wait()
         if self._log is not None:
             self._log.close()
+
+
+# ---- jobs: submission, polling, auth overhead --------------------------------------------
+
+SUBMIT = """mutation($input: GenerationInput!) { submitGeneration(input: $input) { id status } }"""
+POLL = """query($id: ID!) { job(id: $id) { id status } }"""
+
+
+async def timed(coro) -> float:
+    t = time.perf_counter()
+    await coro
+    return (time.perf_counter() - t) * 1000
+
+
+async def jobs_section(client_for, saturate: int, submitters: int, per_submitter: int, polls: int) -> None:
+    """Submission latency while the engine is saturated, jobs accepted per second, poll latency."""
+    long_input = {"prompt": "Write a long story about the sea.", "maxTokens": 400}
+    async with client_for() as client:
+        for _ in range(saturate):
+            await client.execute(SUBMIT, {"input": long_input})
+        await asyncio.sleep(1.0)  # let the long jobs start: the engine is now busy decoding
+        latencies: list[float] = []
+
+        async def submitter() -> None:
+            async with client_for() as own:
+                for _ in range(per_submitter):
+                    latencies.append(await timed(own.execute(SUBMIT, {"input": {"prompt": "Say hi.", "maxTokens": 1}})))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(submitter() for _ in range(submitters)))
+        wall = time.perf_counter() - t0
+        job_id = (await client.execute(SUBMIT, {"input": {"prompt": "Hi", "maxTokens": 1}}))["submitGeneration"]["id"]
+        poll_ms = [await timed(client.execute(POLL, {"id": job_id})) for _ in range(polls)]
+        running = (await client.execute("{ jobs(status: RUNNING, first: 100) { nodes { id } } }"))["jobs"]["nodes"]
+    print(f"\njobs: {submitters} concurrent submitters x {per_submitter}, engine busy with {len(running)} running"
+          f" generations of {saturate} queued long ones")
+    print(f"  submitGeneration p50 {percentile(latencies, 0.5):.1f} ms  p99 {percentile(latencies, 0.99):.1f} ms"
+          f"  ({len(latencies) / wall:.0f} jobs accepted/s)   {verdict(percentile(latencies, 0.99) < 100)} p99 < 100 ms")
+    print(f"  job(id) poll p50 {percentile(poll_ms, 0.5):.1f} ms  p95 {percentile(poll_ms, 0.95):.1f} ms"
+          f"   {verdict(percentile(poll_ms, 0.5) < 10)} p50 < 10 ms")
+
+
+async def auth_overhead(workdir: Path, model_path: Path | None, threads: int, polls: int, rounds: int) -> None:
+    """job(id) p50 with auth + rate limiting and without, on two idle servers, alternating."""
+    from app.client import InferQLClient
+
+    on = Server(workdir, model_path, threads)
+    off = Server(workdir, model_path, threads, INFERQL_AUTH="off")
+    try:
+        on.start()
+        off.start()
+        await on.wait_ready()
+        await off.wait_ready()
+        samples: dict[str, list[float]] = {"auth on": [], "auth off": []}
+        async with InferQLClient(on.url, api_key=on.key) as a, InferQLClient(off.url) as b:
+            ids = {}
+            for name, client in (("auth on", a), ("auth off", b)):
+                ids[name] = (await client.execute(SUBMIT, {"input": {"prompt": "Hi", "maxTokens": 1}}))[
+                    "submitGeneration"]["id"]
+                for _ in range(20):  # warm-up
+                    await client.execute(POLL, {"id": ids[name]})
+            for _ in range(rounds):
+                for name, client in (("auth on", a), ("auth off", b)):
+                    samples[name] += [await timed(client.execute(POLL, {"id": ids[name]})) for _ in range(polls)]
+        p_on, p_off = percentile(samples["auth on"], 0.5), percentile(samples["auth off"], 0.5)
+        print(f"\nauth + rate limiting on job(id): p50 {p_on:.2f} ms with, {p_off:.2f} ms without"
+              f" (+{p_on - p_off:.2f} ms, {p_on / p_off:.2f}x), {len(samples['auth on'])} polls each, alternating")
+    finally:
+        on.stop()
+        off.stop()
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -481,6 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch threads for the direct engine and the server it starts (INFERQL_TORCH_THREADS);"
                     "\n0 = torch's default, as the server runs by default (the default, except --smoke: 1,"
                     "\nsince 2+ threads on a busy small machine can stall for seconds in OpenMP barriers)")
+    ap.add_argument("--no-jobs", action="store_true",
+                    help="skip the job section (submission/poll latency, auth overhead)")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds: 1 round, concurrency 1,2, max-tokens 8, 4 generations per phase,"
                     " 1 torch thread")
@@ -602,6 +676,15 @@ async def bench(args: argparse.Namespace) -> int:
 
         summaries = {key: summarize(ps) for key, ps in phases.items()}
         report(summaries, args.concurrency, connect_ms)
+        if not args.no_jobs:
+            scale = 4 if args.smoke else 1
+            await jobs_section(lambda: InferQLClient(base_url, api_key=api_key), saturate=16 // scale,
+                               submitters=10 // (scale // 2 or 1), per_submitter=20 // scale, polls=200 // scale)
+            if server is not None:
+                server.stop()
+                server = None
+                await auth_overhead(Path(tmp.name), model_path, args.threads, polls=100 // scale,
+                                    rounds=3 if not args.smoke else 1)
         return 0
     finally:
         if server is not None:
