@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 import time
@@ -60,6 +61,23 @@ class InferQLGraphQL(GraphQL):
             request.state.caller = caller
         return {"service": service, "request": request, "response": response, "caller": caller,
                 "max_subscriptions": self.max_subscriptions}
+
+    def decode_json(self, data):
+        """Request bodies and websocket messages: a JSON object or list of valid Unicode.
+
+        Anything else (bad UTF-8, a lone surrogate, nesting past the recursion limit, a bare
+        scalar) is reported as unparseable JSON: 400 over HTTP, close 4400 on a websocket.
+        """
+        try:
+            value = json.loads(data)
+            json.dumps(value, ensure_ascii=False).encode()  # raises on lone surrogates
+        except json.JSONDecodeError:
+            raise
+        except (ValueError, RecursionError) as exc:
+            raise json.JSONDecodeError(f"not valid JSON text ({type(exc).__name__})", "", 0) from None
+        if not isinstance(value, (dict, list)):
+            raise json.JSONDecodeError("expected a JSON object", "", 0)
+        return value
 
     async def on_ws_connect(self, context):
         """Authenticates the connection_init payload; a bad or missing key closes with 4403."""

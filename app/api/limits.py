@@ -102,10 +102,24 @@ def document_limits(*, max_depth: int, max_aliases: int, max_tokens: int, max_di
     rules = [_depth_rule(max_depth), _count_rule(max_aliases, max_directives)]
     return [
         lambda: MaxTokensLimiter(max_token_count=max_tokens),
-        lambda: ParserCache(maxsize=1024),
+        lambda: _ParserCache(maxsize=1024),
         lambda: AddValidationRules(rules),
         lambda: ValidationCache(maxsize=1024),
     ]
+
+
+class _ParserCache(ParserCache):
+    """ParserCache parses outside strawberry's error handling, so a syntax error would
+    escape without a code. On a parse error, leave the document unset: strawberry then
+    parses it itself, reports the error normally, and it gets BAD_USER_INPUT."""
+
+    def on_parse(self):
+        ctx = self.execution_context
+        try:
+            ctx.graphql_document = self.cached_parse_document(ctx.query, **ctx.parse_options)
+        except GraphQLError:
+            ctx.graphql_document = None
+        yield
 
 
 class BodySizeLimit:

@@ -31,29 +31,50 @@ class Scored:
     prompt_tokens: int              # distinct tokens read: the prompt plus every label
 
 
-def score_labels(lm: LoadedModel, text: str, labels: list[str], instruction: str | None = None) -> Scored:
-    """Runs a forward pass; call it on the engine thread."""
+# Logits are [rows, positions, vocabulary] floats; rows are scored in chunks so that one
+# request never holds more than about this many of them (~256 MB) at once.
+MAX_LOGITS_PER_CHUNK = 64 * 1024 * 1024
+
+
+def _prompt_and_answers(lm: LoadedModel, text: str, labels: list[str], instruction: str | None):
     system = (instruction or DEFAULT_INSTRUCTION).replace("{labels}", ", ".join(labels))
     prefix = lm.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": text}])
     end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    answers = [lm.encode_raw(label) + end for label in labels]
+    return prefix, [lm.encode_raw(label) + end for label in labels]
+
+
+def classification_length(lm: LoadedModel, text: str, labels: list[str], instruction: str | None = None) -> int:
+    """Tokens of the longest row (prompt + longest label): it must fit the context."""
+    prefix, answers = _prompt_and_answers(lm, text, labels, instruction)
+    return len(prefix) + max(len(a) for a in answers)
+
+
+def score_labels(lm: LoadedModel, text: str, labels: list[str], instruction: str | None = None) -> Scored:
+    """Runs forward passes; call it on the engine thread."""
+    prefix, answers = _prompt_and_answers(lm, text, labels, instruction)
     width = len(prefix) + max(len(a) for a in answers)
+    keep = width - len(prefix) + 1  # logits only from the last prompt position on
+    vocab = lm.model.config.vocab_size
+    chunk = max(1, MAX_LOGITS_PER_CHUNK // (keep * vocab))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(labels), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(labels), width), dtype=torch.long)
-    for row, answer in enumerate(answers):
-        seq = prefix + answer
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    with torch.inference_mode():
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
     totals = []
-    for row, answer in enumerate(answers):
-        # The token at position p is predicted by the logits at position p - 1.
-        positions = torch.arange(len(prefix) - 1, len(prefix) - 1 + len(answer), device=logprobs.device)
-        targets = torch.tensor(answer, device=logprobs.device)
-        totals.append(logprobs[row, positions, targets].sum())
+    for start in range(0, len(answers), chunk):
+        rows = answers[start:start + chunk]
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, answer in enumerate(rows):
+            seq = prefix + answer
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        with torch.inference_mode():
+            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                              logits_to_keep=keep).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, answer in enumerate(rows):
+            # The token at prompt offset len(prefix) + j is predicted by kept logit j.
+            positions = torch.arange(len(answer), device=logprobs.device)
+            targets = torch.tensor(answer, device=logprobs.device)
+            totals.append(logprobs[row, positions, targets].sum())
     totals_t = torch.stack(totals)
     probs = torch.softmax(totals_t, dim=0).tolist()
     return Scored(

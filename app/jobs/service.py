@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from app.inference.classify import LabelScore, score_labels
+from app.inference.classify import LabelScore, classification_length, score_labels
 from app.inference.engine import Engine
 from app.inference.model import LoadedModel
 from app.inference.types import ModelInfo
@@ -342,6 +342,7 @@ class JobService:
 
     async def usage(self, caller: Caller, start: datetime, end: datetime) -> list[tuple[UsageSummary, str | None]]:
         """Usage rows with the name of the key each belongs to."""
+        start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))  # naive = UTC
         if end <= start:
             raise InvalidInput("`to` must be after `from`", field="to")
         rows = await self._store.usage(start, end, owner=caller.owner, all_owners=caller.admin)
@@ -355,6 +356,12 @@ class JobService:
 
     async def classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller) -> Classification:
         validate_classification(text, labels, instruction, self.limits)
+        needed = classification_length(self._lm, text, labels, instruction)
+        if needed > self.limits.context_length:
+            raise InvalidInput(
+                f"text, instruction and the longest label take {needed} tokens; the model's context length is "
+                f"{self.limits.context_length}", field="text",
+            )
         created = time.time()
         timings: dict[str, float] = {}
 
