@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.inference.weights import default_model_dir, pull_default_model
+from app.inference.weights import pull_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("INFERQL_CACHE_DIR", Path.home() / ".cache" / "inferql"))

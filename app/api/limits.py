@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from graphql import FieldNode, FragmentSpreadNode, GraphQLError, InlineFragmentNode, ValidationRule
+from graphql import FieldNode, FragmentSpreadNode, GraphQLError, ValidationRule
 from graphql.language import DirectiveNode, OperationDefinitionNode, SelectionSetNode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import (

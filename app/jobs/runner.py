@@ -113,9 +113,6 @@ class JobRunner:
     def queued_count(self) -> int:
         return len(self._queued)
 
-    def is_active(self, job_id: str) -> bool:
-        return job_id in self._queued or job_id in self._running
-
     def active_count(self, owner: str | None) -> int:
         return self._active[owner]
 

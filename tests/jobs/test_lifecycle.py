@@ -10,7 +10,7 @@ import pytest
 
 from app.client import GraphQLErrors
 from tests.conftest import ServerProcess
-from tests.gql import CANCEL, GENERATE, JOB, JOB_EVENTS, SUBMIT, collect
+from tests.gql import CANCEL, JOB, JOB_EVENTS, SUBMIT, collect
 
 pytestmark = pytest.mark.e2e
 
