@@ -12,9 +12,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app ./app
-# torch is pinned to 2.13.0 in pyproject.toml; the extra index supplies its CPU build
-# (2.13.0+cpu), which pip prefers over the CUDA-dependent wheel.
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu . \
+# torch is pinned to 2.13.0 in pyproject.toml. For a small CPU-only image, build with
+# --build-arg PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index>: pip then prefers the
+# 2.13.0+cpu build over the default, much larger, CUDA-dependent wheel.
+ARG PIP_EXTRA_INDEX_URL=""
+RUN pip install . \
  && rm -rf /src
 
 RUN useradd --create-home --uid 10001 inferql \
