@@ -15,7 +15,7 @@ COPY app ./app
 # torch is pinned to 2.13.0 in pyproject.toml. For a small CPU-only image, build with
 # --build-arg PIP_EXTRA_INDEX_URL=<PyTorch's CPU wheel index>: pip then prefers the
 # 2.13.0+cpu build over the default, much larger, CUDA-dependent wheel.
-ARG PIP_EXTRA_INDEX_URL=""
+ARG PIP_EXTRA_INDEX_URL
 RUN pip install . \
  && rm -rf /src
 
