@@ -157,6 +157,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 timeout=settings.webhook_timeout,
             ),
             keys=keys,
+            rate_window_seconds=settings.rate_window_seconds,
         )
         await service.start()
         registry = CollectorRegistry()

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     default_rpm: int = 600            # requests per minute, for keys created without --rpm
     default_tpm: int = 200_000        # tokens per minute (prompt + completion), without --tpm
     default_concurrency: int = 64     # generations queued or running at once, without --concurrency
+    rate_window_seconds: int = 60     # the moving window rpm/tpm are counted over ("per minute")
 
     # Engine and queue
     max_batch_size: int = 16      # generations decoded together in one forward pass

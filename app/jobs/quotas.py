@@ -1,7 +1,8 @@
 """Per-key limits: requests per minute, tokens per minute, concurrent generations.
 
-Windows are moving one-minute windows kept by the `limits` package (memory storage; its
-Redis storage is a drop-in for several processes). Tokens are compute-aware: admission
+Windows are moving windows (a minute, unless INFERQL_RATE_WINDOW_SECONDS says otherwise)
+kept by the `limits` package (memory storage; its Redis storage is a drop-in for several
+processes). Tokens are compute-aware: admission
 reserves prompt tokens + maxTokens, and when the job ends the reservation is replaced by
 what it really used, so a short answer does not burn its whole maxTokens.
 """
@@ -12,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
@@ -32,10 +33,15 @@ class _Reservation:
 
 
 class Quotas:
-    def __init__(self) -> None:
+    def __init__(self, window_seconds: int = 60) -> None:
+        self.window_seconds = window_seconds
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self._reserved: dict[str, _Reservation] = {}   # job id -> its reservation
         self._reserved_by_owner: dict[str, int] = {}
+
+    def _item(self, amount: int) -> RateLimitItemPerSecond:
+        """`amount` per window (a minute, unless configured otherwise)."""
+        return RateLimitItemPerSecond(amount, self.window_seconds)
 
     async def _retry_after_ms(self, item, *ids: str) -> int:
         stats = await self._limiter.get_window_stats(item, *ids)
@@ -45,7 +51,7 @@ class Quotas:
         """Counts one request; refuses it when the caller's requests-per-minute are spent."""
         if caller.rpm is None or caller.owner is None:
             return
-        item = RateLimitItemPerMinute(caller.rpm)
+        item = self._item(caller.rpm)
         if not await self._limiter.hit(item, "req", caller.owner):
             raise RateLimited(
                 f"rate limit: {caller.rpm} requests per minute for this key",
@@ -56,7 +62,7 @@ class Quotas:
         """Reserves tokens for jobs about to be queued, all or none."""
         if caller.tpm is None or caller.owner is None:
             return
-        item = RateLimitItemPerMinute(caller.tpm)
+        item = self._item(caller.tpm)
         stats = await self._limiter.get_window_stats(item, "tok", caller.owner)
         reserved = self._reserved_by_owner.get(caller.owner, 0)
         wanted = sum(tokens_each)
@@ -83,7 +89,7 @@ class Quotas:
         self._reserved_by_owner[res.owner] -= res.tokens
         if used_tokens > 0:
             # Fits by construction (used <= reserved); if the window moved on it fits better still.
-            await self._limiter.hit(RateLimitItemPerMinute(res.tpm), "tok", res.owner,
+            await self._limiter.hit(self._item(res.tpm), "tok", res.owner,
                                     cost=min(used_tokens, res.tpm))
 
     async def state(self, caller: Caller) -> dict | None:
@@ -95,7 +101,7 @@ class Quotas:
                                        ("tokens", "tok", caller.tpm, self._reserved_by_owner.get(caller.owner, 0))):
             if limit is None:
                 continue
-            stats = await self._limiter.get_window_stats(RateLimitItemPerMinute(limit), ns, caller.owner)
+            stats = await self._limiter.get_window_stats(self._item(limit), ns, caller.owner)
             out[name] = {
                 "limit": limit,
                 "remaining": max(0, stats.remaining - extra),

@@ -84,6 +84,7 @@ class JobService:
         max_attempts: int = 3,
         webhooks: WebhookDispatcher | None = None,
         keys: KeyStore | None = None,
+        rate_window_seconds: int = 60,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -93,7 +94,7 @@ class JobService:
         self._max_attempts = max_attempts
         self._webhooks = webhooks
         self.keys = keys
-        self.quotas = Quotas()
+        self.quotas = Quotas(rate_window_seconds)
         self.runner = JobRunner(
             store, engine, lm.info, review_threshold=review_threshold, max_queued=max_queued,
             on_webhook_queued=webhooks.wake if webhooks else lambda: None,

@@ -103,6 +103,26 @@ async def test_requests_per_minute(server):
 
 # ---- tokens per minute ------------------------------------------------------------------------
 
+async def test_limits_recover_after_the_window(tmp_path, tiny_model_dir):
+    """The same limits on a 2-second window, so recovery is seen without waiting a minute."""
+    srv = ServerProcess(tmp_path, {"INFERQL_MODEL_PATH": str(tiny_model_dir), "INFERQL_RATE_WINDOW_SECONDS": "2"})
+    srv.start()
+    try:
+        key = srv.create_key("rpm3", "--rpm", "3")
+        for _ in range(3):
+            assert code_of(await gql(srv, key, MODELS)) is None
+        refused = await gql(srv, key, MODELS)
+        assert code_of(refused) == "RATE_LIMITED"
+        retry_ms = refused["errors"][0]["extensions"]["retryAfterMs"]
+        assert 0 < retry_ms <= 2000
+        await asyncio.sleep(retry_ms / 1000 + 0.2)
+        recovered = await gql(srv, key, MODELS)
+        assert code_of(recovered) is None
+        assert recovered["extensions"]["rateLimit"]["requests"]["limit"] == 3
+    finally:
+        srv.stop()
+
+
 async def test_request_bigger_than_the_whole_token_budget(server):
     # The tiny model's context is 512 tokens, so one job cannot ask for more than a tpm of 600:
     # a smaller key shows the single-job case, a batch shows it for the 600 key.
