@@ -167,7 +167,7 @@ def keys_list() -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(name: str) -> None:
-    """Revoke a key by name; it stops working at once."""
+    """Revoke a key by name; it stops working within INFERQL_KEY_CACHE_SECONDS (1 s)."""
     import asyncio
 
     async def revoke(engine):

@@ -131,7 +131,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
         db = make_engine(settings.database_url)
         await upgrade(db)
-        keys = KeyStore(db, Defaults(settings.default_rpm, settings.default_tpm, settings.default_concurrency))
+        keys = KeyStore(db, Defaults(settings.default_rpm, settings.default_tpm, settings.default_concurrency),
+                        cache_seconds=settings.key_cache_seconds)
         if settings.auth == "on":
             await bootstrap_key(keys)
         else:

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     default_tpm: int = 200_000        # tokens per minute (prompt + completion), without --tpm
     default_concurrency: int = 64     # generations queued or running at once, without --concurrency
     rate_window_seconds: int = 60     # the moving window rpm/tpm are counted over ("per minute")
+    key_cache_seconds: float = 1.0    # how long a key lookup is reused: a revocation takes up to this long
 
     # Engine and queue
     max_batch_size: int = 16      # generations decoded together in one forward pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,9 +51,13 @@ class Defaults:
 
 
 class KeyStore:
-    def __init__(self, engine: AsyncEngine, defaults: Defaults) -> None:
+    def __init__(self, engine: AsyncEngine, defaults: Defaults, cache_seconds: float = 0.0) -> None:
         self._engine = engine
         self.defaults = defaults
+        # Every request authenticates; a short cache saves the database round trip at the
+        # price of a revocation taking effect up to cache_seconds later.
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Caller | None]] = {}
 
     def _session(self) -> AsyncSession:
         return AsyncSession(self._engine, expire_on_commit=False)
@@ -96,6 +101,19 @@ class KeyStore:
         """The caller a key belongs to; None for an unknown or revoked key."""
         if not key.startswith(KEY_PREFIX) or len(key) > 100:
             return None
+        if self._cache_seconds <= 0:
+            return await self._lookup(key)
+        digest, now = hash_key(key), time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        caller = await self._lookup(key)
+        if len(self._cache) > 10_000:  # unknown keys from a scanner must not grow it forever
+            self._cache.clear()
+        self._cache[digest] = (now + self._cache_seconds, caller)
+        return caller
+
+    async def _lookup(self, key: str) -> Caller | None:
         async with self._session() as session:
             row = (await session.exec(select(ApiKeyRow).where(col(ApiKeyRow.key_hash) == hash_key(key)))).first()
         # compare_digest: the lookup already matched, this only keeps timing flat for near-misses

@@ -7,8 +7,11 @@ a finished job whose callback is lost.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -126,9 +129,18 @@ class IdempotentReplay(Exception):
 class JobStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
+        # growing steps (its busy handler): concurrent commits turn into 100 ms tails. So this
+        # process queues its own writes. PostgreSQL handles concurrent writers itself.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
 
     def _session(self) -> AsyncSession:
         return AsyncSession(self._engine, expire_on_commit=False)
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncSession]:
+        async with self._write_lock or contextlib.nullcontext(), self._session() as session:
+            yield session
 
     # ---- writes ---------------------------------------------------------------------------
 
@@ -138,7 +150,7 @@ class JobStore:
         if scope and (existing := await self._by_scope(scope)):
             raise IdempotentReplay(existing)
         try:
-            async with self._session() as session:
+            async with self._writing() as session:
                 session.add(_new_row(job))
                 await session.commit()
         except IntegrityError:
@@ -149,7 +161,7 @@ class JobStore:
 
     async def insert_batch(self, batch_id: str, owner: str | None, jobs: list[Job], webhook_url: str | None,
                            created_at: datetime) -> None:
-        async with self._session() as session:
+        async with self._writing() as session:
             session.add(BatchRow(id=batch_id, owner=owner, size=len(jobs), webhook_url=webhook_url,
                                  created_at=created_at))
             for index, job in enumerate(jobs):
@@ -159,7 +171,7 @@ class JobStore:
             await session.commit()
 
     async def mark_running(self, job_id: str, started_at: datetime) -> None:
-        async with self._session() as session:
+        async with self._writing() as session:
             await session.exec(
                 update(JobRow).where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.QUEUED.value)
                 .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
@@ -168,7 +180,7 @@ class JobStore:
 
     async def requeue(self, job_id: str) -> None:
         """A job whose worker died goes back to QUEUED, keeping its attempt count."""
-        async with self._session() as session:
+        async with self._writing() as session:
             await session.exec(
                 update(JobRow).where(col(JobRow.id) == job_id).values(status=JobStatus.QUEUED.value, started_at=None)
             )
@@ -184,7 +196,7 @@ class JobStore:
     ) -> Ended:
         """Ends a job (once: a job already terminal is left alone), queues its webhooks and
         records its usage, all in one transaction."""
-        async with self._session() as session:
+        async with self._writing() as session:
             row = await session.get(JobRow, job_id)
             if row is None or JobStatus(row.status).terminal:
                 return Ended(False, False)
@@ -225,13 +237,13 @@ class JobStore:
         return False
 
     async def mark_batch_cancelled(self, batch_id: str) -> None:
-        async with self._session() as session:
+        async with self._writing() as session:
             await session.exec(update(BatchRow).where(col(BatchRow.id) == batch_id).values(cancelled=True))
             await session.commit()
 
     async def submit_review(self, job_id: str, verdict: ReviewVerdict, reviewer: str | None,
                             corrected_text: str | None, at: datetime) -> None:
-        async with self._session() as session:
+        async with self._writing() as session:
             await session.exec(
                 update(JobRow).where(col(JobRow.id) == job_id)
                 .values(review_verdict=verdict.value, reviewed_by=reviewer, reviewed_at=at,
@@ -241,7 +253,7 @@ class JobStore:
 
     async def purge_finished_before(self, cutoff: datetime) -> int:
         """Deletes finished jobs (and their webhook records) older than cutoff; returns how many."""
-        async with self._session() as session:
+        async with self._writing() as session:
             old = select(JobRow.id).where(col(JobRow.status).in_(TERMINAL), col(JobRow.finished_at) < cutoff)
             hooks = select(WebhookRow.id).where(col(WebhookRow.subject_id).in_(old))
             await session.exec(delete(WebhookAttemptRow).where(col(WebhookAttemptRow.webhook_id).in_(hooks)))
@@ -346,7 +358,7 @@ class JobStore:
 
     async def record_usage(self, owner: str | None, kind: str, model_version: str, usage: Usage,
                            at: datetime) -> None:
-        async with self._session() as session:
+        async with self._writing() as session:
             session.add(UsageRow(owner=owner, kind=kind, model_version=model_version, at=at,
                                  prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens))
             await session.commit()

@@ -132,6 +132,7 @@ async def test_revoked_key_is_refused_over_http_and_websocket(server):
 
     out = cli(server, "keys", "revoke", "to-revoke")
     assert out.returncode == 0, out.stderr
+    await asyncio.sleep(1.1)  # a key lookup is reused for INFERQL_KEY_CACHE_SECONDS (1 s)
 
     assert_unauthenticated(await post(server, MODELS, key=key))
     received, code = await ws_exchange(server, [
