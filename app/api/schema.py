@@ -12,11 +12,10 @@ from strawberry.extensions import DisableIntrospection
 from strawberry.types import Info
 
 from app.inference.types import SamplingParams
-from app.jobs.domain import Caller, ChatMessage, GenerationSpec
+from app.jobs.domain import ChatMessage, GenerationSpec
 from app.jobs.domain import JobOptions as JobOptionsData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.service import JobService
-
 from app.settings import Settings
 
 from .auth import admitted, subscription_slot
@@ -46,8 +45,7 @@ def _service(info: Info) -> JobService:
     return info.context["service"]
 
 
-async def _caller(info: Info) -> Caller:
-    return await admitted(info)
+_caller = admitted  # the caller of a root field, counted against its quota
 
 
 def _spec(inp: GenerationInput) -> GenerationSpec:
