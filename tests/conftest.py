@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -43,6 +45,20 @@ def tiny_model_dir(tmp_path_factory, real_model_dir) -> Path:
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+async def wait_until(check, what: str, timeout: float = 60.0, interval: float = 0.1):
+    """Polls `check` (sync or async) until it returns something truthy; returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:
@@ -103,6 +119,12 @@ class ServerProcess:
         from app.client import InferQLClient
 
         return InferQLClient(self.url, api_key=key or self.key)
+
+    def sql(self, query: str, *args) -> list[tuple]:
+        """Rows straight from this server's SQLite file (what is really stored)."""
+        path = self.env["INFERQL_DATABASE_URL"].removeprefix("sqlite:///")
+        with sqlite3.connect(path, timeout=30) as conn:
+            return conn.execute(query, args).fetchall()
 
     def create_key(self, name: str, *args: str) -> str:
         """`inferql keys create` against this server's database; returns the new key."""

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import statistics
 import time
 
 import pytest
 
 from app.client import InferQLClient
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -66,22 +65,9 @@ def restarted(tmp_path, old: ServerProcess) -> ServerProcess:
 
 
 def rows(server: ServerProcess, query: str, *args) -> list[tuple]:
-    path = server.env["INFERQL_DATABASE_URL"].removeprefix("sqlite:///")
-    with sqlite3.connect(path, timeout=30) as conn:
-        return conn.execute(query, args).fetchall()
+    return server.sql(query, *args)
 
 
-async def wait_until(check, what: str, timeout: float = 60.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def submit(client: InferQLClient, input: dict) -> str:

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import os
 import random
-import sqlite3
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from app.client import InferQLClient
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess, wait_until, free_port
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -166,22 +165,9 @@ def db_path(server: ServerProcess) -> str:
 
 
 def sql(server: ServerProcess, query: str, *args) -> list[tuple]:
-    with sqlite3.connect(db_path(server), timeout=30) as conn:
-        return conn.execute(query, args).fetchall()
+    return server.sql(query, *args)
 
 
-async def wait_until(check, what: str, timeout: float = WAIT, interval: float = 0.1):
-    """Polls `check` (sync or async) until it returns something truthy; returns that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def wait_hits(receiver: Receiver, url: str, n: int, timeout: float = WAIT) -> list[Hit]:
