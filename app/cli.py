@@ -46,15 +46,24 @@ def serve(
 
 
 @model_app.command("pull")
-def model_pull(force: Annotated[bool, typer.Option(help="Fetch and convert again.")] = False) -> None:
-    """Fetch the default model into the cache (idempotent) and check that it loads."""
-    from app.inference.model import load_model
-    from app.inference.weights import pull_default_model
+def model_pull(
+    force: Annotated[bool, typer.Option(help="Fetch and convert again.")] = False,
+    verify: Annotated[bool, typer.Option(help="Load the model even when it was already there.")] = False,
+) -> None:
+    """Fetch the default model into the cache (idempotent); a fresh copy is loaded once to check it."""
+    from app.inference.weights import default_model_dir, is_complete, pull_default_model, read_marker
 
     settings = Settings()
+    fresh = force or not is_complete(default_model_dir(settings.cache_dir))
     path = pull_default_model(settings.cache_dir, force=force)
-    info = load_model(path, device="cpu").info
-    typer.echo(f"{info.id} version {info.version} ({info.parameters:,} parameters) ready in {path}")
+    if fresh or verify:
+        from app.inference.model import load_model
+
+        info = load_model(path, device="cpu").info
+        typer.echo(f"{info.id} version {info.version} ({info.parameters:,} parameters) loads; ready in {path}")
+    else:
+        marker = read_marker(path)
+        typer.echo(f"{marker.get('name')} version {marker.get('version')} already in {path}")
 
 
 @model_app.command("path")
