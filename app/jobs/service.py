@@ -311,7 +311,7 @@ class JobService:
             log.info("re-queueing job %s left %s by a previous run", job.id, job.status.value)
             await self.runner.enqueue(job, self._prompt_ids(job.spec))
 
-    # ---- review, webhooks, usage, retention ---------------------------------------------
+    # ---- review, webhooks, usage ---------------------------------------------
 
     @staticmethod
     def _require_admin(caller: Caller, what: str) -> None:
@@ -349,9 +349,6 @@ class JobService:
         rows = await self._store.usage(start, end, owner=caller.owner, all_owners=caller.admin)
         names = {k.id: k.name for k in await self.keys.list()} if self.keys else {}
         return [(row, names.get(row.owner)) for row in rows]
-
-    async def purge(self, retention: timedelta) -> int:
-        return await self._store.purge_finished_before(datetime.now(UTC) - retention)
 
     # ---- classification -----------------------------------------------------------------
 

@@ -7,12 +7,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from .domain import Batch, Job
+from .domain import Batch, Job, Usage
 from .tables import WebhookRow
 
 
 def _iso(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt else None
+
+
+def _usage_json(usage: Usage) -> dict[str, int]:
+    return {"promptTokens": usage.prompt_tokens, "completionTokens": usage.completion_tokens,
+            "totalTokens": usage.total_tokens}
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -37,11 +42,7 @@ def job_json(job: Job) -> dict[str, Any]:
                 "perplexity": result.confidence.perplexity,
             },
             "model": {"id": result.model.id, "version": result.model.version},
-            "usage": {
-                "promptTokens": result.usage.prompt_tokens,
-                "completionTokens": result.usage.completion_tokens,
-                "totalTokens": result.usage.total_tokens,
-            },
+            "usage": _usage_json(result.usage),
             "timing": {
                 "queuedMs": result.timing.queued_ms,
                 "timeToFirstTokenMs": result.timing.time_to_first_token_ms,
@@ -62,8 +63,7 @@ def batch_json(batch: Batch) -> dict[str, Any]:
         "finishedAt": _iso(batch.finished_at),
         "counts": {"queued": c.queued, "running": c.running, "succeeded": c.succeeded, "failed": c.failed,
                    "cancelled": c.cancelled, "expired": c.expired, "total": c.total},
-        "usage": {"promptTokens": batch.usage.prompt_tokens, "completionTokens": batch.usage.completion_tokens,
-                  "totalTokens": batch.usage.total_tokens},
+        "usage": _usage_json(batch.usage),
     }
 
 
