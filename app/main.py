@@ -33,6 +33,7 @@ from app.jobs.service import JobService
 from app.jobs.store import JobStore
 from app.jobs.validation import Limits
 from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
+from app.jobs.writer import Writer
 from app.settings import Settings
 
 log = logging.getLogger("inferql")
@@ -139,8 +140,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.warning("INFERQL_AUTH=off: every caller is an anonymous admin without limits")
         engine = Engine(lm, max_batch_size=settings.max_batch_size)
         engine.start()
+        writer = Writer(db)  # one per process: it groups the writes of the store and the webhooks
         service = JobService(
-            store=JobStore(db),
+            store=JobStore(db, writer),
             engine=engine,
             lm=lm,
             limits=Limits(
@@ -156,6 +158,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 settings.webhook_secret or load_or_create_secret(settings.data_dir),
                 settings.retry_delays,
                 timeout=settings.webhook_timeout,
+                writer=writer,
             ),
             keys=keys,
             rate_window_seconds=settings.rate_window_seconds,

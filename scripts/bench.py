@@ -560,6 +560,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "\nsince 2+ threads on a busy small machine can stall for seconds in OpenMP barriers)")
     ap.add_argument("--no-jobs", action="store_true",
                     help="skip the job section (submission/poll latency, auth overhead)")
+    ap.add_argument("--jobs-only", action="store_true",
+                    help="only the job section (no streaming phases, no direct engine): about a minute")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds: 1 round, concurrency 1,2, max-tokens 8, 4 generations per phase,"
                     " 1 torch thread")
@@ -618,69 +620,72 @@ async def bench(args: argparse.Namespace) -> int:
             base_url = args.url.rstrip("/")
         api_key = args.api_key
 
-        # Load the direct model while the server loads its own (load time is not measured).
-        from transformers.utils import logging as hf_logging
+        lm = None
+        if not args.jobs_only:
+            # Load the direct model while the server loads its own (load time is not measured).
+            from transformers.utils import logging as hf_logging
 
-        from app.inference.model import load_model
+            from app.inference.model import load_model
 
-        hf_logging.disable_progress_bar()
-        if model_path is None:
-            from app.inference.weights import pull_default_model
+            hf_logging.disable_progress_bar()
+            if model_path is None:
+                from app.inference.weights import pull_default_model
 
-            model_path = pull_default_model(Path(settings.cache_dir))
-        t0 = time.perf_counter()
-        lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
-        print(f"direct: loaded {lm.info.id} ({lm.info.version}, {lm.info.dtype}, {lm.info.device})"
-              f" in {time.perf_counter() - t0:.1f}s", flush=True)
+                model_path = pull_default_model(Path(settings.cache_dir))
+            t0 = time.perf_counter()
+            lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
+            print(f"direct: loaded {lm.info.id} ({lm.info.version}, {lm.info.dtype}, {lm.info.device})"
+                  f" in {time.perf_counter() - t0:.1f}s", flush=True)
         if server is not None:
             t0 = time.perf_counter()
             await server.wait_ready()
             print(f"server: ready at {base_url} after {time.perf_counter() - t0:.1f}s more"
                   f" ({'with its bootstrap API key' if server.key else 'no API key printed: auth off?'})", flush=True)
             api_key = server.key
-        direct = Direct(lm, settings.max_batch_size)
+        if not args.jobs_only:
+            direct = Direct(lm, settings.max_batch_size)
 
-        async with InferQLClient(base_url, api_key=api_key) as client, httpx.AsyncClient(timeout=30) as http:
-            models = (await client.execute("{ models { id version } }"))["models"]
-            if not any(m["version"] == lm.info.version for m in models):
-                print(f"warning: the server serves {models}, the direct engine {lm.info.id} {lm.info.version}")
+            async with InferQLClient(base_url, api_key=api_key) as client, httpx.AsyncClient(timeout=30) as http:
+                models = (await client.execute("{ models { id version } }"))["models"]
+                if not any(m["version"] == lm.info.version for m in models):
+                    print(f"warning: the server serves {models}, the direct engine {lm.info.id} {lm.info.version}")
 
-            # Warm-up: one short phase per mode at the highest concurrency (first forward passes,
-            # batched kernels, the server's DB and sockets), not measured.
-            top = max(args.concurrency)
-            warm = phase_prompts(top, top)
-            await api_phase(client, http, base_url, top, warm, min(4, args.max_tokens))
-            await direct.start()
-            await direct.phase(top, warm, min(4, args.max_tokens))
-            await direct.stop()
+                # Warm-up: one short phase per mode at the highest concurrency (first forward passes,
+                # batched kernels, the server's DB and sockets), not measured.
+                top = max(args.concurrency)
+                warm = phase_prompts(top, top)
+                await api_phase(client, http, base_url, top, warm, min(4, args.max_tokens))
+                await direct.start()
+                await direct.phase(top, warm, min(4, args.max_tokens))
+                await direct.stop()
 
-            phases: dict[tuple[str, int], list[Phase]] = {}
-            connect_ms: list[float] = []
-            step = 0
-            for r in range(args.rounds):
-                for c in args.concurrency:
-                    # The two modes of one concurrency run back to back (first one, then the
-                    # other), so that their ratio sees the same machine load.
-                    order = ("API", "direct") if step % 2 == 0 else ("direct", "API")
-                    step += 1
-                    prompts = phase_prompts(c, args.requests)
-                    for mode in order:
-                        if mode == "API":
-                            phase = await api_phase(client, http, base_url, c, prompts, args.max_tokens)
-                            connect_ms += [(s.t_submit - s.t_call) * 1000 for s in phase.streams if s.t_call]
-                        else:
-                            await direct.start()
-                            try:
-                                phase = await direct.phase(c, prompts, args.max_tokens)
-                            finally:
-                                await direct.stop()
-                        phases.setdefault((mode, c), []).append(phase)
-                        print(f"round {r + 1} {mode:<6} {c:>2} streams: {phase.tokens:>5} tokens"
-                              f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}",
-                              flush=True)
+                phases: dict[tuple[str, int], list[Phase]] = {}
+                connect_ms: list[float] = []
+                step = 0
+                for r in range(args.rounds):
+                    for c in args.concurrency:
+                        # The two modes of one concurrency run back to back (first one, then the
+                        # other), so that their ratio sees the same machine load.
+                        order = ("API", "direct") if step % 2 == 0 else ("direct", "API")
+                        step += 1
+                        prompts = phase_prompts(c, args.requests)
+                        for mode in order:
+                            if mode == "API":
+                                phase = await api_phase(client, http, base_url, c, prompts, args.max_tokens)
+                                connect_ms += [(s.t_submit - s.t_call) * 1000 for s in phase.streams if s.t_call]
+                            else:
+                                await direct.start()
+                                try:
+                                    phase = await direct.phase(c, prompts, args.max_tokens)
+                                finally:
+                                    await direct.stop()
+                            phases.setdefault((mode, c), []).append(phase)
+                            print(f"round {r + 1} {mode:<6} {c:>2} streams: {phase.tokens:>5} tokens"
+                                  f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}",
+                                  flush=True)
 
-        summaries = {key: summarize(ps) for key, ps in phases.items()}
-        report(summaries, args.concurrency, connect_ms)
+            summaries = {key: summarize(ps) for key, ps in phases.items()}
+            report(summaries, args.concurrency, connect_ms)
         if not args.no_jobs:
             scale = 4 if args.smoke else 1
             await jobs_section(lambda: InferQLClient(base_url, api_key=api_key), saturate=16 // scale,

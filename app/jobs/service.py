@@ -194,18 +194,24 @@ class JobService:
         job = self._new_job(spec, options, caller, datetime.now(UTC))
         await self.quotas.reserve_tokens(caller, [job.id], [len(prompt_ids) + spec.sampling.max_tokens])
         try:
-            await self._store.insert(job)
-        except BaseException as exc:
+            # Shielded: a caller that goes away (a dropped websocket) must not leave a stored
+            # job that the runner never heard of.
+            position = await asyncio.shield(self._persist(job, prompt_ids))
+        except IdempotentReplay as exc:
             await self.quotas.settle(job.id, 0)
-            if not isinstance(exc, IdempotentReplay):
-                raise
             if exc.job.spec != spec:
                 raise InvalidInput(
                     "this idempotencyKey was already used with a different input", field="idempotencyKey"
                 ) from None
             return with_position(exc.job, self.runner)
-        position = await self.runner.enqueue(job, prompt_ids)
+        except Exception:
+            await self.quotas.settle(job.id, 0)
+            raise
         return replace(job, queue_position=position)
+
+    async def _persist(self, job: Job, prompt_ids: list[int]) -> int:
+        await self._store.insert(job)
+        return await self.runner.enqueue(job, prompt_ids)
 
     async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None, caller: Caller) -> Batch:
         """All or nothing: one invalid input refuses the whole batch, naming its index."""
@@ -228,14 +234,18 @@ class JobService:
         await self.quotas.reserve_tokens(caller, [j.id for j in jobs],
                                          [len(p) + s.sampling.max_tokens for p, s in zip(prompts, specs)])
         try:
-            await self._store.insert_batch(batch_id, caller.owner, jobs, options.webhook_url, now)
-        except BaseException:
+            await asyncio.shield(self._persist_batch(batch_id, caller, jobs, prompts, options.webhook_url, now))
+        except Exception:
             for job in jobs:
                 await self.quotas.settle(job.id, 0)
             raise
+        return await self._store.batch(batch_id)
+
+    async def _persist_batch(self, batch_id: str, caller: Caller, jobs: list[Job], prompts: list[list[int]],
+                             webhook_url: str | None, now: datetime) -> None:
+        await self._store.insert_batch(batch_id, caller.owner, jobs, webhook_url, now)
         for job, prompt_ids in zip(jobs, prompts):
             await self.runner.enqueue(job, prompt_ids)
-        return await self._store.batch(batch_id)
 
     async def get(self, job_id: str, caller: Caller) -> Job | None:
         job = await self._store.get(job_id)

@@ -7,11 +7,8 @@ a finished job whose callback is lost.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -38,6 +35,7 @@ from .domain import (
 from .errors import InvalidInput
 from .tables import BatchRow, JobRow, UsageRow, WebhookAttemptRow, WebhookRow
 from .webhook_messages import batch_message, job_message
+from .writer import Writer
 
 TERMINAL = [s.value for s in JobStatus if s.terminal]
 
@@ -127,32 +125,32 @@ class IdempotentReplay(Exception):
 
 
 class JobStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, writer: Writer | None = None) -> None:
         self._engine = engine
-        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
-        # growing steps (its busy handler): concurrent commits turn into 100 ms tails. So this
-        # process queues its own writes. PostgreSQL handles concurrent writers itself.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self.writer = writer or Writer(engine)  # every write goes through it (group commit)
 
     def _session(self) -> AsyncSession:
         return AsyncSession(self._engine, expire_on_commit=False)
 
-    @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncSession]:
-        async with self._write_lock or contextlib.nullcontext(), self._session() as session:
-            yield session
-
     # ---- writes ---------------------------------------------------------------------------
+
+    async def _execute(self, statement) -> None:
+        async def op(session: AsyncSession) -> None:
+            await session.exec(statement)
+
+        await self.writer.write(op)
 
     async def insert(self, job: Job) -> None:
         """Raises IdempotentReplay when the caller already used this idempotency key."""
         scope = idempotency_scope(job.owner, job.idempotency_key)
         if scope and (existing := await self._by_scope(scope)):
             raise IdempotentReplay(existing)
+
+        async def op(session: AsyncSession) -> None:
+            session.add(_new_row(job))
+
         try:
-            async with self._writing() as session:
-                session.add(_new_row(job))
-                await session.commit()
+            await self.writer.write(op)
         except IntegrityError:
             existing = await self._by_scope(scope) if scope else None
             if existing is None:
@@ -161,30 +159,27 @@ class JobStore:
 
     async def insert_batch(self, batch_id: str, owner: str | None, jobs: list[Job], webhook_url: str | None,
                            created_at: datetime) -> None:
-        async with self._writing() as session:
+        async def op(session: AsyncSession) -> None:
             session.add(BatchRow(id=batch_id, owner=owner, size=len(jobs), webhook_url=webhook_url,
                                  created_at=created_at))
             for index, job in enumerate(jobs):
                 row = _new_row(job)
                 row.batch_index = index
                 session.add(row)
-            await session.commit()
+
+        await self.writer.write(op)
 
     async def mark_running(self, job_id: str, started_at: datetime) -> None:
-        async with self._writing() as session:
-            await session.exec(
-                update(JobRow).where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.QUEUED.value)
-                .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
-            )
-            await session.commit()
+        await self._execute(
+            update(JobRow).where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.QUEUED.value)
+            .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
+        )
 
     async def requeue(self, job_id: str) -> None:
         """A job whose worker died goes back to QUEUED, keeping its attempt count."""
-        async with self._writing() as session:
-            await session.exec(
-                update(JobRow).where(col(JobRow.id) == job_id).values(status=JobStatus.QUEUED.value, started_at=None)
-            )
-            await session.commit()
+        await self._execute(
+            update(JobRow).where(col(JobRow.id) == job_id).values(status=JobStatus.QUEUED.value, started_at=None)
+        )
 
     async def finish(
         self,
@@ -196,7 +191,8 @@ class JobStore:
     ) -> Ended:
         """Ends a job (once: a job already terminal is left alone), queues its webhooks and
         records its usage, all in one transaction."""
-        async with self._writing() as session:
+
+        async def op(session: AsyncSession) -> Ended:
             row = await session.get(JobRow, job_id)
             if row is None or JobStatus(row.status).terminal:
                 return Ended(False, False)
@@ -220,8 +216,9 @@ class JobStore:
             if row.batch_id:
                 await session.flush()
                 queued |= await self._maybe_finish_batch(session, row.batch_id, finished_at)
-            await session.commit()
             return Ended(True, queued)
+
+        return await self.writer.write(op)
 
     async def _maybe_finish_batch(self, session: AsyncSession, batch_id: str, now: datetime) -> bool:
         batch = await session.get(BatchRow, batch_id)
@@ -237,23 +234,18 @@ class JobStore:
         return False
 
     async def mark_batch_cancelled(self, batch_id: str) -> None:
-        async with self._writing() as session:
-            await session.exec(update(BatchRow).where(col(BatchRow.id) == batch_id).values(cancelled=True))
-            await session.commit()
+        await self._execute(update(BatchRow).where(col(BatchRow.id) == batch_id).values(cancelled=True))
 
     async def submit_review(self, job_id: str, verdict: ReviewVerdict, reviewer: str | None,
                             corrected_text: str | None, at: datetime) -> None:
-        async with self._writing() as session:
-            await session.exec(
-                update(JobRow).where(col(JobRow.id) == job_id)
-                .values(review_verdict=verdict.value, reviewed_by=reviewer, reviewed_at=at,
-                        corrected_text=corrected_text)
-            )
-            await session.commit()
+        await self._execute(
+            update(JobRow).where(col(JobRow.id) == job_id)
+            .values(review_verdict=verdict.value, reviewed_by=reviewer, reviewed_at=at, corrected_text=corrected_text)
+        )
 
     async def purge_finished_before(self, cutoff: datetime) -> int:
         """Deletes finished jobs (and their webhook records) older than cutoff; returns how many."""
-        async with self._writing() as session:
+        async def op(session: AsyncSession) -> int:
             old = select(JobRow.id).where(col(JobRow.status).in_(TERMINAL), col(JobRow.finished_at) < cutoff)
             hooks = select(WebhookRow.id).where(col(WebhookRow.subject_id).in_(old))
             await session.exec(delete(WebhookAttemptRow).where(col(WebhookAttemptRow.webhook_id).in_(hooks)))
@@ -263,8 +255,9 @@ class JobStore:
                 col(BatchRow.finished_at) < cutoff,
                 ~col(BatchRow.id).in_(select(JobRow.batch_id).where(col(JobRow.batch_id).is_not(None))),
             ))
-            await session.commit()
             return result.rowcount or 0
+
+        return await self.writer.write(op)
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -358,10 +351,11 @@ class JobStore:
 
     async def record_usage(self, owner: str | None, kind: str, model_version: str, usage: Usage,
                            at: datetime) -> None:
-        async with self._writing() as session:
+        async def op(session: AsyncSession) -> None:
             session.add(UsageRow(owner=owner, kind=kind, model_version=model_version, at=at,
                                  prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens))
-            await session.commit()
+
+        await self.writer.write(op)
 
     async def usage(self, start: datetime, end: datetime, *, owner: str | None, all_owners: bool) -> list[UsageSummary]:
         """Requests and tokens in [start, end), per owner and model version."""

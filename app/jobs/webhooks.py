@@ -22,6 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from standardwebhooks import Webhook
 
 from .tables import WebhookAttemptRow, WebhookRow
+from .writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,10 @@ class WebhookDispatcher:
         retry_delays: list[float],
         timeout: float = 10.0,
         max_parallel: int = 8,
+        writer: Writer | None = None,
     ) -> None:
         self._engine = engine
+        self._writer = writer or Writer(engine)
         self._signer = Webhook(secret)
         self._delays = retry_delays
         self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
@@ -123,15 +126,16 @@ class WebhookDispatcher:
     async def _claim(self, row: WebhookRow) -> bool:
         """Takes the message for this attempt. A pass that read the row before an earlier
         attempt was recorded (or another process sharing the database) loses the claim."""
-        async with self._session() as session:
+        async def op(session: AsyncSession) -> bool:
             claimed = await session.exec(
                 update(WebhookRow)
                 .where(col(WebhookRow.id) == row.id, col(WebhookRow.state) == "PENDING",
                        col(WebhookRow.attempts) == row.attempts)
                 .values(attempts=row.attempts + 1)
             )
-            await session.commit()
             return claimed.rowcount == 1
+
+        return await self._writer.write(op)
 
     async def _attempt(self, row: WebhookRow) -> None:
         if not await self._claim(row):
@@ -157,12 +161,13 @@ class WebhookDispatcher:
         if not delivered and attempt <= len(self._delays):
             next_at = at + timedelta(seconds=self._delays[attempt - 1])
         state = "DELIVERED" if delivered else ("PENDING" if next_at else "FAILED")
-        async with self._session() as session:
+        async def record(session: AsyncSession) -> None:
             session.add(WebhookAttemptRow(webhook_id=row.id, attempt=attempt, at=at, http_status=status,
                                           error=error, next_retry_at=next_at))
             db_row = await session.get(WebhookRow, row.id)
             db_row.state, db_row.next_attempt_at = state, next_at
-            await session.commit()
+
+        await self._writer.write(record)
         if not delivered:
             log.warning("webhook %s to %s attempt %d failed (%s); %s", row.id, row.url, attempt, error,
                         f"retry at {next_at.isoformat()}" if next_at else "giving up")
