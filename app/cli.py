@@ -88,15 +88,15 @@ def schema(out: Annotated[Path | None, typer.Option(help="Write to this file ins
 
 
 async def _with_db(fn):
-    from app.jobs.db import make_engine
+    from app.jobs.db import Database
     from app.jobs.migrate import upgrade
 
-    engine = make_engine(Settings().database_url)
+    db = Database(Settings().database_url)
     try:
-        await upgrade(engine)
-        return await fn(engine)
+        await upgrade(db.engine)
+        return await fn(db)
     finally:
-        await engine.dispose()
+        await db.dispose()
 
 
 @db_app.command("upgrade")
@@ -106,7 +106,7 @@ def db_upgrade() -> None:
 
     from app.jobs.migrate import current
 
-    revision = asyncio.run(_with_db(current))
+    revision = asyncio.run(_with_db(lambda db: current(db.engine)))
     typer.echo(f"database at revision {revision}")
 
 
@@ -122,17 +122,17 @@ def jobs_purge(
 
     keep = timedelta(days=days if days is not None else Settings().retention_days)
 
-    async def purge(engine):
-        return await JobStore(engine).purge_finished_before(datetime.now(UTC) - keep)
+    async def purge(db):
+        return await JobStore(db).purge_finished_before(datetime.now(UTC) - keep)
 
     typer.echo(f"purged {asyncio.run(_with_db(purge))} finished jobs older than {keep}")
 
 
-def _keys(engine):
+def _keys(db):
     from app.jobs.keys import Defaults, KeyStore
 
     s = Settings()
-    return KeyStore(engine, Defaults(s.default_rpm, s.default_tpm, s.default_concurrency))
+    return KeyStore(db, Defaults(s.default_rpm, s.default_tpm, s.default_concurrency))
 
 
 @keys_app.command("create")
@@ -148,8 +148,8 @@ def keys_create(
 
     from app.jobs.keys import KeyNameTaken
 
-    async def create(engine):
-        return await _keys(engine).create(name, admin=admin, rpm=rpm, tpm=tpm, concurrency=concurrency)
+    async def create(db):
+        return await _keys(db).create(name, admin=admin, rpm=rpm, tpm=tpm, concurrency=concurrency)
 
     try:
         key = asyncio.run(_with_db(create))
@@ -165,8 +165,8 @@ def keys_list() -> None:
     """List keys (names, prefixes, limits); never the keys themselves."""
     import asyncio
 
-    async def listing(engine):
-        return await _keys(engine).list()
+    async def listing(db):
+        return await _keys(db).list()
 
     for k in asyncio.run(_with_db(listing)):
         state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
@@ -179,8 +179,8 @@ def keys_revoke(name: str) -> None:
     """Revoke a key by name; it stops working within INFERQL_KEY_CACHE_SECONDS (1 s)."""
     import asyncio
 
-    async def revoke(engine):
-        return await _keys(engine).revoke(name)
+    async def revoke(db):
+        return await _keys(db).revoke(name)
 
     if not asyncio.run(_with_db(revoke)):
         typer.echo(f"no active key named {name!r}", err=True)

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import col, func, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import Session, col, func, select
 
+from .db import Database
 from .domain import Caller
 from .tables import ApiKeyRow
 
@@ -51,16 +50,13 @@ class Defaults:
 
 
 class KeyStore:
-    def __init__(self, engine: AsyncEngine, defaults: Defaults, cache_seconds: float = 0.0) -> None:
-        self._engine = engine
+    def __init__(self, db: Database, defaults: Defaults, cache_seconds: float = 0.0) -> None:
+        self._db = db
         self.defaults = defaults
         # Every request authenticates; a short cache saves the database round trip at the
         # price of a revocation taking effect up to cache_seconds later.
         self._cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, Caller | None]] = {}
-
-    def _session(self) -> AsyncSession:
-        return AsyncSession(self._engine, expire_on_commit=False)
 
     async def create(self, name: str, *, admin: bool = False, rpm: int | None = None, tpm: int | None = None,
                      concurrency: int | None = None) -> str:
@@ -69,33 +65,31 @@ class KeyStore:
         row = ApiKeyRow(id=str(uuid.uuid4()), name=name, key_hash=hash_key(key), prefix=key[:10], admin=admin,
                         rpm=rpm, tpm=tpm, concurrency=concurrency, created_at=datetime.now(UTC))
         try:
-            async with self._session() as session:
-                session.add(row)
-                await session.commit()
+            await self._db.transaction(lambda session: session.add(row))
         except IntegrityError:
             raise KeyNameTaken(f"a key named {name!r} already exists") from None
         return key
 
     async def revoke(self, name: str) -> bool:
-        async with self._session() as session:
-            row = (await session.exec(select(ApiKeyRow).where(col(ApiKeyRow.name) == name))).first()
+        def revoke(session: Session) -> bool:
+            row = session.exec(select(ApiKeyRow).where(col(ApiKeyRow.name) == name)).first()
             if row is None or row.revoked_at is not None:
                 return False
             row.revoked_at = datetime.now(UTC)
-            await session.commit()
             return True
 
+        return await self._db.transaction(revoke)
+
     async def list(self) -> list[KeyInfo]:
-        async with self._session() as session:
-            rows = await session.exec(select(ApiKeyRow).order_by(col(ApiKeyRow.created_at)))
-            return [KeyInfo(r.id, r.name, r.prefix, r.admin, r.rpm, r.tpm, r.concurrency, r.created_at,
-                            r.revoked_at) for r in rows]
+        query = select(ApiKeyRow).order_by(col(ApiKeyRow.created_at))
+        return await self._db.read(lambda session: [
+            KeyInfo(r.id, r.name, r.prefix, r.admin, r.rpm, r.tpm, r.concurrency, r.created_at, r.revoked_at)
+            for r in session.exec(query)
+        ])
 
     async def count_active(self) -> int:
-        async with self._session() as session:
-            return (await session.exec(
-                select(func.count()).select_from(ApiKeyRow).where(col(ApiKeyRow.revoked_at).is_(None))
-            )).one()
+        query = select(func.count()).select_from(ApiKeyRow).where(col(ApiKeyRow.revoked_at).is_(None))
+        return await self._db.read(lambda session: session.exec(query).one())
 
     async def authenticate(self, key: str) -> Caller | None:
         """The caller a key belongs to; None for an unknown or revoked key."""
@@ -114,8 +108,8 @@ class KeyStore:
         return caller
 
     async def _lookup(self, key: str) -> Caller | None:
-        async with self._session() as session:
-            row = (await session.exec(select(ApiKeyRow).where(col(ApiKeyRow.key_hash) == hash_key(key)))).first()
+        query = select(ApiKeyRow).where(col(ApiKeyRow.key_hash) == hash_key(key))
+        row = await self._db.read(lambda session: session.exec(query).first())
         # compare_digest: the lookup already matched, this only keeps timing flat for near-misses
         if row is None or row.revoked_at is not None or not secrets.compare_digest(row.key_hash, hash_key(key)):
             return None

@@ -14,9 +14,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import and_, delete, func, or_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import Session, col, select
 
 from .domain import (
     Batch,
@@ -32,6 +30,7 @@ from .domain import (
     Usage,
     WebhookAttempt,
 )
+from .db import Database
 from .errors import InvalidInput
 from .tables import BatchRow, JobRow, UsageRow, WebhookAttemptRow, WebhookRow
 from .webhook_messages import batch_message, job_message
@@ -125,32 +124,22 @@ class IdempotentReplay(Exception):
 
 
 class JobStore:
-    def __init__(self, engine: AsyncEngine, writer: Writer | None = None) -> None:
-        self._engine = engine
-        self.writer = writer or Writer(engine)  # every write goes through it (group commit)
-
-    def _session(self) -> AsyncSession:
-        return AsyncSession(self._engine, expire_on_commit=False)
+    def __init__(self, db: Database, writer: Writer | None = None) -> None:
+        self._db = db
+        self.writer = writer or Writer(db)  # every write goes through it (group commit)
 
     # ---- writes ---------------------------------------------------------------------------
 
     async def _execute(self, statement) -> None:
-        async def op(session: AsyncSession) -> None:
-            await session.exec(statement)
-
-        await self.writer.write(op)
+        await self.writer.write(lambda session: session.exec(statement))
 
     async def insert(self, job: Job) -> None:
         """Raises IdempotentReplay when the caller already used this idempotency key."""
         scope = idempotency_scope(job.owner, job.idempotency_key)
         if scope and (existing := await self._by_scope(scope)):
             raise IdempotentReplay(existing)
-
-        async def op(session: AsyncSession) -> None:
-            session.add(_new_row(job))
-
         try:
-            await self.writer.write(op)
+            await self.writer.write(lambda session: session.add(_new_row(job)))
         except IntegrityError:
             existing = await self._by_scope(scope) if scope else None
             if existing is None:
@@ -159,7 +148,7 @@ class JobStore:
 
     async def insert_batch(self, batch_id: str, owner: str | None, jobs: list[Job], webhook_url: str | None,
                            created_at: datetime) -> None:
-        async def op(session: AsyncSession) -> None:
+        def op(session: Session) -> None:
             session.add(BatchRow(id=batch_id, owner=owner, size=len(jobs), webhook_url=webhook_url,
                                  created_at=created_at))
             for index, job in enumerate(jobs):
@@ -192,8 +181,8 @@ class JobStore:
         """Ends a job (once: a job already terminal is left alone), queues its webhooks and
         records its usage, all in one transaction."""
 
-        async def op(session: AsyncSession) -> Ended:
-            row = await session.get(JobRow, job_id)
+        def op(session: Session) -> Ended:
+            row = session.get(JobRow, job_id)
             if row is None or JobStatus(row.status).terminal:
                 return Ended(False, False)
             row.status = status.value
@@ -214,17 +203,17 @@ class JobStore:
                 session.add(job_message(_to_job(row), row.webhook_url, finished_at))
                 queued = True
             if row.batch_id:
-                await session.flush()
-                queued |= await self._maybe_finish_batch(session, row.batch_id, finished_at)
+                session.flush()
+                queued |= self._maybe_finish_batch(session, row.batch_id, finished_at)
             return Ended(True, queued)
 
         return await self.writer.write(op)
 
-    async def _maybe_finish_batch(self, session: AsyncSession, batch_id: str, now: datetime) -> bool:
-        batch = await session.get(BatchRow, batch_id)
+    def _maybe_finish_batch(self, session: Session, batch_id: str, now: datetime) -> bool:
+        batch = session.get(BatchRow, batch_id)
         if batch is None or batch.finished_at is not None:
             return False
-        counts, usage = await self._batch_counts(session, batch_id)
+        counts, usage = self._batch_counts(session, batch_id)
         if not counts.done:
             return False
         batch.finished_at = now
@@ -245,13 +234,14 @@ class JobStore:
 
     async def purge_finished_before(self, cutoff: datetime) -> int:
         """Deletes finished jobs (and their webhook records) older than cutoff; returns how many."""
-        async def op(session: AsyncSession) -> int:
+
+        def op(session: Session) -> int:
             old = select(JobRow.id).where(col(JobRow.status).in_(TERMINAL), col(JobRow.finished_at) < cutoff)
             hooks = select(WebhookRow.id).where(col(WebhookRow.subject_id).in_(old))
-            await session.exec(delete(WebhookAttemptRow).where(col(WebhookAttemptRow.webhook_id).in_(hooks)))
-            await session.exec(delete(WebhookRow).where(col(WebhookRow.subject_id).in_(old)))
-            result = await session.exec(delete(JobRow).where(col(JobRow.id).in_(old)))
-            await session.exec(delete(BatchRow).where(
+            session.exec(delete(WebhookAttemptRow).where(col(WebhookAttemptRow.webhook_id).in_(hooks)))
+            session.exec(delete(WebhookRow).where(col(WebhookRow.subject_id).in_(old)))
+            result = session.exec(delete(JobRow).where(col(JobRow.id).in_(old)))
+            session.exec(delete(BatchRow).where(
                 col(BatchRow.finished_at) < cutoff,
                 ~col(BatchRow.id).in_(select(JobRow.batch_id).where(col(JobRow.batch_id).is_not(None))),
             ))
@@ -259,25 +249,32 @@ class JobStore:
 
         return await self.writer.write(op)
 
+    async def record_usage(self, owner: str | None, kind: str, model_version: str, usage: Usage,
+                           at: datetime) -> None:
+        await self.writer.write(lambda session: session.add(UsageRow(
+            owner=owner, kind=kind, model_version=model_version, at=at,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)))
+
     # ---- reads ----------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job | None:
-        async with self._session() as session:
-            row = await session.get(JobRow, job_id)
+        def query(session: Session) -> Job | None:
+            row = session.get(JobRow, job_id)
             return _to_job(row) if row else None
+
+        return await self._db.read(query)
 
     async def _by_scope(self, scope: str) -> Job | None:
-        async with self._session() as session:
-            row = (await session.exec(select(JobRow).where(col(JobRow.idempotency_scope) == scope))).first()
+        def query(session: Session) -> Job | None:
+            row = session.exec(select(JobRow).where(col(JobRow.idempotency_scope) == scope)).first()
             return _to_job(row) if row else None
 
+        return await self._db.read(query)
+
     async def by_status(self, *statuses: JobStatus) -> list[Job]:
-        async with self._session() as session:
-            rows = await session.exec(
-                select(JobRow).where(col(JobRow.status).in_([s.value for s in statuses]))
-                .order_by(col(JobRow.created_at))
-            )
-            return [_to_job(r) for r in rows]
+        query = (select(JobRow).where(col(JobRow.status).in_([s.value for s in statuses]))
+                 .order_by(col(JobRow.created_at)))
+        return await self._db.read(lambda session: [_to_job(r) for r in session.exec(query)], offload=True)
 
     async def list_jobs(
         self,
@@ -305,23 +302,25 @@ class JobStore:
             query = query.where(or_(col(JobRow.created_at) < at,
                                     and_(col(JobRow.created_at) == at, col(JobRow.id) < last_id)))
         query = query.order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(first + 1)
-        async with self._session() as session:
-            rows = list(await session.exec(query))
+        rows = await self._db.read(lambda session: list(session.exec(query)))
         has_next = len(rows) > first
         rows = rows[:first]
         end = encode_cursor(utc(rows[-1].created_at), rows[-1].id) if rows else None
         return Page(items=[_to_job(r) for r in rows], end_cursor=end, has_next_page=has_next)
 
     async def batch(self, batch_id: str) -> Batch | None:
-        async with self._session() as session:
-            row = await session.get(BatchRow, batch_id)
+        def query(session: Session) -> Batch | None:
+            row = session.get(BatchRow, batch_id)
             if row is None:
                 return None
-            counts, usage = await self._batch_counts(session, batch_id)
+            counts, usage = self._batch_counts(session, batch_id)
             return self._to_batch(row, counts, usage)
 
-    async def _batch_counts(self, session: AsyncSession, batch_id: str) -> tuple[BatchCounts, Usage]:
-        rows = await session.exec(
+        return await self._db.read(query)
+
+    @staticmethod
+    def _batch_counts(session: Session, batch_id: str) -> tuple[BatchCounts, Usage]:
+        rows = session.exec(
             select(JobRow.status, func.count(), func.sum(JobRow.prompt_tokens), func.sum(JobRow.completion_tokens))
             .where(col(JobRow.batch_id) == batch_id).group_by(JobRow.status)
         )
@@ -340,22 +339,16 @@ class JobStore:
                      webhook_url=row.webhook_url)
 
     async def webhook_attempts(self, subject_id: str) -> list[WebhookAttempt]:
-        async with self._session() as session:
-            rows = await session.exec(
-                select(WebhookAttemptRow)
-                .join(WebhookRow, col(WebhookRow.id) == col(WebhookAttemptRow.webhook_id))
-                .where(col(WebhookRow.subject_id) == subject_id)
-                .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
-            )
-            return [WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at)) for r in rows]
-
-    async def record_usage(self, owner: str | None, kind: str, model_version: str, usage: Usage,
-                           at: datetime) -> None:
-        async def op(session: AsyncSession) -> None:
-            session.add(UsageRow(owner=owner, kind=kind, model_version=model_version, at=at,
-                                 prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens))
-
-        await self.writer.write(op)
+        query = (
+            select(WebhookAttemptRow)
+            .join(WebhookRow, col(WebhookRow.id) == col(WebhookAttemptRow.webhook_id))
+            .where(col(WebhookRow.subject_id) == subject_id)
+            .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
+        )
+        return await self._db.read(lambda session: [
+            WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at))
+            for r in session.exec(query)
+        ])
 
     async def usage(self, start: datetime, end: datetime, *, owner: str | None, all_owners: bool) -> list[UsageSummary]:
         """Requests and tokens in [start, end), per owner and model version."""
@@ -368,6 +361,7 @@ class JobStore:
         )
         if not all_owners:
             query = query.where(col(UsageRow.owner) == owner)
-        async with self._session() as session:
-            rows = await session.exec(query)
-            return [UsageSummary(o, v, n, int(p or 0), int(c or 0)) for o, v, n, p, c in rows]
+        return await self._db.read(  # an aggregate over a time range can be long: off the loop
+            lambda session: [UsageSummary(o, v, n, int(p or 0), int(c or 0)) for o, v, n, p, c in session.exec(query)],
+            offload=True,
+        )

@@ -15,12 +15,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy import update
-from sqlmodel import col, select
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import Session, col, select
 from standardwebhooks import Webhook
 
+from .db import Database
 from .tables import WebhookAttemptRow, WebhookRow
 from .writer import Writer
 
@@ -48,15 +47,15 @@ def _utc(dt: datetime | None) -> datetime | None:
 class WebhookDispatcher:
     def __init__(
         self,
-        engine: AsyncEngine,
+        db: Database,
         secret: str,
         retry_delays: list[float],
         timeout: float = 10.0,
         max_parallel: int = 8,
         writer: Writer | None = None,
     ) -> None:
-        self._engine = engine
-        self._writer = writer or Writer(engine)
+        self._db = db
+        self._writer = writer or Writer(db)
         self._signer = Webhook(secret)
         self._delays = retry_delays
         self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
@@ -79,9 +78,6 @@ class WebhookDispatcher:
     def wake(self) -> None:
         self._wake.set()
 
-    def _session(self) -> AsyncSession:
-        return AsyncSession(self._engine, expire_on_commit=False)
-
     async def _loop(self) -> None:
         while True:
             try:
@@ -98,10 +94,8 @@ class WebhookDispatcher:
     async def _dispatch_due(self) -> float:
         """Starts every due delivery; returns seconds until the next one is due (max 60)."""
         now = datetime.now(UTC)
-        async with self._session() as session:
-            rows = list(await session.exec(
-                select(WebhookRow).where(col(WebhookRow.state) == "PENDING").order_by(col(WebhookRow.next_attempt_at))
-            ))
+        pending = select(WebhookRow).where(col(WebhookRow.state) == "PENDING").order_by(col(WebhookRow.next_attempt_at))
+        rows = await self._db.read(lambda session: list(session.exec(pending)), offload=True)
         wait = 60.0
         for row in rows:
             due = _utc(row.next_attempt_at) or now
@@ -126,8 +120,8 @@ class WebhookDispatcher:
     async def _claim(self, row: WebhookRow) -> bool:
         """Takes the message for this attempt. A pass that read the row before an earlier
         attempt was recorded (or another process sharing the database) loses the claim."""
-        async def op(session: AsyncSession) -> bool:
-            claimed = await session.exec(
+        def op(session: Session) -> bool:
+            claimed = session.exec(
                 update(WebhookRow)
                 .where(col(WebhookRow.id) == row.id, col(WebhookRow.state) == "PENDING",
                        col(WebhookRow.attempts) == row.attempts)
@@ -161,10 +155,10 @@ class WebhookDispatcher:
         if not delivered and attempt <= len(self._delays):
             next_at = at + timedelta(seconds=self._delays[attempt - 1])
         state = "DELIVERED" if delivered else ("PENDING" if next_at else "FAILED")
-        async def record(session: AsyncSession) -> None:
+        def record(session: Session) -> None:
             session.add(WebhookAttemptRow(webhook_id=row.id, attempt=attempt, at=at, http_status=status,
                                           error=error, next_retry_at=next_at))
-            db_row = await session.get(WebhookRow, row.id)
+            db_row = session.get(WebhookRow, row.id)
             db_row.state, db_row.next_attempt_at = state, next_at
 
         await self._writer.write(record)

@@ -1,39 +1,40 @@
 """Group commit: every database write of this process goes through one Writer.
 
 SQLite takes one writer at a time, and a writer that finds the lock taken sleeps in
-growing steps (its busy handler), so concurrent commits turn into 100 ms tails; each
-commit through aiosqlite also costs a few thread hops. So writes queue here, and all the
-writes that arrived while one transaction was being committed go together into the next
-one: ten concurrent submissions share one commit instead of waiting for ten in a row.
-PostgreSQL needs no queue, but fewer round trips and commits help it as well.
+growing steps (its busy handler), so concurrent commits turn into 100 ms tails. So writes
+queue here, and all the writes that arrived while one transaction was being committed go
+together into the next one: ten concurrent submissions share one commit (and one hop to
+the writer thread) instead of waiting for ten in a row. PostgreSQL needs no queue, but
+fewer round trips and commits help it as well.
 
-A write is an `op(session)` coroutine that adds or updates rows and does not commit. If
-a grouped transaction fails, each of its ops runs again alone, so a bad one (a duplicate
-idempotency key, say) fails only its own caller. Ops must therefore only touch the
-database: running one twice after a rollback must be harmless.
+A write is a plain function `op(session)` that adds or updates rows and does not commit;
+it may run on another thread. If a grouped transaction fails, each of its ops runs again
+alone, so a bad one (a duplicate idempotency key, say) fails only its own caller. Ops must
+therefore only touch the database: running one twice after a rollback must be harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlmodel import Session
+
+from .db import Database
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Op = Callable[[AsyncSession], Awaitable[T]]
+Op = Callable[[Session], T]
 
 MAX_GROUP = 200  # ops per transaction: bounds how long one commit holds the write lock
 
 
 class Writer:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+    def __init__(self, db: Database) -> None:
+        self._db = db
         self._pending: list[tuple[Op[Any], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
 
@@ -74,10 +75,7 @@ class Writer:
             raise
 
     async def _commit(self, ops: list[Op[Any]]) -> list[Any]:
-        async with AsyncSession(self._engine, expire_on_commit=False) as session:
-            results = [await op(session) for op in ops]
-            await session.commit()
-            return results
+        return await self._db.transaction(lambda session: [op(session) for op in ops])
 
 
 def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from app.inference.confidence import Confidence
 from app.inference.types import FinishReason, ModelInfo, SamplingParams
-from app.jobs.db import make_engine
+from app.jobs.db import Database
 from app.jobs.domain import (
     GenerationResult,
     GenerationSpec,
@@ -51,10 +51,10 @@ async def store(request, tmp_path_factory):
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
             await admin.close()
 
-    engine = make_engine(url)
-    await upgrade(engine)
-    yield JobStore(engine)
-    await engine.dispose()
+    db = Database(url)
+    await upgrade(db.engine)
+    yield JobStore(db)
+    await db.dispose()
     if cleanup:
         await cleanup()
 
@@ -79,9 +79,9 @@ def result(text: str = "ok", needs_review: bool = False) -> GenerationResult:
 
 
 async def test_migrations_are_at_head_and_idempotent(store):
-    assert await current(store._engine) == head()
-    await upgrade(store._engine)  # a second run is a no-op
-    assert await current(store._engine) == head()
+    assert await current(store._db.engine) == head()
+    await upgrade(store._db.engine)  # a second run is a no-op
+    assert await current(store._db.engine) == head()
 
 
 async def test_round_trip_keeps_everything(store):
@@ -107,10 +107,10 @@ async def test_finish_happens_once_and_queues_one_webhook(store):
     late = await store.finish(job.id, JobStatus.CANCELLED, datetime.now(UTC), result=result("other"))
     assert not late.changed and not late.webhooks_queued
     assert (await store.get(job.id)).status is JobStatus.SUCCEEDED
-    async with store._session() as session:
-        from sqlmodel import select
+    from sqlmodel import select
 
-        rows = list(await session.exec(select(WebhookRow).where(WebhookRow.subject_id == job.id)))
+    hooks = select(WebhookRow).where(WebhookRow.subject_id == job.id)
+    rows = await store._db.read(lambda session: list(session.exec(hooks)))
     assert len(rows) == 1 and rows[0].state == "PENDING" and rows[0].event_type == "job.succeeded"
     assert json.loads(rows[0].payload_json)["data"]["job"]["result"]["text"] == "ok"
 
