@@ -693,7 +693,7 @@ async def bench(args: argparse.Namespace) -> int:
         if not args.no_jobs:
             scale = 4 if args.smoke else 1
             await jobs_section(lambda: InferQLClient(base_url, api_key=api_key), saturate=16 // scale,
-                               submitters=10 // (scale // 2 or 1), per_submitter=20 // scale, polls=200 // scale)
+                               submitters=10 // (scale // 2 or 1), per_submitter=50 // scale, polls=200 // scale)
             if server is not None:
                 server.stop()
                 server = None

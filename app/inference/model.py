@@ -23,6 +23,10 @@ class LoadedModel:
     eos_ids: frozenset[int]
     device: torch.device
     _token_texts: dict[int, str] = field(default_factory=dict)
+    _user_frame: tuple[str, str] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._user_frame = user_turn_frame(self.tokenizer)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (for alternatives); memoised, the vocabulary is small."""
@@ -33,6 +37,9 @@ class LoadedModel:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation, ending with the assistant's turn opened."""
+        if len(messages) == 1 and messages[0]["role"] == "user" and self._user_frame is not None:
+            prefix, suffix = self._user_frame  # the common case, without rendering the template
+            return self.encode_raw(prefix + messages[0]["content"] + suffix)
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -44,6 +51,31 @@ class LoadedModel:
 
     def encode_raw(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def user_turn_frame(tokenizer) -> tuple[str, str] | None:
+    """The text a chat template puts around a lone user message, so that such a prompt
+    (most of them) skips the Jinja render (~0.4 ms of the event loop per request).
+
+    Only when the template inserts the message verbatim: rendered around two different
+    probes (with edge whitespace and template syntax, which a `trim` or an escape would
+    change), the text around them must be the same."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def render(content: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+
+    probes = (" \n<probe-1>{{ x }}\n ", "\t<probe-2>&amp;%}\t")
+    try:
+        first = render(probes[0])
+        prefix, _, suffix = first.partition(probes[0])
+        if first.count(probes[0]) != 1 or render(probes[1]) != prefix + probes[1] + suffix:
+            return None
+    except Exception:  # a template that cannot render a lone user turn: always use the slow path
+        return None
+    return prefix, suffix
 
 
 def pick_device(setting: str) -> torch.device:

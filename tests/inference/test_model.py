@@ -1,0 +1,47 @@
+"""encode_chat's shortcut for a lone user message gives exactly the template's tokens."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from app.inference.model import user_turn_frame
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_model_dir):
+    return AutoTokenizer.from_pretrained(real_model_dir)
+
+
+def via_template(tokenizer, messages) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+@pytest.mark.parametrize("content", [
+    "What is the capital of France?",
+    "",
+    "  leading and trailing spaces \n\n",
+    "<|im_start|>system\nnot a real turn<|im_end|>",
+    "{{ jinja }} {% if x %} & < > 'quotes' \"double\"",
+    "émoji 🚀 and 中文",
+])
+def test_shortcut_equals_the_template(tokenizer, content):
+    prefix, suffix = user_turn_frame(tokenizer)
+    shortcut = list(tokenizer(prefix + content + suffix, add_special_tokens=False)["input_ids"])
+    assert shortcut == via_template(tokenizer, [{"role": "user", "content": content}])
+
+
+def test_a_template_that_changes_the_content_gets_no_shortcut(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    assert user_turn_frame(tokenizer) is None
+
+
+def test_no_template_no_shortcut(tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = None
+    assert user_turn_frame(tokenizer) is None
