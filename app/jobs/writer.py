@@ -37,6 +37,8 @@ class Writer:
         self._db = db
         self._pending: list[tuple[Op[Any], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self.transactions = 0  # committed or not; with `writes`, shows how well writes group
+        self.writes = 0
 
     async def write(self, op: Op[T]) -> T:
         """Runs op in a transaction (shared with others queued meanwhile) and commits it.
@@ -44,6 +46,7 @@ class Writer:
         If the caller is cancelled, its write still happens: it may already be committed."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
+        self.writes += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="db-writer")
         return await future
@@ -75,6 +78,7 @@ class Writer:
             raise
 
     async def _commit(self, ops: list[Op[Any]]) -> list[Any]:
+        self.transactions += 1
         return await self._db.transaction(lambda session: [op(session) for op in ops])
 
 
