@@ -41,15 +41,17 @@ class LoadedModel:
             prefix, suffix = self._user_frame  # the common case, without rendering the template
             return self.encode_raw(prefix + messages[0]["content"] + suffix)
         if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            return list(ids)
-        # A model without a chat template: plain "role: content" lines.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # a model without a chat template: plain "role: content" lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.encode_raw(text)
 
     def encode_raw(self, text: str) -> list[int]:
+        # The Rust tokenizer directly: the transformers wrapper around it releases the GIL,
+        # and taking it back from a busy engine thread cost ~0.7 ms per call (vs 0.06 ms).
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode(text, add_special_tokens=False).ids
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

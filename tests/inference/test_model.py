@@ -28,7 +28,8 @@ def via_template(tokenizer, messages) -> list[int]:
 ])
 def test_shortcut_equals_the_template(tokenizer, content):
     prefix, suffix = user_turn_frame(tokenizer)
-    shortcut = list(tokenizer(prefix + content + suffix, add_special_tokens=False)["input_ids"])
+    # encode_raw's way: the Rust tokenizer directly, not the transformers wrapper
+    shortcut = tokenizer.backend_tokenizer.encode(prefix + content + suffix, add_special_tokens=False).ids
     assert shortcut == via_template(tokenizer, [{"role": "user", "content": content}])
 
 
@@ -45,3 +46,17 @@ def test_no_template_no_shortcut(tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = None
     assert user_turn_frame(tokenizer) is None
+
+
+def test_encode_chat_equals_the_template_for_whole_conversations(real_model_dir):
+    from app.inference.model import load_model
+
+    lm = load_model(real_model_dir, device="cpu")
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": " and again \n"}],
+    ]
+    for messages in conversations:
+        assert lm.encode_chat(messages) == via_template(lm.tokenizer, messages)
