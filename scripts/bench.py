@@ -444,11 +444,16 @@ async def timed(coro) -> float:
 
 
 async def jobs_section(base_url: str, api_key: str | None, saturate: int, submitters: int, per_submitter: int,
-                       polls: int) -> None:
+                       polls: int, client_kind: str = "lean") -> None:
     """Submission latency while the engine is saturated, jobs accepted per second, poll latency."""
+    from app.client import InferQLClient
+
+    def client_for():
+        return LeanClient(base_url, api_key) if client_kind == "lean" else InferQLClient(base_url, api_key=api_key)
+
     long_input = {"prompt": "Write a long story about the sea.", "maxTokens": 400}
     cpu0, requests = time.process_time(), saturate + per_submitter * (1 + submitters) + submitters + polls + 2
-    async with LeanClient(base_url, api_key) as client:
+    async with client_for() as client:
         for _ in range(saturate):
             await client.execute(SUBMIT, {"input": long_input})
         await asyncio.sleep(1.0)  # let the long jobs start: the engine is now busy decoding
@@ -463,7 +468,7 @@ async def jobs_section(base_url: str, api_key: str | None, saturate: int, submit
 
         async with contextlib.AsyncExitStack() as stack:
             # Every submitter connects (and sends one request) before the clock starts.
-            own = [await stack.enter_async_context(LeanClient(base_url, api_key)) for _ in range(submitters)]
+            own = [await stack.enter_async_context(client_for()) for _ in range(submitters)]
             await asyncio.gather(*(c.execute("{ models { id } }") for c in own))
             t0 = time.perf_counter()
             await asyncio.gather(*(submitter(c) for c in own))
@@ -479,8 +484,8 @@ async def jobs_section(base_url: str, api_key: str | None, saturate: int, submit
           f"  ({len(latencies) / wall:.0f} jobs accepted/s)   {verdict(percentile(latencies, 0.99) < 100)} p99 < 100 ms")
     print(f"  job(id) poll p50 {percentile(poll_ms, 0.5):.1f} ms  p95 {percentile(poll_ms, 0.95):.1f} ms"
           f"   {verdict(percentile(poll_ms, 0.5) < 10)} p50 < 10 ms")
-    print(f"  (load generator: LeanClient, {(time.process_time() - cpu0) * 1000 / requests:.2f} ms of this"
-          f" process's CPU per request)")
+    print(f"  (load generator: {'LeanClient' if client_kind == 'lean' else 'InferQLClient (httpx)'},"
+          f" {(time.process_time() - cpu0) * 1000 / requests:.2f} ms of this process's CPU per request)")
 
 
 async def auth_overhead(workdir: Path, model_path: Path | None, threads: int, polls: int, rounds: int) -> None:
@@ -606,6 +611,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skip the job section (submission/poll latency, auth overhead)")
     ap.add_argument("--jobs-only", action="store_true",
                     help="only the job section (no streaming phases, no direct engine): about a minute")
+    ap.add_argument("--jobs-client", choices=("lean", "httpx"), default="lean",
+                    help="the job section's load generator: a lean keep-alive HTTP/1.1 client (default), or the"
+                    "\nbundled httpx client, whose own CPU per request competes with the server on a small machine")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds: 1 round, concurrency 1,2, max-tokens 8, 4 generations per phase,"
                     " 1 torch thread")
@@ -732,7 +740,7 @@ async def bench(args: argparse.Namespace) -> int:
             report(summaries, args.concurrency, connect_ms)
         if not args.no_jobs:
             scale = 4 if args.smoke else 1
-            await jobs_section(base_url, api_key, saturate=16 // scale,
+            await jobs_section(base_url, api_key, client_kind=args.jobs_client, saturate=16 // scale,
                                submitters=10 // (scale // 2 or 1), per_submitter=50 // scale, polls=200 // scale)
             if server is not None:
                 server.stop()
