@@ -120,6 +120,7 @@ class WebhookDispatcher:
     async def _claim(self, row: WebhookRow) -> bool:
         """Takes the message for this attempt. A pass that read the row before an earlier
         attempt was recorded (or another process sharing the database) loses the claim."""
+
         def op(session: Session) -> bool:
             claimed = session.exec(
                 update(WebhookRow)
@@ -155,6 +156,7 @@ class WebhookDispatcher:
         if not delivered and attempt <= len(self._delays):
             next_at = at + timedelta(seconds=self._delays[attempt - 1])
         state = "DELIVERED" if delivered else ("PENDING" if next_at else "FAILED")
+
         def record(session: Session) -> None:
             session.add(WebhookAttemptRow(webhook_id=row.id, attempt=attempt, at=at, http_status=status,
                                           error=error, next_retry_at=next_at))
