@@ -37,8 +37,7 @@ class Writer:
         self._db = db
         self._pending: list[tuple[Op[Any], asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
-        self.transactions = 0  # committed or not; with `writes`, shows how well writes group
-        self.writes = 0
+        self.transactions = 0  # committed or not: fewer than writes when writes group
 
     async def write(self, op: Op[T]) -> T:
         """Runs op in a transaction (shared with others queued meanwhile) and commits it.
@@ -46,7 +45,6 @@ class Writer:
         If the caller is cancelled, its write still happens: it may already be committed."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
-        self.writes += 1
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="db-writer")
         return await future
