@@ -106,6 +106,9 @@ class ApiKeyRow(SQLModel, table=True):
     rpm: int | None = None           # requests per minute; None = the server default
     tpm: int | None = None           # tokens per minute (prompt + completion)
     concurrency: int | None = None   # generations queued or running at once
+    max_priority: int | None = None  # highest job priority this key may ask for; None = the server default
+    # "whsec_...": signs this key's webhooks, so one tenant cannot forge another's. None until first needed.
+    webhook_secret: str | None = Field(default=None, max_length=100)
     created_at: datetime = Field(sa_column=_ts(nullable=False))
     revoked_at: datetime | None = Field(default=None, sa_column=_ts())
 
