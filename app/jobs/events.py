@@ -108,6 +108,8 @@ class EventLog:
                 yield event
                 if isinstance(event, TERMINAL):
                     return
+            if self.closed:  # `after` was at or past the end: nothing more will come
+                return
             async with self._changed:
                 await self._changed.wait_for(lambda: len(self.events) > sent)
 

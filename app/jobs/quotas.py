@@ -103,6 +103,12 @@ class Quotas:
                 limit="requests", retryAfterMs=self._retry_after_ms(key),
             )
 
+    async def charge_request(self, owner: str | None) -> None:
+        """Counts one more request for owner, fitting or not: work the caller made the server
+        do and then threw away (a job cancelled while queued) is not free."""
+        if owner is not None:
+            self._window.add(f"req:{owner}")
+
     async def reserve_tokens(self, caller: Caller, job_ids: list[str], tokens_each: list[int]) -> None:
         """Reserves tokens for jobs about to be queued, all or none."""
         if caller.tpm is None or caller.owner is None:

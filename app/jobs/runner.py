@@ -56,7 +56,6 @@ class _Entry:
     sort_key: tuple[int, int, int]  # (-priority, fair-queueing tag, arrival)
     job: Job = field(compare=False)
     prompt_ids: list[int] = field(compare=False)
-    removed: bool = field(default=False, compare=False)
 
 
 class JobRunner:
@@ -82,7 +81,8 @@ class JobRunner:
         self._on_job_end = on_job_end
         self._virtual_time: dict[int, int] = {}             # priority -> tag last dispatched
         self._owner_tag: dict[tuple[int, str | None], int] = {}
-        self._active: Counter[str | None] = Counter()       # owner -> jobs queued or running
+        self._active: Counter[str | None] = Counter()       # owner -> jobs claimed, queued or running
+        self._claimed = 0  # queue places claimed by submissions not yet enqueued
         self._heap: list[_Entry] = []
         self._queued: dict[str, _Entry] = {}
         self._running: dict[str, RequestHandle] = {}
@@ -111,7 +111,8 @@ class JobRunner:
 
     @property
     def queued_count(self) -> int:
-        return len(self._queued)
+        """Jobs waiting, counting places claimed by submissions still being stored."""
+        return len(self._queued) + self._claimed
 
     def active_count(self, owner: str | None) -> int:
         return self._active[owner]
@@ -128,38 +129,60 @@ class JobRunner:
 
     # ---- commands -------------------------------------------------------------------------
 
-    async def enqueue(self, job: Job, prompt_ids: list[int]) -> int:
+    def claim(self, owner: str | None, n: int = 1) -> None:
+        """Takes n of the owner's slots and n queue places for jobs about to be stored.
+
+        Synchronous, so a check of the counts and the claim happen with no await between
+        them: concurrent submissions cannot all pass a limit that only one of them fits.
+        Each claim ends in `enqueue(..., claimed=True)` or in `release`.
+        """
+        self._active[owner] += n
+        self._claimed += n
+
+    def release(self, owner: str | None, n: int = 1) -> None:
+        """Gives back claimed places whose jobs will not be enqueued."""
+        self._active[owner] -= n
+        self._claimed -= n
+
+    async def enqueue(self, job: Job, prompt_ids: list[int], *, claimed: bool = False) -> int:
         owner_key = (job.priority, job.owner)
         tag = max(self._virtual_time.get(job.priority, 0), self._owner_tag.get(owner_key, 0)) + 1
         self._owner_tag[owner_key] = tag
         entry = _Entry((-job.priority, tag, next(self._order)), job, prompt_ids)
         heapq.heappush(self._heap, entry)
         self._queued[job.id] = entry
-        self._active[job.owner] += 1
+        if claimed:
+            self._claimed -= 1
+        else:
+            self._active[job.owner] += 1
         event_log = self._logs[job.id] = EventLog(job.id)
         position = self.queue_position(job.id) or 0
         await event_log.append(JobQueued(job.id, 1, job.created_at, position))
         self._wake.set()
         return position
 
-    async def cancel(self, job_id: str, wait: float = 5.0) -> bool:
-        """True when the job was active here. A queued job ends at once; a running one
-        stops within a decode step, and this waits (up to `wait` s) until its end is stored."""
+    async def cancel(self, job_id: str, wait: float = 5.0) -> JobStatus | None:
+        """The state the job was cancelled in (QUEUED or RUNNING); None when it was not
+        active here. A queued job ends at once; a running one stops within a decode step,
+        and this waits (up to `wait` s) until its end is stored."""
         entry = self._queued.pop(job_id, None)
         if entry is not None:
-            entry.removed = True
+            # Out of the heap now: a submit-and-cancel loop must not grow it while the
+            # engine is busy (the heap is at most max_queued long, so O(n) is fine).
+            self._heap.remove(entry)
+            heapq.heapify(self._heap)
             await self._end_unstarted(entry.job, JobStatus.CANCELLED, FinishReason.CANCELLED)
-            return True
+            return JobStatus.QUEUED
         handle = self._running.get(job_id)
         if handle is None:
-            return False
+            return None
         ended = self._ended[job_id]
         handle.cancel()
         try:
             await asyncio.wait_for(ended.wait(), wait)
         except TimeoutError:
             log.warning("job %s: cancel not settled within %.1fs", job_id, wait)
-        return True
+        return JobStatus.RUNNING
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -169,8 +192,6 @@ class JobRunner:
             self._wake.clear()
             while self._heap and self._engine.has_capacity():
                 entry = heapq.heappop(self._heap)
-                if entry.removed:
-                    continue
                 del self._queued[entry.job.id]
                 self._virtual_time[entry.job.priority] = entry.sort_key[1]
                 deadline = entry.job.deadline_at

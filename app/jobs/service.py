@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -85,6 +86,7 @@ class JobService:
         webhooks: WebhookDispatcher | None = None,
         keys: KeyStore | None = None,
         rate_window_seconds: int = 60,
+        max_queued_classifications: int = 16,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -95,6 +97,8 @@ class JobService:
         self._webhooks = webhooks
         self.keys = keys
         self.quotas = Quotas(rate_window_seconds)
+        self._max_classifying = max_queued_classifications
+        self._classifying: Counter[str | None] = Counter()  # owner -> classifications waiting or running
         self.runner = JobRunner(
             store, engine, lm.info, review_threshold=review_threshold, max_queued=max_queued,
             on_webhook_queued=webhooks.wake if webhooks else lambda: None,
@@ -131,8 +135,12 @@ class JobService:
     async def rate_state(self, caller: Caller) -> dict | None:
         state = await self.quotas.state(caller)
         if state is not None and caller.concurrency is not None:
-            state["concurrency"]["active"] = self.runner.active_count(caller.owner)
+            state["concurrency"]["active"] = self._active(caller.owner)
         return state
+
+    def _active(self, owner: str | None) -> int:
+        """The owner's generations queued or running, and classifications waiting or running."""
+        return self.runner.active_count(owner) + self._classifying[owner]
 
     @staticmethod
     def _visible(item_owner: str | None, caller: Caller) -> bool:
@@ -154,8 +162,14 @@ class JobService:
         validate_context(len(prompt_ids), spec.sampling.max_tokens, self.limits.context_length)
         return prompt_ids
 
-    def _check_room(self, caller: Caller, n: int) -> None:
-        if caller.concurrency is not None and self.runner.active_count(caller.owner) + n > caller.concurrency:
+    def _claim_room(self, caller: Caller, n: int) -> None:
+        """Checks the caller's concurrency and the queue's room, and claims n places.
+
+        Check and claim run with no await between them, so concurrent submissions cannot
+        all pass a limit only some of them fit. The caller must end the claim: by
+        enqueueing (claimed=True) or by `runner.release`.
+        """
+        if caller.concurrency is not None and self._active(caller.owner) + n > caller.concurrency:
             raise RateLimited(
                 f"rate limit: {caller.concurrency} generations queued or running at once for this key",
                 limit="concurrency", retryAfterMs=1000,
@@ -166,6 +180,12 @@ class JobService:
                 f"the queue is full ({self.runner.queued_count} of {self.runner.max_queued} jobs waiting); "
                 "retry shortly", retryAfterMs=1000,
             )
+        self.runner.claim(caller.owner, n)
+
+    def _check_priority(self, options: JobOptions, caller: Caller) -> None:
+        if caller.max_priority is not None and options.priority > caller.max_priority:
+            raise InvalidInput(f"`priority` above {caller.max_priority} is not allowed for this key",
+                               field="priority", maxPriority=caller.max_priority)
 
     def _new_job(self, spec: GenerationSpec, options: JobOptions, caller: Caller, now: datetime,
                  batch_id: str | None = None) -> Job:
@@ -189,29 +209,36 @@ class JobService:
         """
         options = options or JobOptions()
         validate_options(options)
+        self._check_priority(options, caller)
         prompt_ids = self._check(spec)
-        self._check_room(caller, 1)
         job = self._new_job(spec, options, caller, datetime.now(UTC))
-        await self.quotas.reserve_tokens(caller, [job.id], [len(prompt_ids) + spec.sampling.max_tokens])
+        self._claim_room(caller, 1)
+        try:
+            await self.quotas.reserve_tokens(caller, [job.id], [len(prompt_ids) + spec.sampling.max_tokens])
+        except BaseException:
+            self.runner.release(caller.owner, 1)
+            raise
         try:
             # Shielded: a caller that goes away (a dropped websocket) must not leave a stored
-            # job that the runner never heard of.
+            # job that the runner never heard of. _persist ends the claim and the reservation
+            # itself when it fails, so they cannot leak even if nobody awaits it any more.
             position = await asyncio.shield(self._persist(job, prompt_ids))
         except IdempotentReplay as exc:
-            await self.quotas.settle(job.id, 0)
             if exc.job.spec != spec:
                 raise InvalidInput(
                     "this idempotencyKey was already used with a different input", field="idempotencyKey"
                 ) from None
             return with_position(exc.job, self.runner)
-        except Exception:
-            await self.quotas.settle(job.id, 0)
-            raise
         return replace(job, queue_position=position)
 
     async def _persist(self, job: Job, prompt_ids: list[int]) -> int:
-        await self._store.insert(job)
-        return await self.runner.enqueue(job, prompt_ids)
+        try:
+            await self._store.insert(job)
+        except BaseException:
+            self.runner.release(job.owner, 1)
+            await self.quotas.settle(job.id, 0)
+            raise
+        return await self.runner.enqueue(job, prompt_ids, claimed=True)
 
     async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None, caller: Caller) -> Batch:
         """All or nothing: one invalid input refuses the whole batch, naming its index."""
@@ -219,6 +246,7 @@ class JobService:
         if options.idempotency_key:
             raise InvalidInput("`idempotencyKey` is not supported for batches", field="idempotencyKey")
         validate_options(options)
+        self._check_priority(options, caller)
         if not 1 <= len(specs) <= MAX_BATCH_SIZE:
             raise InvalidInput(f"a batch holds 1 to {MAX_BATCH_SIZE} inputs; got {len(specs)}", field="inputs")
         prompts = []
@@ -227,25 +255,30 @@ class JobService:
                 prompts.append(self._check(spec))
             except InvalidInput as exc:
                 raise InvalidInput(f"inputs[{index}]: {exc.message}", **{**exc.extensions, "index": index}) from None
-        self._check_room(caller, len(specs))
         now = datetime.now(UTC)
         batch_id = str(uuid.uuid4())
         jobs = [self._new_job(spec, options, caller, now, batch_id=batch_id) for spec in specs]
-        await self.quotas.reserve_tokens(caller, [j.id for j in jobs],
-                                         [len(p) + s.sampling.max_tokens for p, s in zip(prompts, specs)])
+        self._claim_room(caller, len(specs))
         try:
-            await asyncio.shield(self._persist_batch(batch_id, caller, jobs, prompts, options.webhook_url, now))
-        except Exception:
-            for job in jobs:
-                await self.quotas.settle(job.id, 0)
+            await self.quotas.reserve_tokens(caller, [j.id for j in jobs],
+                                             [len(p) + s.sampling.max_tokens for p, s in zip(prompts, specs)])
+        except BaseException:
+            self.runner.release(caller.owner, len(specs))
             raise
+        await asyncio.shield(self._persist_batch(batch_id, caller, jobs, prompts, options.webhook_url, now))
         return await self._store.batch(batch_id)
 
     async def _persist_batch(self, batch_id: str, caller: Caller, jobs: list[Job], prompts: list[list[int]],
                              webhook_url: str | None, now: datetime) -> None:
-        await self._store.insert_batch(batch_id, caller.owner, jobs, webhook_url, now)
+        try:
+            await self._store.insert_batch(batch_id, caller.owner, jobs, webhook_url, now)
+        except BaseException:
+            self.runner.release(caller.owner, len(jobs))
+            for job in jobs:
+                await self.quotas.settle(job.id, 0)
+            raise
         for job, prompt_ids in zip(jobs, prompts):
-            await self.runner.enqueue(job, prompt_ids)
+            await self.runner.enqueue(job, prompt_ids, claimed=True)
 
     async def get(self, job_id: str, caller: Caller) -> Job | None:
         job = await self._store.get(job_id)
@@ -262,14 +295,28 @@ class JobService:
     async def cancel(self, job_id: str, caller: Caller) -> Job:
         job = await self._get_or_404(job_id, caller)
         if not job.status.terminal:
-            await self.runner.cancel(job_id)
+            await self._cancel_active(job)
         return await self.get(job_id, caller)
+
+    async def _cancel_active(self, job: Job) -> None:
+        if await self.runner.cancel(job.id) is JobStatus.QUEUED:
+            # It was stored, queued and announced (maybe with a webhook) for nothing.
+            await self.quotas.charge_request(job.owner)
 
     async def events(self, job_id: str, after: int, caller: Caller) -> AsyncIterator[JobEvent]:
         """Replay events with seq > after, then follow live ones to the end."""
         if after < 0:
             raise InvalidInput("`after` must be 0 or more", field="after")
         job = await self._get_or_404(job_id, caller)
+        event_log = self.runner.event_log(job.id)
+        # An ended job's last seq is known, and an `after` past it can never be reached.
+        last = None
+        if event_log is not None and event_log.closed:
+            last = len(event_log.events)
+        elif event_log is None and job.status.terminal:
+            last = len(replay_finished(job))
+        if last is not None and after > last:
+            raise InvalidInput(f"`after` is past this job's last event (seq {last})", field="after", lastSeq=last)
         return self._follow(job, after)
 
     async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
@@ -283,10 +330,11 @@ class JobService:
                 yield event
 
     async def list_jobs(self, caller: Caller, *, status: JobStatus | None = None, batch_id: str | None = None,
-                        first: int = 20, after: str | None = None) -> Page:
+                        first: int = 20, after: str | None = None, with_results: bool = True) -> Page:
+        """with_results=False: every job's `result` is None (not read), for lists that do not show it."""
         _check_page(first)
         page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
-                                           batch_id=batch_id, first=first, after=after)
+                                           batch_id=batch_id, first=first, after=after, with_results=with_results)
         return replace(page, items=[with_position(j, self.runner) for j in page.items])
 
     # ---- batches ------------------------------------------------------------------------
@@ -304,7 +352,7 @@ class JobService:
         if not batch.counts.done:
             await self._store.mark_batch_cancelled(batch_id)
             page = await self._store.list_jobs(owner=None, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE)
-            await asyncio.gather(*(self.runner.cancel(j.id) for j in page.items if not j.status.terminal))
+            await asyncio.gather(*(self._cancel_active(j) for j in page.items if not j.status.terminal))
         return await self._store.batch(batch_id)
 
     async def _recover(self) -> None:
@@ -364,12 +412,35 @@ class JobService:
 
     async def classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller) -> Classification:
         validate_classification(text, labels, instruction, self.limits)
-        needed = classification_length(self._lm, text, labels, instruction)
-        if needed > self.limits.context_length:
+        width = classification_length(self._lm, text, labels, instruction)
+        if width > self.limits.context_length:
             raise InvalidInput(
-                f"text, instruction and the longest label take {needed} tokens; the model's context length is "
+                f"text, instruction and the longest label take {width} tokens; the model's context length is "
                 f"{self.limits.context_length}", field="text",
             )
+        # One row per label, each the prompt plus a label padded to the longest: that is the
+        # compute it costs, and what it is billed (rows x width), not the prompt once.
+        billed = width * len(labels)
+        self._check_classification_room(caller)
+        self._classifying[caller.owner] += 1
+        try:
+            return await self._classify(text, labels, instruction, caller, billed)
+        finally:
+            self._classifying[caller.owner] -= 1
+
+    def _check_classification_room(self, caller: Caller) -> None:
+        if caller.concurrency is not None and self._active(caller.owner) + 1 > caller.concurrency:
+            raise RateLimited(
+                f"rate limit: {caller.concurrency} generations queued or running at once for this key",
+                limit="concurrency", retryAfterMs=1000,
+            )
+        waiting = sum(self._classifying.values())
+        if waiting >= self._max_classifying:
+            raise Overloaded(f"{waiting} classifications are waiting for the model; retry shortly",
+                             retryAfterMs=1000)
+
+    async def _classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller,
+                        billed: int) -> Classification:
         created = time.time()
         timings: dict[str, float] = {}
 
@@ -378,17 +449,16 @@ class JobService:
             return score_labels(self._lm, text, labels, instruction)
 
         job_id = f"classify-{uuid.uuid4()}"
-        # Reserve a generous bound (every character a token), settle to the real count.
-        await self.quotas.reserve_tokens(caller, [job_id], [len(text) + len(instruction or "") + 64 * len(labels)])
+        await self.quotas.reserve_tokens(caller, [job_id], [billed])
         scored = None
         try:
             scored = await self._engine.call(run)
         finally:
-            await self.quotas.settle(job_id, scored.prompt_tokens if scored else 0)
+            await self.quotas.settle(job_id, billed if scored else 0)
         finished = time.time()
         best = max(scored.scores, key=lambda s: s.probability)
         started = timings["started"]
-        usage = Usage(prompt_tokens=scored.prompt_tokens, completion_tokens=0)
+        usage = Usage(prompt_tokens=billed, completion_tokens=0)
         await self._store.record_usage(caller.owner, "classification", self._lm.info.version, usage,
                                        datetime.now(UTC))
         return Classification(
