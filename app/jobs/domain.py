@@ -34,6 +34,7 @@ class Caller:
     rpm: int | None = None          # None = unlimited
     tpm: int | None = None
     concurrency: int | None = None
+    max_priority: int | None = None  # the highest job priority this key may ask for; None = any
 
     @property
     def owner(self) -> str | None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import and_, delete, func, or_, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from .domain import (
@@ -46,7 +47,7 @@ def utc(dt: datetime | None) -> datetime | None:
     return dt.replace(tzinfo=UTC)
 
 
-def _to_job(row: JobRow) -> Job:
+def _to_job(row: JobRow, with_result: bool = True) -> Job:
     review = None
     if row.review_verdict:
         review = Review(ReviewVerdict(row.review_verdict), row.reviewed_by, utc(row.reviewed_at), row.corrected_text)
@@ -63,7 +64,7 @@ def _to_job(row: JobRow) -> Job:
         idempotency_key=row.idempotency_scope.split(":", 1)[1] if row.idempotency_scope else None,
         webhook_url=row.webhook_url,
         attempts=row.attempts,
-        result=GenerationResult.from_dict(json.loads(row.result_json)) if row.result_json else None,
+        result=GenerationResult.from_dict(json.loads(row.result_json)) if with_result and row.result_json else None,
         error=JobError(row.error_code, row.error_message or "") if row.error_code else None,
         batch_id=row.batch_id,
         review=review,
@@ -286,9 +287,16 @@ class JobStore:
         first: int = 20,
         after: str | None = None,
         review_queue: bool = False,
+        with_results: bool = True,
     ) -> Page:
-        """Newest first, keyset-paginated on (created_at, id)."""
+        """Newest first, keyset-paginated on (created_at, id).
+
+        with_results=False leaves every job's `result` None without reading or parsing it:
+        a list that shows only ids and statuses must not parse 100 results on the loop.
+        """
         query = select(JobRow)
+        if not with_results:
+            query = query.options(defer(JobRow.result_json))
         if not all_owners:
             query = query.where(col(JobRow.owner) == owner if owner is not None else col(JobRow.owner).is_(None))
         if status is not None:
@@ -306,7 +314,7 @@ class JobStore:
         has_next = len(rows) > first
         rows = rows[:first]
         end = encode_cursor(utc(rows[-1].created_at), rows[-1].id) if rows else None
-        return Page(items=[_to_job(r) for r in rows], end_cursor=end, has_next_page=has_next)
+        return Page(items=[_to_job(r, with_results) for r in rows], end_cursor=end, has_next_page=has_next)
 
     async def batch(self, batch_id: str) -> Batch | None:
         def query(session: Session) -> Batch | None:
