@@ -21,7 +21,8 @@ RUN pip install . \
 
 RUN useradd --create-home --uid 10001 inferql \
  && mkdir -p /opt/inferql/cache /var/lib/inferql \
- && chown -R inferql:inferql /opt/inferql /var/lib/inferql
+ && chown -R inferql:inferql /opt/inferql /var/lib/inferql \
+ && chmod 0700 /var/lib/inferql
 
 USER inferql
 WORKDIR /home/inferql
@@ -29,8 +30,14 @@ WORKDIR /home/inferql
 # Fetch and convert the default model once, into the image.
 RUN inferql model pull
 
+# Production mode: no GraphiQL, no introspection, no field suggestions. Everything the
+# server keeps (the SQLite database, the webhook secret, the first admin key's file)
+# lives in the volume below, so a new container keeps it; the process runs as a
+# non-root user that owns only that volume and the model cache.
 ENV INFERQL_HOST=0.0.0.0 \
     INFERQL_PORT=8000 \
+    INFERQL_ENV=production \
+    INFERQL_DATA_DIR=/var/lib/inferql \
     HF_HUB_OFFLINE=1
 
 EXPOSE 8000

@@ -18,6 +18,7 @@ The async engine stays for what is not on a request's path: migrations, /readyz.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,12 +49,32 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # WAL: readers never block th
     cur.close()
 
 
+def private_dir(path: Path) -> Path:
+    """Creates path (and missing parents) readable by this user only; an existing folder
+    is left as it is, since it may be shared (e.g. /tmp)."""
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Creates path empty with mode 0600, or tightens a file of ours to 0600. SQLite gives
+    its -wal and -shm files the mode of the database file."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def make_engine(url: str) -> AsyncEngine:
     url = async_url(url)
     if url.startswith("sqlite+aiosqlite:///"):
         db_path = url.removeprefix("sqlite+aiosqlite:///")
         if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            private_dir(Path(db_path).parent)
+            private_file(Path(db_path))
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
