@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -19,10 +20,18 @@ from starlette.routing import Route, WebSocketRoute
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+from strawberry.types.unset import UNSET
 
 from app.api.auth import HOW_TO, identify, key_from
-from app.api.limits import BodySizeLimit
-from app.api.metrics import EngineCollector, metrics_endpoint
+from app.api.limits import BodySizeLimit, WebSocketMessageLimit
+from app.api.metrics import DocumentCollector, EngineCollector, metrics_endpoint
+from app.api.websockets import (
+    Connections,
+    LegacyWSHandler,
+    TransportWSHandler,
+    WebSocketAdapter,
+    refuse_crowded,
+)
 from app.api.schema import build_schema
 from app.inference.engine import Engine
 from app.inference.model import load_model
@@ -47,22 +56,68 @@ def resolve_model_path(settings: Settings) -> Path:
     return pull_default_model(settings.cache_dir)
 
 
-class InferQLGraphQL(GraphQL):
-    """The GraphQL view: identifies the caller once per HTTP request or websocket connection."""
+_UNKNOWN = object()
 
-    def __init__(self, *args, auth_on: bool, max_subscriptions: int, **kwargs) -> None:
+
+class InferQLGraphQL(GraphQL):
+    """The GraphQL view: identifies the caller once per HTTP request or websocket connection.
+
+    Over HTTP the key is checked before anything else (only a hash lookup): a request
+    without a valid one is answered UNAUTHENTICATED without its body being read, let alone
+    its document parsed or validated. A websocket is checked at connection_init, before
+    any of its operations (both protocols refuse operations before the ack).
+    """
+
+    websocket_adapter_class = WebSocketAdapter
+    graphql_transport_ws_handler_class = TransportWSHandler
+    graphql_ws_handler_class = LegacyWSHandler
+
+    def __init__(self, *args, auth_on: bool, max_subscriptions: int, connections: Connections, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.auth_on = auth_on
         self.max_subscriptions = max_subscriptions
+        self.connections = connections
+
+    async def run(self, request, context=UNSET, root_value=UNSET):
+        if self.is_websocket_request(request):
+            return await self._run_websocket(request, context, root_value)
+        if self.auth_on:
+            adapter = self.request_adapter_class(request)
+            # Requests strawberry answers without GraphQL (405, the GraphiQL page or its 404) pass.
+            if self.is_request_allowed(adapter) and not self.should_render_graphql_ide(adapter):
+                caller = await identify(request.app.state.service, True, key_from(request.headers))
+                request.state.caller = caller
+                if caller is None:
+                    return JSONResponse({"data": None, "errors": [{
+                        "message": f"a valid API key is required: {HOW_TO}",
+                        "extensions": {"code": "UNAUTHENTICATED"},
+                    }]})
+        return await super().run(request, context, root_value)
+
+    async def _run_websocket(self, websocket, context, root_value):
+        conn = self.connections.open(websocket)
+        if conn is None:
+            await refuse_crowded(websocket, self.connections.max_unauthenticated_per_address)
+            return websocket
+        websocket.state.connection = conn
+        try:
+            return await super().run(websocket, context, root_value)
+        finally:
+            self.connections.forget(conn)
 
     async def get_context(self, request, response=None):
         service = request.app.state.service
         caller = None
+        connection = None
         if isinstance(request, Request):  # a websocket's caller is set by on_ws_connect
-            caller = await identify(service, self.auth_on, key_from(request.headers))
-            request.state.caller = caller
+            caller = getattr(request.state, "caller", _UNKNOWN)  # run() may have identified it
+            if caller is _UNKNOWN:
+                caller = await identify(service, self.auth_on, key_from(request.headers))
+                request.state.caller = caller
+        else:
+            connection = getattr(request.state, "connection", None)
         return {"service": service, "request": request, "response": response, "caller": caller,
-                "max_subscriptions": self.max_subscriptions}
+                "max_subscriptions": self.max_subscriptions, "connection": connection}
 
     def decode_json(self, data):
         """Request bodies and websocket messages: a JSON object or list of valid Unicode.
@@ -88,6 +143,8 @@ class InferQLGraphQL(GraphQL):
         caller = await identify(service, self.auth_on, key)
         if caller is None:
             raise ConnectionRejectionError({"message": f"a valid API key is required: {HOW_TO}"})
+        if context.get("connection") is not None:
+            self.connections.authenticated(context["connection"], caller, key)  # ConnectionLimit: closes 4429
         context["caller"] = caller
         return {"rateLimit": await service.rate_state(caller)}
 
@@ -165,8 +222,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
             rate_window_seconds=settings.rate_window_seconds,
         )
         await service.start()
+        # Open websockets of a revoked key are closed by a sweep that asks the database itself
+        # (a cached lookup would add up to key_cache_seconds to the delay).
+        uncached_keys = KeyStore(db, keys.defaults, cache_seconds=0)
+        interval = max(settings.key_cache_seconds / 2, 0.1) if settings.key_cache_seconds > 0 else 1.0
+        sweeper = asyncio.get_running_loop().create_task(
+            graphql.connections.sweep_forever(uncached_keys.authenticate, interval))
         registry = CollectorRegistry()
         registry.register(EngineCollector(engine))
+        registry.register(DocumentCollector())
         app.state.service, app.state.db, app.state.engine, app.state.registry = service, db, engine, registry
         # Startup left ~500k long-lived objects (torch, transformers, the schema). A full
         # collection walks them all, stalling every request for ~250 ms; frozen, they are
@@ -177,6 +241,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await service.stop()
             await engine.stop()
             await db.dispose()
@@ -189,6 +256,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         allowed_origins=settings.allowed_origins,
         auth_on=settings.auth == "on",
         max_subscriptions=settings.max_subscriptions_per_connection,
+        connections=Connections(max_per_key=settings.max_ws_per_key,
+                                max_unauthenticated_per_address=settings.max_ws_unauthenticated_per_address),
     )
 
     async def healthz(_: Request) -> JSONResponse:
@@ -215,7 +284,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             WebSocketRoute("/graphql", graphql),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)],
+        middleware=[Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
+                    Middleware(WebSocketMessageLimit, max_bytes=settings.max_body_bytes)],
     )
 
 

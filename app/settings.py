@@ -70,9 +70,14 @@ class Settings(BaseSettings):
     max_aliases: int = 20
     max_query_tokens: int = 2000
     max_directives: int = 20
+    # Static cost of an operation: each field counts 1, times the `first` of every list field
+    # above it (`jobs(first: 100) { nodes { id } }` costs 201); a costlier one is refused.
+    max_query_cost: int = 5000
     max_body_bytes: int = 1_000_000    # bigger HTTP bodies get 413; websocket frames are capped likewise
     max_subscriptions_per_connection: int = 8
-    connection_init_wait_timeout: float = 10.0
+    connection_init_wait_timeout: float = 10.0  # both websocket protocols: no connection_init by then: 4408
+    max_ws_per_key: int = 128          # open websockets of one API key; more are closed with 4429
+    max_ws_unauthenticated_per_address: int = 32  # websockets of one client address not yet authenticated
     allowed_origins: list[str] = []  # extra browser Origins allowed to open websockets (same-origin always is)
 
     @property

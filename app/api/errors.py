@@ -5,11 +5,14 @@
   wrong type) are the client's: BAD_USER_INPUT, message kept (it names only the query).
 - Anything else is a bug: logged with its traceback here, sent as INTERNAL with a
   generic message.
+- In production, graphql-core's suggestions ("Did you mean 'models'?") are cut from every
+  message: they would spell out the schema that disabled introspection hides.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from graphql.error import GraphQLError
 from strawberry.extensions import MaskErrors
@@ -19,6 +22,9 @@ from app.jobs.errors import ServiceError
 log = logging.getLogger("inferql.api")
 
 INTERNAL_MESSAGE = "internal error; it has been logged"
+# graphql-core appends its suggestions to the end of a message, always in this form
+# (graphql.pyutils.did_you_mean), whether they name fields, arguments, types or enum values.
+_SUGGESTION = re.compile(r"\s*Did you mean .*\?\s*$", re.S)
 
 
 def coded_error(error: GraphQLError) -> GraphQLError:
@@ -37,6 +43,18 @@ def coded_error(error: GraphQLError) -> GraphQLError:
                         {"code": "INTERNAL"})
 
 
+def without_suggestions(error: GraphQLError) -> GraphQLError:
+    message = _SUGGESTION.sub("", error.message)
+    if message == error.message:
+        return error
+    return GraphQLError(message, error.nodes, error.source, error.positions, error.path, None, error.extensions)
+
+
 class ErrorCodes(MaskErrors):
+    def __init__(self, hide_suggestions: bool = False) -> None:
+        super().__init__()
+        self.hide_suggestions = hide_suggestions
+
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
-        return [coded_error(e) for e in errors]
+        coded = [coded_error(e) for e in errors]
+        return [without_suggestions(e) for e in coded] if self.hide_suggestions else coded

@@ -1,23 +1,50 @@
 """Limits on what one request may ask of the server, each refused with a clear error.
 
 - Document: depth (introspection included: strawberry's depth limiter skips it, and
-  `types { fields { type { fields ...` fans out fast), aliases, tokens, directives.
-- Transport: request body size (413), subscriptions open on one websocket.
+  `types { fields { type { fields ...` fans out fast), aliases, tokens, directives, and a
+  static cost estimate (list fields multiply what they select by their page size).
+- Transport: request body size (413), websocket message size (1009), subscriptions open
+  on one websocket.
+
+Every document limit is checked in one pass over the document that measures each
+fragment once (memoised), however often it is spread, so the work is linear in the
+document's size. The checks run before graphql-core's own validation: a document over a
+limit is refused with one error naming that limit, without validating it further.
+
+Strawberry's `QueryDepthLimiter` and `MaxAliasesLimiter` are not used: both walk into a
+fragment again at every spread, without a memo, so a document of N fragment levels that
+each spread the next level twice costs them 2^N visits.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
-from graphql import FieldNode, FragmentSpreadNode, GraphQLError, ValidationRule
-from graphql.language import DirectiveNode, OperationDefinitionNode, SelectionSetNode
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from strawberry.extensions import (
-    AddValidationRules,
-    MaxTokensLimiter,
-    ParserCache,
-    ValidationCache,
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSchema,
+    InlineFragmentNode,
+    IntValueNode,
+    Node,
+    OperationDefinitionNode,
+    SelectionSetNode,
+    VariableNode,
+    get_named_type,
+    is_interface_type,
+    is_object_type,
 )
+from graphql.language import DirectiveLocation
+from graphql.type import SchemaMetaFieldDef, TypeMetaFieldDef
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from strawberry.extensions import MaxTokensLimiter, ParserCache, SchemaExtension
+from strawberry.schema.schema import validate_document
 
 
 # Introspection fields that return lists: nesting them multiplies the response size
@@ -27,84 +54,252 @@ _INTROSPECTION_LISTS = frozenset(
     {"types", "fields", "args", "inputFields", "interfaces", "possibleTypes", "enumValues", "directives"}
 )
 MAX_INTROSPECTION_LIST_NESTING = 3
+# Arguments that say how many items a list field returns: what it selects is multiplied by them.
+PAGE_ARGUMENTS = ("first",)
+# A cost beyond this is reported as this (a JavaScript client reads numbers as doubles).
+_COST_CAP = 2**53 - 1
+_EXECUTABLE_LOCATIONS = frozenset({
+    DirectiveLocation.QUERY, DirectiveLocation.MUTATION, DirectiveLocation.SUBSCRIPTION, DirectiveLocation.FIELD,
+    DirectiveLocation.FRAGMENT_DEFINITION, DirectiveLocation.FRAGMENT_SPREAD, DirectiveLocation.INLINE_FRAGMENT,
+    DirectiveLocation.VARIABLE_DEFINITION,
+})
 
 
-def _depth_rule(max_depth: int) -> type[ValidationRule]:
-    class MaxDepth(ValidationRule):
-        """Depth of the schema's own fields, and list nesting inside introspection."""
+@dataclass(frozen=True)
+class DocumentLimitSettings:
+    max_depth: int
+    max_aliases: int
+    max_tokens: int
+    max_directives: int
+    max_cost: int
 
-        def enter_operation_definition(self, node: OperationDefinitionNode, *_):
-            self._fragments = {f.name.value: f for f in self.context.document.definitions
-                               if f.kind == "fragment_definition"}
-            depth, lists = self._measure(node.selection_set, set(), introspecting=False)
-            name = node.name.value if node.name else "anonymous"
-            if depth > max_depth:
-                self.report_error(GraphQLError(
-                    f"operation '{name}' is {depth} levels deep; the limit is {max_depth}", node))
-            if lists > MAX_INTROSPECTION_LIST_NESTING:
-                self.report_error(GraphQLError(
-                    f"operation '{name}' nests {lists} introspection lists; the limit is "
-                    f"{MAX_INTROSPECTION_LIST_NESTING}", node))
 
-        def _measure(self, selection_set: SelectionSetNode | None, seen: set[str], introspecting: bool):
-            """(depth of non-introspection fields, deepest nesting of introspection list fields)."""
-            if selection_set is None:
-                return 0, 0
-            depth = lists = 0
-            for sel in selection_set.selections:
-                if isinstance(sel, FieldNode):
-                    name = sel.name.value
-                    inside = introspecting or name in ("__schema", "__type")
-                    d, n = self._measure(sel.selection_set, seen, inside)
-                    depth = max(depth, d + (0 if inside or name.startswith("__") else 1))
-                    lists = max(lists, n + (1 if inside and name in _INTROSPECTION_LISTS else 0))
+@dataclass
+class DocumentStats:
+    """What the limit checks did since the process started (exported on /metrics)."""
+
+    documents: int = 0
+    selections_visited: int = 0
+    refused: int = 0
+
+
+STATS = DocumentStats()
+
+
+@dataclass(frozen=True)
+class Measure:
+    depth: int   # levels of the schema's own fields (introspection fields count 0)
+    lists: int   # deepest nesting of introspection list fields
+    cost: int    # fields selected, each multiplied by the page sizes of the list fields above it
+
+
+_NOTHING = Measure(0, 0, 0)
+
+
+class _Walk:
+    """Measures one operation, visiting each selection of the document at most twice (once
+    outside and once inside introspection): a fragment is measured once and remembered,
+    however often it is spread."""
+
+    def __init__(self, schema: GraphQLSchema, document: DocumentNode, variables: Mapping | None) -> None:
+        self.schema = schema
+        self.fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
+        self.variables = variables if isinstance(variables, Mapping) else {}
+        self.defaults: dict[str, object] = {}
+        self.memo: dict[tuple[str, bool], Measure] = {}
+        self.active: set[tuple[str, bool]] = set()  # fragments being measured: a spread of one is a cycle
+        self.visits = 0
+
+    def operation(self, op: OperationDefinitionNode) -> Measure:
+        self.defaults = {v.variable.name.value: v.default_value for v in op.variable_definitions or ()}
+        return self.selection_set(op.selection_set, self.schema.get_root_type(op.operation), False)
+
+    def selection_set(self, selection_set: SelectionSetNode | None, parent, introspecting: bool) -> Measure:
+        if selection_set is None:
+            return _NOTHING
+        depth = lists = cost = 0
+        for sel in selection_set.selections:
+            self.visits += 1
+            if isinstance(sel, FieldNode):
+                name = sel.name.value
+                inside = introspecting or name in ("__schema", "__type")
+                field = _field_def(parent, name)
+                child = get_named_type(field.type) if field is not None else None
+                m = self.selection_set(sel.selection_set, child, inside)
+                depth = max(depth, m.depth + (0 if inside or name.startswith("__") else 1))
+                lists = max(lists, m.lists + (1 if inside and name in _INTROSPECTION_LISTS else 0))
+                cost += 1 + self.page_size(sel, field) * m.cost
+            else:
+                if isinstance(sel, FragmentSpreadNode):
+                    m = self.fragment(sel.name.value, introspecting)
                 else:
-                    if isinstance(sel, FragmentSpreadNode):
-                        fragment = self._fragments.get(sel.name.value)
-                        if fragment is None or sel.name.value in seen:  # graphql-core reports these itself
-                            continue
-                        inner, seen = fragment.selection_set, seen | {sel.name.value}
-                    else:
-                        inner = sel.selection_set
-                    d, n = self._measure(inner, seen, introspecting)
-                    depth, lists = max(depth, d), max(lists, n)
-            return depth, lists
+                    assert isinstance(sel, InlineFragmentNode)
+                    inner = self.schema.get_type(sel.type_condition.name.value) if sel.type_condition else parent
+                    m = self.selection_set(sel.selection_set, inner, introspecting)
+                depth, lists, cost = max(depth, m.depth), max(lists, m.lists), cost + m.cost
+        return Measure(depth, lists, min(cost, _COST_CAP))
 
-    return MaxDepth
+    def fragment(self, name: str, introspecting: bool) -> Measure:
+        key = (name, introspecting)
+        known = self.memo.get(key)
+        if known is not None:
+            return known
+        fragment = self.fragments.get(name)
+        if fragment is None or key in self.active:  # unknown or cyclic: graphql-core reports both
+            return _NOTHING
+        self.active.add(key)
+        try:
+            m = self.selection_set(fragment.selection_set, self.schema.get_type(fragment.type_condition.name.value),
+                                   introspecting)
+        finally:
+            self.active.discard(key)
+        self.memo[key] = m
+        return m
+
+    def page_size(self, node: FieldNode, field) -> int:
+        """How many items a list field with a page argument returns: the argument's value
+        (a literal, a variable, the variable's default or the argument's default)."""
+        if field is None:
+            return 1
+        for name in PAGE_ARGUMENTS:
+            if name not in field.args:
+                continue
+            value = field.args[name].default_value
+            for arg in node.arguments or ():
+                if arg.name.value != name:
+                    continue
+                value = arg.value
+                if isinstance(value, VariableNode):
+                    var = value.name.value
+                    value = self.variables.get(var, self.defaults.get(var))
+                if isinstance(value, IntValueNode):
+                    value = int(value.value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return max(value, 0)
+        return 1
 
 
-def _count_rule(max_aliases: int, max_directives: int) -> type[ValidationRule]:
-    class MaxAliasesAndDirectives(ValidationRule):
-        aliases = directives = 0
-
-        def enter_field(self, node: FieldNode, *_):
-            if node.alias is not None:
-                self.aliases += 1
-                if self.aliases == max_aliases + 1:
-                    self.report_error(GraphQLError(f"more than {max_aliases} aliases in one request", node))
-
-        def enter_directive(self, node: DirectiveNode, *_):
-            self.directives += 1
-            if self.directives == max_directives + 1:
-                self.report_error(GraphQLError(f"more than {max_directives} directives in one request", node))
-
-    return MaxAliasesAndDirectives
+def _field_def(parent, name: str):
+    if name == "__schema":
+        return SchemaMetaFieldDef
+    if name == "__type":
+        return TypeMetaFieldDef
+    if is_object_type(parent) or is_interface_type(parent):
+        return parent.fields.get(name)
+    return None
 
 
-def document_limits(*, max_depth: int, max_aliases: int, max_tokens: int, max_directives: int) -> list:
+def _nodes(document: DocumentNode) -> Iterator[Node]:
+    stack: list[Node] = [document]
+    while stack:
+        node = stack.pop()
+        yield node
+        for key in node.keys:
+            value = getattr(node, key, None)
+            if isinstance(value, Node):
+                stack.append(value)
+            elif isinstance(value, (list, tuple)):
+                stack.extend(v for v in value if isinstance(v, Node))
+
+
+@functools.lru_cache(maxsize=64)
+def _directives_per_node(schema: GraphQLSchema) -> int | None:
+    """The most directives one node of a valid document can carry: each executable directive
+    once (none can repeat). None when one may repeat."""
+    executable = [d for d in schema.directives if _EXECUTABLE_LOCATIONS & set(d.locations)]
+    return None if any(d.is_repeatable for d in executable) else len(executable)
+
+
+def _selected_operation(document: DocumentNode, operation_name: str | None) -> OperationDefinitionNode | None:
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    if operation_name is None:
+        return operations[0] if len(operations) == 1 else None  # else graphql-core says which to pick
+    return next((op for op in operations if op.name is not None and op.name.value == operation_name), None)
+
+
+def _refusal(message: str, node: Node | None, limit: str, **extensions) -> GraphQLError:
+    return GraphQLError(message, node, extensions={"code": "BAD_USER_INPUT", "limit": limit, **extensions})
+
+
+def check_document(schema: GraphQLSchema, document: DocumentNode, operation_name: str | None,
+                   variables: Mapping | None, limits: DocumentLimitSettings) -> list[GraphQLError]:
+    """The document's crossed limits, each as one error; linear in the document's size."""
+    errors: list[GraphQLError] = []
+    aliases = directives = 0
+    per_node = _directives_per_node(schema)
+    crowded: Node | None = None
+    for node in _nodes(document):
+        if isinstance(node, FieldNode) and node.alias is not None:
+            aliases += 1
+        marks = getattr(node, "directives", None)
+        if marks:
+            directives += len(marks)
+            if per_node is not None and len(marks) > per_node and crowded is None:
+                crowded = node
+    if aliases > limits.max_aliases:
+        errors.append(_refusal(f"more than {limits.max_aliases} aliases in one request ({aliases})", None, "aliases"))
+    if directives > limits.max_directives:
+        errors.append(_refusal(f"more than {limits.max_directives} directives in one request ({directives})", None,
+                               "directives"))
+    elif crowded is not None:
+        errors.append(_refusal(f"a {crowded.kind.replace('_', ' ')} carries {len(crowded.directives)} directives; "
+                               f"this schema has {per_node} that can apply to it, each at most once", crowded,
+                               "directivesPerLocation"))
+    op = _selected_operation(document, operation_name)
+    if op is not None:
+        walk = _Walk(schema, document, variables)
+        try:
+            m = walk.operation(op)
+        except RecursionError:
+            m = Measure(limits.max_depth + 1, 0, _COST_CAP)
+        STATS.selections_visited += walk.visits
+        name = op.name.value if op.name else "anonymous"
+        if m.depth > limits.max_depth:
+            errors.append(_refusal(f"operation '{name}' is {m.depth} levels deep; the limit is {limits.max_depth}",
+                                   op, "depth"))
+        if m.lists > MAX_INTROSPECTION_LIST_NESTING:
+            errors.append(_refusal(f"operation '{name}' nests {m.lists} introspection lists; the limit is "
+                                   f"{MAX_INTROSPECTION_LIST_NESTING}", op, "introspectionLists"))
+        if m.cost > limits.max_cost:
+            errors.append(_refusal(
+                f"operation '{name}' costs {m.cost}; the limit is {limits.max_cost} (each field selected counts 1, "
+                f"multiplied by the page size `first` of every list field above it)",
+                op, "queryCost", cost=m.cost, maxCost=limits.max_cost))
+    STATS.documents += 1
+    STATS.refused += bool(errors)
+    return errors
+
+
+@functools.lru_cache(maxsize=1024)
+def _validate(schema: GraphQLSchema, document: DocumentNode, rules: tuple) -> list[GraphQLError]:
+    return validate_document(schema, document, rules)
+
+
+class DocumentLimits(SchemaExtension):
+    """Validation: the document limits first (one linear pass), then graphql-core's rules
+    (cached: clients send the same few documents) only for a document within them."""
+
+    def __init__(self, limits: DocumentLimitSettings) -> None:
+        self.limits = limits
+
+    def on_validate(self) -> Iterator[None]:
+        ctx = self.execution_context
+        schema, document = ctx.schema._schema, ctx.graphql_document
+        errors = check_document(schema, document, ctx.operation_name, ctx.variables, self.limits)
+        ctx.pre_execution_errors = errors or _validate(schema, document, tuple(ctx.validation_rules))
+        yield
+
+
+def document_limits(limits: DocumentLimitSettings) -> list:
     """Schema extensions (as factories: strawberry wants classes or callables).
 
     Parsing and validating a document costs several ms of pure Python; the caches make a
     document seen before (clients send the same few operations) cost nearly nothing.
-    The limit rules run inside validation, so a cached document was already checked.
     """
-    # Built once: the validation cache is keyed by the rule classes, among other things.
-    rules = [_depth_rule(max_depth), _count_rule(max_aliases, max_directives)]
     return [
-        lambda: MaxTokensLimiter(max_token_count=max_tokens),
+        lambda: MaxTokensLimiter(max_token_count=limits.max_tokens),
         lambda: _ParserCache(maxsize=1024),
-        lambda: AddValidationRules(rules),
-        lambda: ValidationCache(maxsize=1024),
+        lambda: DocumentLimits(limits),
     ]
 
 
@@ -172,3 +367,49 @@ class BodySizeLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class WebSocketMessageLimit:
+    """ASGI middleware: closes a websocket with 1009 (message too big) when a message from
+    the client is over `max_bytes`, however the server was started (uvicorn's own
+    `ws_max_size` is only set by `inferql serve`). The app then sees a disconnect."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        closed = False
+
+        async def guarded_receive() -> Message:
+            nonlocal closed
+            message = await receive()
+            if message["type"] == "websocket.receive" and self._too_big(message):
+                if not closed:
+                    closed = True
+                    await send({"type": "websocket.close", "code": 1009,
+                                "reason": f"message over {self.max_bytes} bytes"})
+                return {"type": "websocket.disconnect", "code": 1009}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal closed
+            if closed:  # the app has not seen the disconnect yet: what it sends goes nowhere
+                return
+            closed = message["type"] == "websocket.close"
+            await send(message)
+
+        await self.app(scope, guarded_receive, guarded_send)
+
+    def _too_big(self, message: Message) -> bool:
+        data = message.get("bytes")
+        if data is not None:
+            return len(data) > self.max_bytes
+        text = message.get("text") or ""
+        # A character is 1 to 4 bytes in UTF-8: encode only when the length alone cannot tell.
+        if len(text) > self.max_bytes or len(text) * 4 <= self.max_bytes:
+            return len(text) > self.max_bytes
+        return len(text.encode("utf-8", "surrogatepass")) > self.max_bytes

@@ -9,6 +9,8 @@ from starlette.responses import Response
 
 from app.inference.engine import Engine
 
+from .limits import STATS
+
 
 class EngineCollector:
     def __init__(self, engine: Engine) -> None:
@@ -30,6 +32,20 @@ class EngineCollector:
         for size, count in sorted(s.batch_size_histogram.items()):
             steps.add_metric([str(size)], count)
         yield steps
+
+
+class DocumentCollector:
+    """What the document limit checks did: their work is linear in the documents' size."""
+
+    def collect(self):
+        yield CounterMetricFamily("inferql_documents_checked", "Operations checked against the document limits",
+                                  value=STATS.documents)
+        yield CounterMetricFamily("inferql_documents_refused", "Operations refused for crossing a document limit",
+                                  value=STATS.refused)
+        yield CounterMetricFamily(
+            "inferql_document_selections_visited", "Selections the document limit checks visited",
+            value=STATS.selections_visited,
+        )
 
 
 def metrics_endpoint(registry: CollectorRegistry):

@@ -20,7 +20,7 @@ from app.settings import Settings
 
 from .auth import admitted, subscription_slot
 from .errors import ErrorCodes
-from .limits import document_limits
+from .limits import DocumentLimitSettings, document_limits
 from .types import (
     Batch,
     ClassificationInput,
@@ -184,10 +184,13 @@ class Subscription:
 
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     settings = settings or Settings()
+    production = settings.env == "production"
     extensions = [
-        ErrorCodes,
-        *document_limits(max_depth=settings.max_query_depth, max_aliases=settings.max_aliases,
-                         max_tokens=settings.max_query_tokens, max_directives=settings.max_directives),
+        (lambda: ErrorCodes(hide_suggestions=True)) if production else ErrorCodes,
+        *document_limits(DocumentLimitSettings(
+            max_depth=settings.max_query_depth, max_aliases=settings.max_aliases, max_tokens=settings.max_query_tokens,
+            max_directives=settings.max_directives, max_cost=settings.max_query_cost,
+        )),
     ]
     if not settings.introspection_enabled:
         extensions.append(DisableIntrospection)
