@@ -189,12 +189,32 @@ def keys_revoke(name: str) -> None:
 
 
 @webhooks_app.command("secret")
-def webhooks_secret() -> None:
-    """Print the secret webhooks are signed with (give it to your receiver)."""
+def webhooks_secret(
+    key: Annotated[str | None, typer.Option(help="The name of an API key: print the secret that signs its "
+                                                 "webhooks (created now if it has none yet).")] = None,
+) -> None:
+    """Print a webhook signing secret (give it to the receiver). Each API key signs its jobs'
+    webhooks with its own secret (--key NAME); without --key, the server-wide secret that signs
+    webhooks of jobs made with auth off."""
+    if key is not None:
+        import asyncio
+
+        async def secret(db):
+            return await _keys(db).webhook_secret(key)
+
+        value = asyncio.run(_with_db(secret))
+        if value is None:
+            typer.echo(f"no key named {key!r}", err=True)
+            raise typer.Exit(1)
+        typer.echo(value)
+        return
     from app.jobs.webhooks import load_or_create_secret
 
     settings = Settings()
-    typer.echo(settings.webhook_secret or load_or_create_secret(settings.data_dir))
+    if settings.webhook_secret is not None:
+        typer.echo(settings.webhook_secret.get_secret_value())
+    else:
+        typer.echo(load_or_create_secret(settings.data_dir))
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from app.jobs.domain import GenerationResult as ResultData
 from app.jobs.domain import Job as JobData
 from app.jobs.domain import Batch as BatchData
 from app.jobs.domain import BatchStatus as BatchStatusData
+from app.jobs.domain import DeliveryOutcome as DeliveryOutcomeData
 from app.jobs.domain import JobStatus as JobStatusData
 from app.jobs.domain import Page as PageData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
@@ -237,12 +238,21 @@ class Review:
     corrected_text: str | None
 
 
+WebhookOutcome = strawberry.enum(
+    DeliveryOutcomeData, name="WebhookOutcome",
+    description="How a webhook attempt ended. HTTP_2XX is delivered; after any other outcome the "
+                "message is tried again while retries remain.",
+)
+
+
 @strawberry.type(description="One attempt to deliver a job's or batch's webhook.")
 class WebhookDelivery:
     attempt: int
     at: datetime
-    http_status: int | None
-    error: str | None
+    outcome: WebhookOutcome | None = strawberry.field(description="How the attempt ended.")
+    http_status: int | None = strawberry.field(description="The receiver's status code, when it answered.")
+    error: str | None = strawberry.field(
+        description="A short fixed text for the outcome, such as `HTTP 500` or `timed out`; null when delivered.")
     next_retry_at: datetime | None = strawberry.field(description="When it is tried again; null when it is not.")
 
 
@@ -286,8 +296,8 @@ class Job:
 
 
 def _delivery(d) -> WebhookDelivery:
-    return WebhookDelivery(attempt=d.attempt, at=d.at, http_status=d.http_status, error=d.error,
-                           next_retry_at=d.next_retry_at)
+    return WebhookDelivery(attempt=d.attempt, at=d.at, outcome=d.outcome, http_status=d.http_status,
+                           error=d.error, next_retry_at=d.next_retry_at)
 
 
 @strawberry.type

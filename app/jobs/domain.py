@@ -167,6 +167,24 @@ class Review:
     corrected_text: str | None
 
 
+class DeliveryOutcome(str, enum.Enum):
+    """How one webhook attempt ended, coarsely: what a receiver's owner may see."""
+
+    HTTP_2XX = "HTTP_2XX"  # delivered
+    HTTP_3XX = "HTTP_3XX"  # redirects are not followed
+    HTTP_4XX = "HTTP_4XX"
+    HTTP_5XX = "HTTP_5XX"
+    TIMEOUT = "TIMEOUT"  # no complete answer within the attempt's deadline
+    CONNECTION_REFUSED = "CONNECTION_REFUSED"
+    CONNECTION_ERROR = "CONNECTION_ERROR"  # could not connect, or the connection broke
+    TLS_ERROR = "TLS_ERROR"  # handshake or certificate verification failed
+    DNS_ERROR = "DNS_ERROR"  # the host name does not resolve
+    BLOCKED_DESTINATION = "BLOCKED_DESTINATION"  # the host is not a public address
+    PROTOCOL_ERROR = "PROTOCOL_ERROR"  # the answer was not valid HTTP
+    INVALID_URL = "INVALID_URL"  # the URL cannot be called
+    INTERNAL_ERROR = "INTERNAL_ERROR"  # the attempt failed on this side
+
+
 @dataclass(frozen=True)
 class WebhookAttempt:
     attempt: int
@@ -174,6 +192,7 @@ class WebhookAttempt:
     http_status: int | None
     error: str | None
     next_retry_at: datetime | None
+    outcome: DeliveryOutcome | None = None
 
 
 @dataclass(frozen=True)

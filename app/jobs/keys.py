@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 import time
@@ -9,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
@@ -40,6 +42,19 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: "whsec_" + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def ensure_webhook_secret(session: Session, key_id: str) -> str | None:
+    """The webhook secret of a key, created (once, whoever asks first) if it has none yet.
+    None for an unknown key. The caller commits."""
+    session.exec(update(ApiKeyRow).where(col(ApiKeyRow.id) == key_id, col(ApiKeyRow.webhook_secret).is_(None))
+                 .values(webhook_secret=new_webhook_secret()))
+    return session.exec(select(ApiKeyRow.webhook_secret).where(col(ApiKeyRow.id) == key_id)).first()
+
+
 @dataclass(frozen=True)
 class Defaults:
     """Limits for keys created without their own."""
@@ -63,7 +78,8 @@ class KeyStore:
         """Returns the new key; only its hash is stored, so this is the one chance to see it."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKeyRow(id=str(uuid.uuid4()), name=name, key_hash=hash_key(key), prefix=key[:10], admin=admin,
-                        rpm=rpm, tpm=tpm, concurrency=concurrency, created_at=datetime.now(UTC))
+                        rpm=rpm, tpm=tpm, concurrency=concurrency, webhook_secret=new_webhook_secret(),
+                        created_at=datetime.now(UTC))
         try:
             await self._db.transaction(lambda session: session.add(row))
         except IntegrityError:
@@ -79,6 +95,16 @@ class KeyStore:
             return True
 
         return await self._db.transaction(revoke)
+
+    async def webhook_secret(self, name: str) -> str | None:
+        """The secret that signs this key's webhooks (created now for a key made before keys had
+        one); None when no key has this name."""
+
+        def secret(session: Session) -> str | None:
+            key_id = session.exec(select(ApiKeyRow.id).where(col(ApiKeyRow.name) == name)).first()
+            return ensure_webhook_secret(session, key_id) if key_id is not None else None
+
+        return await self._db.transaction(secret)
 
     async def list(self) -> list[KeyInfo]:
         query = select(ApiKeyRow).order_by(col(ApiKeyRow.created_at))

@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 from .domain import (
     Batch,
     BatchCounts,
+    DeliveryOutcome,
     GenerationResult,
     GenerationSpec,
     Job,
@@ -354,7 +355,8 @@ class JobStore:
             .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
         )
         return await self._db.read(lambda session: [
-            WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at))
+            WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at),
+                           DeliveryOutcome(r.outcome) if r.outcome else None)
             for r in session.exec(query)
         ])
 

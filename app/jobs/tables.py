@@ -76,6 +76,9 @@ class WebhookRow(SQLModel, table=True):
     url: str = Field(max_length=2048)
     payload_json: str = Field(sa_column=Column(Text, nullable=False))
     state: str = Field(max_length=12)  # PENDING | DELIVERED | FAILED
+    # The API key that owns the job or batch: its secret signs the message, and deliveries
+    # take turns between owners. None = made with auth off (the server-wide secret signs it).
+    owner: str | None = Field(default=None, max_length=64)
     attempts: int = 0
     next_attempt_at: datetime | None = Field(default=None, sa_column=_ts())
     created_at: datetime = Field(sa_column=_ts(nullable=False))
@@ -89,7 +92,8 @@ class WebhookAttemptRow(SQLModel, table=True):
     attempt: int
     at: datetime = Field(sa_column=_ts(nullable=False))
     http_status: int | None = None
-    error: str | None = Field(default=None, max_length=500)
+    outcome: str | None = Field(default=None, max_length=24)  # a DeliveryOutcome
+    error: str | None = Field(default=None, max_length=500)  # coarse text for the outcome, never exception text
     next_retry_at: datetime | None = Field(default=None, sa_column=_ts())
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
+import socket
 from dataclasses import dataclass
-
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 import httpx
@@ -100,7 +103,7 @@ def validate_classification(text: str, labels: list[str], instruction: str | Non
         raise _bad("`labels` must not repeat a label", "labels")
 
 
-def validate_options(options: JobOptions) -> None:
+def validate_options(options: JobOptions, *, allow_private_webhooks: bool | None = None) -> None:
     if not -100 <= options.priority <= 100:
         raise _bad("`priority` must be between -100 and 100", "priority")
     if options.deadline_seconds is not None and not (
@@ -111,10 +114,13 @@ def validate_options(options: JobOptions) -> None:
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise _bad(f"`idempotencyKey` must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "idempotencyKey")
     if options.webhook_url is not None:
-        validate_webhook_url(options.webhook_url)
+        validate_webhook_url(options.webhook_url, allow_private=allow_private_webhooks)
 
 
-def validate_webhook_url(url: str) -> None:
+def validate_webhook_url(url: str, *, allow_private: bool | None = None) -> None:
+    """Refuses what can never be delivered, and a literal address that is not public (unless
+    `allow_private`; None = INFERQL_WEBHOOK_ALLOW_PRIVATE). A host name is checked when the
+    webhook is sent, on the address it resolves to then: that check is the real defence."""
     if len(url) > MAX_URL:
         raise _bad(f"`webhookUrl` is over {MAX_URL} characters", "webhookUrl")
     try:
@@ -132,3 +138,74 @@ def validate_webhook_url(url: str) -> None:
         httpx.Request("POST", url)
     except Exception:
         raise _bad("`webhookUrl` is not a URL that can be called", "webhookUrl") from None
+    if allow_private is None:
+        allow_private = private_webhooks_allowed()
+    address = ip_literal(parts.hostname)
+    if address is not None and not allow_private and not is_public_address(address):
+        raise _bad("`webhookUrl` must point to a public address (not loopback, private, link-local or "
+                   "reserved)", "webhookUrl")
+
+
+# ---- webhook destinations: which addresses a webhook may reach -----------------------------
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (checked as that IPv4 address).
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")      # RFC 6052
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")              # deprecated; also holds :: and ::1
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")    # RFC 2765 (SIIT)
+# Not global, though this Python's ipaddress says they are.
+_NOT_GLOBAL_V6 = (ipaddress.IPv6Network("64:ff9b:1::/48"),     # local-use NAT64, RFC 8215
+                  ipaddress.IPv6Network("fec0::/10"))          # deprecated site-local
+# Legacy IPv4 spellings that inet_aton (and so the resolver) accepts: 2130706433, 0x7f.1, 0177.0.0.1, 127.1
+_LEGACY_IPV4 = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)(?:\.(?:0[xX][0-9a-fA-F]*|[0-9]+)){0,3}")
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address a host names literally (every spelling the resolver accepts), else None."""
+    host = host.strip("[]").rstrip(".")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _LEGACY_IPV4.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _public_v4(ip: ipaddress.IPv4Address) -> bool:
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback
+                                 or ip.is_link_local or ip.is_private)
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True for a globally routable unicast address: never loopback, private, link-local,
+    shared (CGNAT), multicast, reserved or documentation space, in IPv4 or IPv6, including
+    IPv4 addresses carried inside IPv6 (mapped, compatible, translated, 6to4, NAT64)."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return _public_v4(ip)
+    ip = ipaddress.IPv6Address(ip.packed)  # drop a %zone
+    if ip.ipv4_mapped is not None:
+        return _public_v4(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        return _public_v4(ip.sixtofour)
+    if ip.teredo is not None:
+        return False
+    for net in (_NAT64_WELL_KNOWN, _IPV4_TRANSLATED):
+        if ip in net:
+            return _public_v4(ipaddress.IPv4Address(ip.packed[-4:]))
+    if ip in _IPV4_COMPATIBLE or any(ip in net for net in _NOT_GLOBAL_V6):
+        return False
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback
+                                 or ip.is_link_local or ip.is_site_local or ip.is_private)
+
+
+@lru_cache(maxsize=1)
+def private_webhooks_allowed() -> bool:
+    """INFERQL_WEBHOOK_ALLOW_PRIVATE, read once: for callers that are not handed the setting."""
+    from app.settings import Settings
+
+    return Settings().webhook_allow_private

@@ -67,12 +67,14 @@ def batch_json(batch: Batch) -> dict[str, Any]:
     }
 
 
-def _message(subject_type: str, subject_id: str, event_type: str, url: str, data: dict, now: datetime) -> WebhookRow:
+def _message(subject_type: str, subject_id: str, owner: str | None, event_type: str, url: str, data: dict,
+             now: datetime) -> WebhookRow:
     payload = {"type": event_type, "timestamp": now.isoformat(), "data": data}
     return WebhookRow(
         id=f"msg_{uuid.uuid4().hex}",
         subject_type=subject_type,
         subject_id=subject_id,
+        owner=owner,  # its key's secret signs it
         event_type=event_type,
         url=url,
         payload_json=json.dumps(payload, separators=(",", ":")),
@@ -83,8 +85,8 @@ def _message(subject_type: str, subject_id: str, event_type: str, url: str, data
 
 
 def job_message(job: Job, url: str, now: datetime) -> WebhookRow:
-    return _message("job", job.id, f"job.{job.status.value.lower()}", url, {"job": job_json(job)}, now)
+    return _message("job", job.id, job.owner, f"job.{job.status.value.lower()}", url, {"job": job_json(job)}, now)
 
 
 def batch_message(batch: Batch, url: str, now: datetime) -> WebhookRow:
-    return _message("batch", batch.id, "batch.completed", url, {"batch": batch_json(batch)}, now)
+    return _message("batch", batch.id, batch.owner, "batch.completed", url, {"batch": batch_json(batch)}, now)

@@ -1,68 +1,275 @@
 """Webhook delivery: signed per Standard Webhooks, retried with backoff, every attempt recorded.
 
 Messages are rows in the `webhooks` table (written in the same transaction that ends
-their job), so pending deliveries survive a restart: the dispatcher simply picks up
-every PENDING row whose next attempt is due.
+their job), so pending deliveries survive a restart: the dispatcher picks up every
+PENDING row whose next attempt is due.
+
+A webhook URL is chosen by a tenant, so an attempt is treated as hostile:
+
+- **Destination.** The host is resolved once per attempt; unless
+  INFERQL_WEBHOOK_ALLOW_PRIVATE is set, any address that is not public (loopback, private,
+  link-local, cloud metadata, IPv4 inside IPv6...) refuses the attempt
+  (BLOCKED_DESTINATION). The connection goes to the very address that was checked (no
+  second lookup that DNS rebinding could answer differently) while the Host header, the
+  TLS SNI and the certificate check keep the URL's host name. Redirects are not followed;
+  proxies from the environment are not used.
+- **Bounded attempts.** One deadline covers the whole attempt (resolve, connect, send,
+  answer), so a receiver that trickles a byte at a time cannot hold a slot; at most
+  `max_response_bytes` of its answer are read, then the connection is dropped.
+- **Fair slots.** At most `max_parallel` attempts run at once, at most `max_per_owner` of
+  them for one API key, and keys with due messages take turns: one tenant's slow
+  receivers cannot hold up everyone else's webhooks.
+- **Coarse outcomes.** What the job's owner sees (`webhookDeliveries`) is a DeliveryOutcome,
+  the HTTP status and a fixed text: never exception text from this side's network.
+- **Per-key secrets.** A message is signed with the secret of the key that owns its job or
+  batch, so one tenant cannot forge another's webhooks; jobs made with auth off are signed
+  with the server-wide secret.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import errno
 import logging
-import secrets
+import os
+import socket
+import ssl
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from pydantic import SecretStr
 from sqlalchemy import update
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 from standardwebhooks import Webhook
 
 from .db import Database
+from .domain import DeliveryOutcome
+from .keys import ensure_webhook_secret, new_webhook_secret
 from .tables import WebhookAttemptRow, WebhookRow
+from .validation import IPAddress, ip_literal, is_public_address, private_webhooks_allowed
 from .writer import Writer
 
 log = logging.getLogger(__name__)
 
 SECRET_FILE = "webhook-secret"
+MAX_RESPONSE_BYTES = 4096  # of a receiver's answer; the rest is never read
+MAX_PER_OWNER = 2          # attempts at once for one API key
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
 def load_or_create_secret(data_dir: Path) -> str:
-    """The signing secret kept in data_dir, created (0600) on first use."""
+    """The server-wide signing secret kept in data_dir, created on first use. The file is
+    readable by its owner only (0600), and is written whole or not at all."""
     path = data_dir / SECRET_FILE
     if path.is_file():
-        return path.read_text().strip()
+        secret = path.read_text().strip()
+        if secret:
+            if path.stat().st_mode & 0o077:
+                try:
+                    path.chmod(0o600)
+                except OSError:
+                    log.warning("%s is readable by other users; make it 0600", path)
+            return secret
     data_dir.mkdir(parents=True, exist_ok=True)
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-    path.touch(mode=0o600)
-    path.write_text(secret + "\n")
-    return secret
+    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{SECRET_FILE}-")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(new_webhook_secret() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process got there first: keep its secret
+        except FileExistsError:
+            if not path.read_text().strip():  # an empty file left by an older version
+                os.replace(tmp, path)
+                tmp = None
+        except OSError:  # a file system without hard links
+            os.replace(tmp, path)
+            tmp = None
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)
+    return path.read_text().strip()
+
+
+def secret_value(secret: str | SecretStr) -> str:
+    return secret.get_secret_value() if isinstance(secret, SecretStr) else secret
 
 
 def _utc(dt: datetime | None) -> datetime | None:
     return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
 
 
+# ---- one attempt's destination and outcome ------------------------------------------------
+
+
+class Refused(Exception):
+    """An attempt that ends before any connection, with this outcome."""
+
+    def __init__(self, outcome: DeliveryOutcome) -> None:
+        super().__init__(outcome.value)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one attempt connects: the URL with its host replaced by the checked address."""
+
+    url: httpx.URL
+    host_header: str
+    extensions: dict
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+async def resolve_target(url: str, *, allow_private: bool, resolver: Resolver = system_resolver) -> Target:
+    """Resolves the URL's host once and pins the attempt to the first address, after checking
+    that every address it resolves to is public (unless allow_private)."""
+    try:
+        parsed = httpx.URL(url)
+        request = httpx.Request("POST", parsed)
+        host = parsed.raw_host.decode("ascii")
+    except Exception:
+        raise Refused(DeliveryOutcome.INVALID_URL) from None
+    if parsed.scheme not in ("http", "https") or not host:
+        raise Refused(DeliveryOutcome.INVALID_URL)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    literal = ip_literal(host)
+    if literal is not None:
+        addresses: list[IPAddress] = [literal]
+    else:
+        try:
+            found = await resolver(host, port)
+            addresses = [ip_literal(a.split("%", 1)[0]) for a in found]
+        except (OSError, UnicodeError):
+            raise Refused(DeliveryOutcome.DNS_ERROR) from None
+        if not addresses or None in addresses:
+            raise Refused(DeliveryOutcome.DNS_ERROR)
+    if not allow_private and not all(is_public_address(a) for a in addresses):
+        raise Refused(DeliveryOutcome.BLOCKED_DESTINATION)
+    pinned = parsed.copy_with(host=str(addresses[0]))
+    # A name keeps its own TLS identity: SNI and the certificate are checked against it, not the address.
+    extensions = {"sni_hostname": host} if parsed.scheme == "https" and literal is None else {}
+    return Target(pinned, request.headers["host"], extensions)
+
+
+def status_outcome(status: int) -> DeliveryOutcome:
+    return {2: DeliveryOutcome.HTTP_2XX, 3: DeliveryOutcome.HTTP_3XX, 4: DeliveryOutcome.HTTP_4XX,
+            5: DeliveryOutcome.HTTP_5XX}.get(status // 100, DeliveryOutcome.PROTOCOL_ERROR)
+
+
+def _causes(exc: BaseException):
+    """exc, its causes and contexts, and the members of exception groups among them."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def exception_outcome(exc: BaseException) -> DeliveryOutcome:
+    if isinstance(exc, Refused):
+        return exc.outcome
+    causes = list(_causes(exc))
+    if any(isinstance(e, (TimeoutError, httpx.TimeoutException)) for e in causes):
+        return DeliveryOutcome.TIMEOUT
+    if any(isinstance(e, ssl.SSLError) for e in causes):
+        return DeliveryOutcome.TLS_ERROR
+    if any(isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED
+           for e in causes):
+        return DeliveryOutcome.CONNECTION_REFUSED
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError)):
+        return DeliveryOutcome.PROTOCOL_ERROR
+    if isinstance(exc, (httpx.TransportError, OSError)):
+        return DeliveryOutcome.CONNECTION_ERROR
+    if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
+        return DeliveryOutcome.INVALID_URL
+    return DeliveryOutcome.INTERNAL_ERROR
+
+
+_TEXT = {
+    DeliveryOutcome.TIMEOUT: "timed out",
+    DeliveryOutcome.CONNECTION_REFUSED: "connection refused",
+    DeliveryOutcome.CONNECTION_ERROR: "connection failed",
+    DeliveryOutcome.TLS_ERROR: "TLS handshake or certificate verification failed",
+    DeliveryOutcome.DNS_ERROR: "the host name does not resolve",
+    DeliveryOutcome.BLOCKED_DESTINATION: "the host is not a public address",
+    DeliveryOutcome.PROTOCOL_ERROR: "the answer was not valid HTTP",
+    DeliveryOutcome.INVALID_URL: "the URL cannot be called",
+    DeliveryOutcome.INTERNAL_ERROR: "delivery failed",
+}
+
+
+def outcome_text(outcome: DeliveryOutcome, status: int | None) -> str | None:
+    """The `error` an owner sees: fixed text per outcome (None when delivered)."""
+    if outcome is DeliveryOutcome.HTTP_2XX:
+        return None
+    if status is not None:
+        return f"HTTP {status}"
+    return _TEXT[outcome]
+
+
+# ---- the dispatcher -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Due:
+    id: str
+    owner: str | None
+    attempts: int
+
+
 class WebhookDispatcher:
     def __init__(
         self,
         db: Database,
-        secret: str,
+        secret: str | SecretStr,
         retry_delays: list[float],
         timeout: float = 10.0,
         max_parallel: int = 8,
         writer: Writer | None = None,
+        *,
+        allow_private: bool | None = None,
+        max_per_owner: int = MAX_PER_OWNER,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        resolver: Resolver = system_resolver,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self._db = db
         self._writer = writer or Writer(db)
-        self._signer = Webhook(secret)
+        self._server_signer = Webhook(secret_value(secret))
+        self._signers: dict[str, Webhook] = {}  # per key id
         self._delays = retry_delays
-        self._http = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
-                                       headers={"user-agent": "InferQL-Webhooks/1"})
+        self._timeout = timeout
+        self._allow_private = private_webhooks_allowed() if allow_private is None else allow_private
+        self._max_parallel = max_parallel
+        self._max_per_owner = max(1, min(max_per_owner, max_parallel))
+        self._max_response_bytes = max_response_bytes
+        self._resolver = resolver
+        # No keep-alive: every attempt gets its own connection to its own checked address, and
+        # a connection whose answer was cut short is dropped. No proxies from the environment.
+        self._http = httpx.AsyncClient(
+            timeout=timeout, follow_redirects=False, trust_env=False, verify=verify,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+            headers={"user-agent": "InferQL-Webhooks/1"},
+        )
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_parallel)
-        self._inflight: set[str] = set()
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._active: Counter[str | None] = Counter()      # attempts running per owner
+        self._last_start: dict[str | None, float] = {}     # per owner: whose turn it is
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -70,9 +277,10 @@ class WebhookDispatcher:
         self._wake.set()  # deliver whatever a previous process left pending
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._inflight.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._http.aclose()
 
     def wake(self) -> None:
@@ -92,74 +300,146 @@ class WebhookDispatcher:
             self._wake.clear()
 
     async def _dispatch_due(self) -> float:
-        """Starts every due delivery; returns seconds until the next one is due (max 60)."""
+        """Starts due deliveries while slots are free, owners taking turns; returns seconds
+        until the next one is due (at most 60; an attempt that ends wakes the loop sooner)."""
+        free = self._max_parallel - len(self._inflight)
         now = datetime.now(UTC)
-        pending = select(WebhookRow).where(col(WebhookRow.state) == "PENDING").order_by(col(WebhookRow.next_attempt_at))
-        rows = await self._db.read(lambda session: list(session.exec(pending)), offload=True)
-        wait = 60.0
-        for row in rows:
-            due = _utc(row.next_attempt_at) or now
-            if due > now:
-                wait = min(wait, (due - now).total_seconds())
-                continue
-            if row.id not in self._inflight:
-                self._inflight.add(row.id)
-                asyncio.create_task(self._deliver(row))
-        return max(wait, 0.05)
+        if free > 0:
+            due = await self._db.read(lambda session: self._due(session, now), offload=True)
+            queues: dict[str | None, list[_Due]] = {}
+            for d in due:
+                if d.id not in self._inflight:
+                    queues.setdefault(d.owner, []).append(d)
+            # Least recently served owner first, one message each per round.
+            owners = sorted(queues, key=lambda o: self._last_start.get(o, 0.0))
+            while free > 0 and owners:
+                for owner in list(owners):
+                    if free == 0:
+                        break
+                    if not queues[owner] or self._active[owner] >= self._max_per_owner:
+                        owners.remove(owner)
+                        continue
+                    self._start(queues[owner].pop(0))
+                    free -= 1
+        next_at = await self._db.read(lambda session: session.exec(
+            select(func.min(WebhookRow.next_attempt_at))
+            .where(col(WebhookRow.state) == "PENDING", col(WebhookRow.next_attempt_at) > now)).one())
+        wait = 60.0 if next_at is None else (_utc(next_at) - now).total_seconds()
+        return min(max(wait, 0.05), 60.0)
 
-    async def _deliver(self, row: WebhookRow) -> None:
+    def _due(self, session: Session, now: datetime) -> list[_Due]:
+        """Due messages, oldest first: for each owner only the first few (a large backlog of
+        one key is not read in full on every pass)."""
+        turn = func.row_number().over(partition_by=WebhookRow.owner,
+                                      order_by=(col(WebhookRow.next_attempt_at), col(WebhookRow.id))).label("turn")
+        due = (select(WebhookRow.id, WebhookRow.owner, WebhookRow.attempts, WebhookRow.next_attempt_at, turn)
+               .where(col(WebhookRow.state) == "PENDING", col(WebhookRow.next_attempt_at) <= now).subquery())
+        rows = session.exec(select(due.c.id, due.c.owner, due.c.attempts)
+                            .where(due.c.turn <= 2 * self._max_per_owner)
+                            .order_by(due.c.next_attempt_at, due.c.id))
+        return [_Due(*r) for r in rows]
+
+    def _start(self, due: _Due) -> None:
+        self._active[due.owner] += 1
+        self._last_start[due.owner] = time.monotonic()
+        if len(self._last_start) > 10_000:  # forget owners with nothing running
+            self._last_start = {o: t for o, t in self._last_start.items() if self._active[o]}
+        self._inflight[due.id] = asyncio.create_task(self._deliver(due), name=f"webhook-{due.id}")
+
+    async def _deliver(self, due: _Due) -> None:
         try:
-            async with self._slots:
-                await self._attempt(row)
+            await self._attempt(due)
+        except asyncio.CancelledError:
+            raise
         except Exception:
-            log.exception("webhook %s: delivery attempt crashed", row.id)
+            log.exception("webhook %s: delivery attempt crashed", due.id)
         finally:
-            self._inflight.discard(row.id)
+            self._inflight.pop(due.id, None)
+            self._active[due.owner] -= 1
+            if self._active[due.owner] <= 0:
+                del self._active[due.owner]
             self._wake.set()
 
-    async def _claim(self, row: WebhookRow) -> bool:
-        """Takes the message for this attempt. A pass that read the row before an earlier
-        attempt was recorded (or another process sharing the database) loses the claim."""
+    async def _claim(self, due: _Due) -> WebhookRow | None:
+        """Takes the message for this attempt and returns it. A pass that read the row before
+        an earlier attempt was recorded (or another process sharing the database) loses the
+        claim. While the attempt runs the row is not due (a lease: if this process dies
+        mid-attempt, the message is due again once the lease ends)."""
+        lease = datetime.now(UTC) + timedelta(seconds=self._timeout + 30)
 
-        def op(session: Session) -> bool:
+        def op(session: Session) -> WebhookRow | None:
             claimed = session.exec(
                 update(WebhookRow)
-                .where(col(WebhookRow.id) == row.id, col(WebhookRow.state) == "PENDING",
-                       col(WebhookRow.attempts) == row.attempts)
-                .values(attempts=row.attempts + 1)
+                .where(col(WebhookRow.id) == due.id, col(WebhookRow.state) == "PENDING",
+                       col(WebhookRow.attempts) == due.attempts)
+                .values(attempts=due.attempts + 1, next_attempt_at=lease)
             )
-            return claimed.rowcount == 1
+            return session.get(WebhookRow, due.id) if claimed.rowcount == 1 else None
 
         return await self._writer.write(op)
 
-    async def _attempt(self, row: WebhookRow) -> None:
-        if not await self._claim(row):
+    async def _signer(self, owner: str | None) -> Webhook:
+        if owner is None:
+            return self._server_signer
+        signer = self._signers.get(owner)
+        if signer is None:
+            secret = await self._writer.write(lambda session: ensure_webhook_secret(session, owner))
+            if secret is None:  # the key row is gone: nobody could verify it anyway
+                log.warning("webhook owner %s has no key; signing with the server secret", owner)
+                return self._server_signer
+            signer = self._signers[owner] = Webhook(secret)
+        return signer
+
+    async def _send(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[DeliveryOutcome, int | None]:
+        """One POST under one overall deadline; the outcome and the HTTP status (if one came)."""
+        status = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                target = await resolve_target(url, allow_private=self._allow_private, resolver=self._resolver)
+                async with self._http.stream("POST", target.url, content=body,
+                                             headers={**headers, "host": target.host_header},
+                                             extensions=target.extensions) as resp:
+                    status = resp.status_code
+                    read = 0
+                    async for chunk in resp.aiter_raw():  # raw: a compressed answer is not inflated
+                        read += len(chunk)
+                        if read >= self._max_response_bytes:
+                            break
+        except Exception as exc:
+            if status is not None:  # the answer's status came; only its body was cut short
+                return status_outcome(status), status
+            outcome = exception_outcome(exc)
+            if outcome is DeliveryOutcome.INTERNAL_ERROR:
+                log.exception("webhook to %s: unexpected failure", url)
+            else:
+                log.info("webhook to %s: %s (%s: %s)", url, outcome.value, type(exc).__name__, exc)
+            return outcome, None
+        return status_outcome(status), status
+
+    async def _attempt(self, due: _Due) -> None:
+        row = await self._claim(due)
+        if row is None:
             return
-        attempt = row.attempts + 1
+        attempt = row.attempts
         at = datetime.now(UTC)
+        signer = await self._signer(row.owner)
         headers = {
             "content-type": "application/json",
             "webhook-id": row.id,
             "webhook-timestamp": str(int(at.timestamp())),
-            "webhook-signature": self._signer.sign(row.id, at, row.payload_json),
+            "webhook-signature": signer.sign(row.id, at, row.payload_json),
         }
-        status, error = None, None
-        try:
-            resp = await self._http.post(row.url, content=row.payload_json.encode(), headers=headers)
-            status = resp.status_code
-            if not 200 <= status < 300:
-                error = f"HTTP {status}"
-        except Exception as exc:  # any failure is a failed attempt, retried like the others
-            error = f"{type(exc).__name__}: {exc}"[:500]
-        delivered = error is None
+        outcome, status = await self._send(row.url, row.payload_json.encode(), headers)
+        delivered = outcome is DeliveryOutcome.HTTP_2XX
+        error = outcome_text(outcome, status)
         next_at = None
         if not delivered and attempt <= len(self._delays):
-            next_at = at + timedelta(seconds=self._delays[attempt - 1])
+            next_at = datetime.now(UTC) + timedelta(seconds=self._delays[attempt - 1])
         state = "DELIVERED" if delivered else ("PENDING" if next_at else "FAILED")
 
         def record(session: Session) -> None:
             session.add(WebhookAttemptRow(webhook_id=row.id, attempt=attempt, at=at, http_status=status,
-                                          error=error, next_retry_at=next_at))
+                                          outcome=outcome.value, error=error, next_retry_at=next_at))
             db_row = session.get(WebhookRow, row.id)
             db_row.state, db_row.next_attempt_at = state, next_at
 
