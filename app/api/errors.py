@@ -22,9 +22,9 @@ from app.jobs.errors import ServiceError
 log = logging.getLogger("inferql.api")
 
 INTERNAL_MESSAGE = "internal error; it has been logged"
-# graphql-core appends its suggestions to the end of a message, always in this form
-# (graphql.pyutils.did_you_mean), whether they name fields, arguments, types or enum values.
-_SUGGESTION = re.compile(r"\s*Did you mean .*\?\s*$", re.S)
+# graphql-core writes its suggestions in this one form (graphql.pyutils.did_you_mean), whether
+# they name fields, arguments, types or enum values; GraphQL names never contain "?".
+_SUGGESTION = re.compile(r"\s*Did you mean [^?]*\?")
 
 
 def coded_error(error: GraphQLError) -> GraphQLError:

@@ -239,3 +239,66 @@ async def test_allowed_origin_works(prod_server):
         await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": MODELS}}))
         msg = json.loads(await asyncio.wait_for(ws.recv(), WS_TIMEOUT))
         assert msg["type"] == "next" and msg["payload"]["data"]["models"][0]["id"], msg
+
+
+# ---- validation work, cost, and auth before parsing -------------------------------------------
+
+def fan_out(levels: int) -> str:
+    """N fragment levels, each level's two fragments spreading both fragments of the next:
+    2^N paths in ~80 bytes a level (2 KB at 24 levels, 3.3 KB at 40)."""
+    parts = ["query Q { ...A0 ...B0 }"]
+    for i in range(levels):
+        parts += [f"fragment {f}{i} on Query {{ ...A{i + 1} ...B{i + 1} }}" for f in "AB"]
+    parts += [f"fragment {f}{levels} on Query {{ models {{ id }} }}" for f in "AB"]
+    return " ".join(parts)
+
+
+async def selections_visited(server: ServerProcess) -> int:
+    async with httpx.AsyncClient(timeout=30) as http:
+        text = (await http.get(server.url + "/metrics")).text
+    return int(float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith("inferql_document_selections_visited_total"))))
+
+
+@pytest.mark.parametrize("levels", [16, 24, 40])
+async def test_fragment_fan_out_costs_linear_work(server, levels):
+    """Each level doubles the paths through the fragments. The checks measure a fragment
+    once, so the work grows with the document, not with the paths (2^40 would never end)."""
+    document = fan_out(levels)
+    definitions = 2 * levels + 3
+    before = await selections_visited(server)
+    normal = asyncio.create_task(post(server, MODELS))  # served meanwhile
+    errors = await refused(server, document)
+    assert errors[0]["extensions"]["limit"] == "queryCost", errors
+    assert errors[0]["extensions"]["cost"] > 5000
+    resp = await normal
+    assert resp.json()["data"]["models"][0]["id"], resp.text
+    # This document's selections (2 per definition), plus the few of the MODELS requests.
+    assert await selections_visited(server) - before <= 2 * definitions + 20
+
+
+async def test_unauthenticated_documents_are_not_parsed(server):
+    before = await selections_visited(server)
+    async with httpx.AsyncClient(timeout=30) as http:
+        for body in ({"query": fan_out(40)}, {"query": "{ models { id "}):
+            resp = await http.post(server.url + "/graphql", json=body)
+            assert resp.status_code == 200, resp.text
+            assert [e["extensions"]["code"] for e in resp.json()["errors"]] == ["UNAUTHENTICATED"], resp.text
+        # not even the body is read: bad JSON gets the same answer, not a 400
+        resp = await http.post(server.url + "/graphql", content=b"{not json",
+                               headers={"content-type": "application/json"})
+        assert resp.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED", resp.text
+    assert await selections_visited(server) == before
+
+
+async def test_aliased_pages_are_refused_by_cost(server):
+    query = "{ " + " ".join(f"a{i}: jobs(first: 100) {{ nodes {{ id status }} }}" for i in range(20)) + " }"
+    errors = await refused(server, query)
+    assert errors[0]["extensions"] == {"code": "BAD_USER_INPUT", "limit": "queryCost", "cost": 6020,
+                                       "maxCost": 5000}, errors
+    # the page size comes from the variables too
+    paged = "query P($n: Int!) { jobs(first: $n) { nodes { id status createdAt result { text } } } }"
+    errors = await refused(server, paged, {"n": 100_000})
+    assert errors[0]["extensions"]["cost"] == 1 + 100_000 * (1 + 3 + 2)
+    body = (await post(server, paged, {"n": 100})).json()
+    assert not body.get("errors") and body["data"]["jobs"]["nodes"] is not None, body
