@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,9 +54,14 @@ class Settings(BaseSettings):
     retention_days: float = 30.0  # finished jobs older than this are removed by `inferql jobs purge`
 
     # Webhooks (Standard Webhooks signatures)
-    webhook_secret: str | None = None  # "whsec_..."; None = generated once into data_dir
+    # "whsec_...": signs webhooks of jobs made without a key (auth off); each key signs its own
+    # with its own secret. None = generated once into data_dir.
+    webhook_secret: SecretStr | None = None
     webhook_retry_delays: str = "5,30,120,600,1800"  # seconds between attempts
-    webhook_timeout: float = 10.0
+    webhook_timeout: float = 10.0  # seconds for a whole attempt: resolve, connect, send, read the answer
+    # Lets webhooks reach loopback, private, link-local... addresses (the server's own network).
+    # For local development and tests only.
+    webhook_allow_private: bool = False
     data_dir: Path = Path("data")  # where a generated webhook secret is kept
 
     @property
