@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 32_000
     max_new_tokens: int = 2048
 
+    # Engine speed (app/inference; README "Performance")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights on the fast path; auto:
+    #   bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32. Logits are float32.
+    fast_path: Literal["auto", "off"] = "auto"  # auto: Llama-family models run the lean forward; off: HF's
+    prefill_chunk: int = 128            # prompt tokens fed per step while other generations decode
+    prefix_cache_tokens: int = 4096     # KV of recent prompt prefixes kept for reuse; 0 = off
+
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5
 

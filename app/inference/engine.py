@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
+from .backends import HFBackend, SlotBackend
 from .detokenize import IncrementalDecoder, StopSequenceFilter
 from .model import LoadedModel
 from .sampling import Choice, choose, make_generator
@@ -87,6 +86,7 @@ class _Seq:
     stops: StopSequenceFilter
     generated: int = 0
     position: int = 0          # position id of next_token when it is fed
+    fed: int = 0               # prompt tokens already in the KV cache
     next_token: int = -1
     peak_batch: int = 1
     done: bool = False
@@ -101,20 +101,30 @@ class Engine:
         max_batch_size: int = 16,
         max_waiting: int = 64,
         prefills_per_step: int = 4,
+        prefill_chunk: int | None = None,
+        prefix_cache_tokens: int | None = None,
     ) -> None:
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.prefills_per_step = prefills_per_step
+        opts = lm.options
+        self.prefill_chunk = max(1, prefill_chunk if prefill_chunk is not None else opts.prefill_chunk)
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = opts.prefix_cache_tokens
+        fast = lm.fast_weights()
+        if fast is not None:
+            self._backend: SlotBackend | HFBackend = SlotBackend(fast, max_batch_size, prefix_cache_tokens)
+        else:
+            self._backend = HFBackend(lm.model, lm.device)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._waiting: deque[_Seq] = deque()
         self._cancels: dict[str, FinishReason] = {}
         self._calls: deque[tuple[Callable[[], Any], asyncio.Future]] = deque()
-        self._rows: list[_Seq] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
+        self._rows: list[_Seq] = []    # decoding, in the backend's rows 0..n-1
+        self._filling: _Seq | None = None  # its prompt partly fed, in row n
         self._outbox: list[tuple[RequestHandle, EngineOutput]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -138,8 +148,19 @@ class Engine:
             self._thread = None
 
     @property
+    def backend(self) -> str:
+        """"fast" (the lean Llama forward, per-row cache) or "hf" (the Hugging Face forward)."""
+        return "fast" if isinstance(self._backend, SlotBackend) else "hf"
+
+    @property
+    def ready(self) -> bool:
+        """Whether the engine serves at full speed. There is no warm-up to wait for: torch.compile
+        did not pay on CPU (see README, Performance), so the engine is ready once started."""
+        return self._thread is not None and not self._stopping
+
+    @property
     def running(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + (self._filling is not None)
 
     @property
     def waiting(self) -> int:
@@ -147,7 +168,7 @@ class Engine:
 
     def has_capacity(self) -> bool:
         """True when a new request would start within a step instead of waiting."""
-        return len(self._rows) + len(self._waiting) < self.max_batch_size
+        return self.running + len(self._waiting) < self.max_batch_size
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
         if self._thread is None or self._stopping:
@@ -189,7 +210,8 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._rows or self._waiting or self._calls or self._cancels):
+                    while not (self._stopping or self._rows or self._filling or self._waiting or self._calls
+                               or self._cancels):
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -251,80 +273,77 @@ class Engine:
         for seq in self._rows:
             if seq.handle.request_id in cancels:
                 self._finish(seq, cancels[seq.handle.request_id])
+        seq = self._filling
+        if seq is not None and seq.handle.request_id in cancels:
+            self._finish(seq, cancels[seq.handle.request_id])
+            self._filling = None
+            self._backend.reorder(list(range(len(self._rows))))
         self._drop_done_rows()
 
     def _admit(self) -> None:
-        limit = self.max_batch_size - len(self._rows)
-        if self._rows:
-            limit = min(limit, self.prefills_per_step)  # keep running streams moving
-        newcomers = []
-        for _ in range(max(0, limit)):
-            with self._cv:
-                if not self._waiting:
+        """Feed prompts into the batch: whole ones while nothing runs; while others decode, at
+        most `prefill_chunk` prompt tokens and `prefills_per_step` new requests per step, so a
+        long prompt is spread over several steps instead of stalling the running streams."""
+        running = bool(self._rows)
+        budget = self.prefill_chunk if running and self._backend.chunked else None
+        started = 0
+        while budget is None or budget > 0:
+            seq = self._filling
+            if seq is None:
+                if len(self._rows) >= self.max_batch_size or (running and started >= self.prefills_per_step):
                     break
-                seq = self._waiting.popleft()
+                with self._cv:
+                    if not self._waiting:
+                        break
+                    seq = self._waiting.popleft()
+                started += 1
+                self._emit(seq, Started(prompt_tokens=len(seq.prompt_ids), at=time.time(),
+                                        batch_size=len(self._rows) + 1))
+                self._filling = seq
+                try:
+                    seq.fed = self._backend.begin(len(self._rows), seq.prompt_ids)
+                except Exception as exc:
+                    self._prefill_failed(seq, exc)
+                    continue
+            todo = len(seq.prompt_ids) - seq.fed
+            n = todo if budget is None else min(todo, budget)
             try:
-                cache = self._prefill(seq, batch_size=len(self._rows) + len(newcomers) + 1)
+                logits = self._backend.prefill(len(self._rows), seq.prompt_ids, seq.fed, n)
             except Exception as exc:
-                log.exception("prefill failed")
-                self._finish(seq, FinishReason.ERROR, error=str(exc))
+                self._prefill_failed(seq, exc)
                 continue
-            finally:
-                self._flush()  # its first token goes out now, not after the other prefills
-            if not seq.done:
-                newcomers.append((seq, cache))
-        if newcomers:
-            try:
-                self._merge(newcomers)
-            except Exception as exc:  # they are in no batch yet: finish them here
-                log.exception("merging new requests into the batch failed")
-                for seq, _ in newcomers:
-                    self._finish(seq, FinishReason.ERROR, error=str(exc))
+            seq.fed += n
+            if budget is not None:
+                budget -= n
+            if seq.fed < len(seq.prompt_ids):
+                continue  # the rest of this prompt in the next steps
+            self._filling = None
+            self.stats.prefills += 1
+            seq.position = len(seq.prompt_ids)
+            [choice] = choose(logits[None], [(seq.params, seq.generator)])
+            self._accept(seq, choice)
+            if seq.done:  # ended at its first token: its row is not kept
+                self._backend.reorder(list(range(len(self._rows))))
+            else:
+                self._rows.append(seq)
+            self._flush()  # its first token goes out now, not after the other prefills
 
-    def _prefill(self, seq: _Seq, batch_size: int) -> DynamicCache:
-        self._emit(seq, Started(prompt_tokens=len(seq.prompt_ids), at=time.time(), batch_size=batch_size))
-        cache = DynamicCache(config=self.lm.model.config)
-        ids = torch.tensor([seq.prompt_ids], device=self.lm.device)
-        out = self.lm.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        self.stats.prefills += 1
-        seq.position = len(seq.prompt_ids)
-        [choice] = choose(out.logits[:, -1], [(seq.params, seq.generator)])
-        self._accept(seq, choice)
-        return cache
-
-    def _merge(self, newcomers: list[tuple[_Seq, DynamicCache]]) -> None:
-        """Append newly prefilled rows to the running batch, left-padding to a common length."""
-        parts: list[tuple[DynamicCache, torch.Tensor]] = []
-        if self._cache is not None:
-            parts.append((self._cache, self._mask))
-        for seq, cache in newcomers:
-            parts.append((cache, torch.ones(1, len(seq.prompt_ids), dtype=torch.long, device=self.lm.device)))
-        width = max(mask.shape[1] for _, mask in parts)
-        merged = DynamicCache(config=self.lm.model.config)
-        for li, layer in enumerate(merged.layers):
-            keys = [F.pad(c.layers[li].keys, (0, 0, width - m.shape[1], 0)) for c, m in parts]
-            values = [F.pad(c.layers[li].values, (0, 0, width - m.shape[1], 0)) for c, m in parts]
-            layer.lazy_initialization(keys[0], values[0])
-            layer.keys, layer.values = torch.cat(keys), torch.cat(values)
-        self._mask = torch.cat([F.pad(m, (width - m.shape[1], 0)) for _, m in parts])
-        self._cache = merged
-        self._rows.extend(seq for seq, _ in newcomers)
+    def _prefill_failed(self, seq: _Seq, exc: Exception) -> None:
+        log.error("prefill failed: %s", exc, exc_info=exc)
+        self._filling = None
+        self._finish(seq, FinishReason.ERROR, error=str(exc))
+        try:
+            self._backend.reorder(list(range(len(self._rows))))
+        except Exception:  # the batch's cache is in doubt: fail the batch rather than corrupt it
+            log.exception("dropping a failed prefill's row failed")
+            self._fail_all(exc)
+        self._flush()
 
     def _decode_step(self) -> None:
         rows = self._rows
         batch = len(rows)
-        dev = self.lm.device
-        input_ids = torch.tensor([[s.next_token] for s in rows], device=dev)
-        positions = torch.tensor([[s.position] for s in rows], device=dev)
-        self._mask = torch.cat([self._mask, torch.ones(batch, 1, dtype=self._mask.dtype, device=dev)], dim=1)
-        out = self.lm.model(
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=positions,
-            cache=self._cache,
-            use_cache=True,
-        )
-        choices = choose(out.logits[:, -1], [(s.params, s.generator) for s in rows])
+        logits = self._backend.decode([s.next_token for s in rows], [s.position for s in rows])
+        choices = choose(logits, [(s.params, s.generator) for s in rows])
         stats = self.stats
         stats.decode_steps += 1
         stats.max_batch_size = max(stats.max_batch_size, batch)
@@ -369,26 +388,28 @@ class Engine:
         self._emit(seq, Finished(reason=reason, at=time.time(), error=error, peak_batch_size=seq.peak_batch))
 
     def _drop_done_rows(self) -> None:
-        keep = [i for i, s in enumerate(self._rows) if not s.done]
-        if len(keep) == len(self._rows):
+        if all(not s.done for s in self._rows):
             return
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, device=self.lm.device)
-        mask = self._mask.index_select(0, index)
-        # Columns that are padding for every remaining row are dead weight: cut them.
-        lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min().item())
-        self._mask = mask[:, lead:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, lead:]
-            layer.values = layer.values.index_select(0, index)[:, :, lead:]
+        # The last running row moves into each hole (one row's copy, not a shift of many).
+        order = list(range(len(self._rows)))
+        for i in reversed(range(len(self._rows))):
+            if self._rows[i].done:
+                order[i] = order[-1]
+                order.pop()
+        rows = [self._rows[i] for i in order]
+        if self._filling is not None:  # the prompt being fed sits right after the running rows
+            order.append(len(self._rows))
+        self._rows = rows
+        self._backend.reorder(order)
 
     def _fail_all(self, exc: Exception, include_waiting: bool = False) -> None:
         for seq in self._rows:
             self._finish(seq, FinishReason.ERROR, error=str(exc))
-        self._rows, self._cache, self._mask = [], None, None
+        if self._filling is not None:
+            self._finish(self._filling, FinishReason.ERROR, error=str(exc))
+            self._filling = None
+        self._rows = []
+        self._backend.reset()
         if include_waiting:
             with self._cv:
                 while self._waiting:

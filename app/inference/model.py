@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +10,55 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from . import fastllama
 from .types import ModelInfo
 from .weights import read_marker, weights_version
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the model is run; the INFERQL_* settings of the same names (see app/settings.py)."""
+
+    dtype: str = "auto"                # auto | float32 | bfloat16 | float16: the fast path's weights
+    fast_path: str = "auto"            # auto: Llama-family models through fastllama.py; off: HF forward
+    prefill_chunk: int = 128           # prompt tokens fed per step while other requests decode
+    prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
+
+    @classmethod
+    def from_settings(cls, settings=None) -> EngineOptions:
+        if settings is None:
+            from app.settings import Settings
+
+            settings = Settings()
+        return cls(**{f: getattr(settings, f) for f in cls.__dataclass_fields__ if hasattr(settings, f)})
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bfloat16 matmuls run natively (elsewhere they are emulated, slower
+    than float32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of the weights on the fast path: `auto` takes 16 bits where the hardware has
+    native support (CUDA; a CPU with AVX512-BF16 or AMX), float32 elsewhere."""
+    if setting != "auto":
+        return DTYPES[setting]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 @dataclass
@@ -22,7 +68,10 @@ class LoadedModel:
     info: ModelInfo
     eos_ids: frozenset[int]
     device: torch.device
+    options: EngineOptions = field(default_factory=EngineOptions)
+    dtype: torch.dtype = torch.float32  # of the weights the engine computes with
     _token_texts: dict[int, str] = field(default_factory=dict)
+    _fast: fastllama.FastWeights | None = field(default=None, init=False, repr=False)
     _user_frame: tuple[str, str] | None = field(default=None, init=False, repr=False)
     _backend: object | None = field(default=None, init=False, repr=False)
 
@@ -31,6 +80,19 @@ class LoadedModel:
         # The Rust tokenizer under the transformers wrapper: the wrapper releases the GIL,
         # and taking it back from a busy engine thread cost ~0.7 ms per call (vs 0.06 ms).
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
+
+    @property
+    def fast_path(self) -> bool:
+        return self.options.fast_path != "off" and fastllama.supports(self.model) is None
+
+    def fast_weights(self) -> fastllama.FastWeights | None:
+        """The weights for the lean forward (built once), or None when the model runs through
+        the Hugging Face forward."""
+        if not self.fast_path:
+            return None
+        if self._fast is None:
+            self._fast = fastllama.FastWeights(self.model, self.dtype, self.device)
+        return self._fast
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (for alternatives); memoised, the vocabulary is small."""
@@ -87,15 +149,25 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def load_model(path: Path, device: str = "auto", threads: int = 0) -> LoadedModel:
+def load_model(path: Path, device: str = "auto", threads: int = 0, dtype: str | None = None,
+               options: EngineOptions | None = None) -> LoadedModel:
+    """Options default to the INFERQL_* settings; `dtype` overrides theirs."""
     if threads > 0:
         torch.set_num_threads(threads)
+    if options is None:
+        options = EngineOptions.from_settings()
+    if dtype is not None:
+        options = dataclasses.replace(options, dtype=dtype)
     dev = pick_device(device)
     version = weights_version(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # float32 on CPU (bf16 matmuls are slow without AVX-512 BF16); bf16 on CUDA.
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    compute = pick_dtype(options.dtype, dev)
+    # The fast path keeps float32 master weights (its float32 logits read them) and makes its
+    # own copies in `compute`; the Hugging Face forward runs in `compute` itself, except that
+    # on CPU 16-bit weights there would also round the logits, so it stays float32.
+    fast = options.fast_path != "off"
+    load_dtype = torch.float32 if fast or dev.type == "cpu" else compute
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype)
     model.to(dev)
     model.eval()
     cfg = model.config
@@ -103,15 +175,27 @@ def load_model(path: Path, device: str = "auto", threads: int = 0) -> LoadedMode
     eos_ids = {i for i in eos if i is not None}
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
+    if fast and fastllama.supports(model) is not None:  # not a Llama-family model: the HF forward
+        log.info("fast path off for this model (%s)", fastllama.supports(model))
+        if dev.type != "cpu" and compute != torch.float32:
+            model.to(compute)
+        else:
+            compute = torch.float32
+        fast = False
+    elif not fast:
+        compute = load_dtype
     marker = read_marker(path)
     info = ModelInfo(
         id=marker.get("name") or path.name,
         version=version,
         parameters=sum(p.numel() for p in model.parameters()),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(compute).removeprefix("torch."),
         device=dev.type,
         context_length=int(getattr(cfg, "max_position_embeddings", 2048)),
         source=marker.get("source") or "local",
     )
     log.info("loaded model %s version %s on %s (%d params)", info.id, info.version, info.device, info.parameters)
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, eos_ids=frozenset(eos_ids), device=dev)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, info=info, eos_ids=frozenset(eos_ids), device=dev,
+                     options=options, dtype=compute)
+    lm.fast_weights()  # convert now, not on the first request
+    return lm

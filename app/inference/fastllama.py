@@ -1,0 +1,259 @@
+"""A lean decoder for Llama-family models with a preallocated per-row KV cache.
+
+The Hugging Face forward is general: per layer it builds masks, dispatches through the
+attention interface and grows a DynamicCache by concatenation. For a 135M model on a
+small CPU that bookkeeping costs more than the arithmetic, so the engine runs supported
+models (LlamaForCausalLM and the same architecture under other names) through this module
+instead, with the model's own weights:
+
+* q/k/v and gate/up projections are fused into one matrix each (one GEMM instead of 2-3);
+* weights are kept in the chosen dtype (bfloat16 where the CPU has native support), the
+  residual stream, the norms and the final logits in float32;
+* the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`.
+  Running requests occupy rows 0..B-1; when one ends the last row moves into its place,
+  so a decode step reads a view of the cache, never a gathered copy. Each row keeps its
+  own length; the attention mask hides the columns past it. The capacity grows by
+  doubling when a row outgrows it and shrinks back when the batch drains;
+* a prompt is prefilled in chunks that append to its row, so a long prompt can be
+  interleaved with decode steps of the other rows, and a cached prefix (copied from the
+  prefix cache) is simply the first chunk already done.
+
+Logits come out in float32: the final norm runs in float32 and the head multiplies in the
+weights' dtype, then the top candidates of each row are recomputed exactly in float32 (see
+`logits`), so the logprobs, confidence and greedy choice do not carry bfloat16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+EXACT_TOP = 16  # candidates per row whose logits are recomputed in float32
+
+
+def supports(model: torch.nn.Module) -> str | None:
+    """None when the model can run here, else why not."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in SUPPORTED:
+        return f"model type {getattr(cfg, 'model_type', None)!r}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "mlp_bias", False):
+        return "mlp bias"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) \
+            and cfg.model_type == "mistral":
+        return "sliding window"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if kind not in ("default", "linear", "llama3"):
+        return f"rope type {kind!r}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "unexpected module layout"
+    return None
+
+
+class FastWeights:
+    """The model's weights, rearranged for the lean forward (shared by every engine on a model)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+        cfg = model.config
+        inner = model.model
+        self.dtype = dtype
+        self.device = device
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.hidden = cfg.hidden_size
+        self.eps = float(cfg.rms_norm_eps)
+        self.max_len = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.vocab = cfg.vocab_size
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        def f32(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=torch.float32).contiguous()
+
+        self.layers = []
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            bias = None
+            if a.q_proj.bias is not None:
+                bias = f32(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])).to(dtype)
+            self.layers.append((
+                f32(layer.input_layernorm.weight), w(qkv), bias, w(a.o_proj.weight),
+                f32(layer.post_attention_layernorm.weight),
+                w(torch.cat([m.gate_proj.weight, m.up_proj.weight])), w(m.down_proj.weight),
+            ))
+        self.norm = f32(inner.norm.weight)
+        self.embed = w(inner.embed_tokens.weight)
+        head = model.get_output_embeddings().weight
+        self.head = self.embed if head is inner.embed_tokens.weight and dtype != torch.float32 else w(head)
+        if dtype == torch.float32:
+            self.head32 = self.head
+        else:  # float32 rows of the head, to recompute the top candidates exactly
+            self.head32 = f32(head)
+        rot = inner.rotary_emb
+        inv_freq = rot.inv_freq.detach().to(device=device, dtype=torch.float32)
+        freqs = torch.arange(self.max_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scale = float(getattr(rot, "attention_scaling", 1.0))
+        self.cos = (emb.cos() * scale).contiguous()  # [max_len, head_dim], float32
+        self.sin = (emb.sin() * scale).contiguous()
+        self.sm_scale = 1.0 / math.sqrt(self.head_dim)
+
+
+class FastLlama:
+    """The lean forward with one engine's KV cache."""
+
+    def __init__(self, weights: FastWeights, rows: int) -> None:
+        self.w = weights
+        for name in ("dtype", "device", "n_layers", "n_heads", "n_kv", "head_dim", "hidden", "eps", "max_len",
+                     "vocab", "layers", "norm", "embed", "head", "head32", "cos", "sin", "sm_scale"):
+            setattr(self, name, getattr(weights, name))
+        self.rows = rows
+        self.min_capacity = 256
+        self.capacity = 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.lengths = [0] * rows  # tokens in each row's cache
+
+    # ---- the cache -------------------------------------------------------------------
+
+    def reserve(self, tokens: int) -> None:
+        """Make every row able to hold `tokens` positions."""
+        if tokens <= self.capacity:
+            return
+        cap = max(self.min_capacity, self.capacity)
+        while cap < tokens:
+            cap *= 2
+        cap = min(cap, max(self.max_len, tokens))
+        shape = (self.rows, self.n_kv, cap, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        used = max(self.lengths, default=0)
+        if self.capacity and used:
+            for old, new in zip(self.k + self.v, new_k + new_v):
+                new[:, :, :used].copy_(old[:, :, :used])
+        self.k, self.v, self.capacity = new_k, new_v, cap
+
+    def release_all(self) -> None:
+        """The batch drained: give the memory back (the next request allocates again)."""
+        self.k, self.v, self.capacity = [], [], 0
+        self.lengths = [0] * self.rows
+
+    def move_row(self, src: int, dst: int) -> None:
+        n = self.lengths[src]
+        if n:
+            for t in self.k + self.v:
+                t[dst, :, :n].copy_(t[src, :, :n])
+        self.lengths[dst] = n
+        self.lengths[src] = 0
+
+    def read(self, row: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of positions start..end-1 of a row: [layers, kv_heads, end - start, head_dim] each."""
+        return (torch.stack([t[row, :, start:end] for t in self.k]),
+                torch.stack([t[row, :, start:end] for t in self.v]))
+
+    def write_prefix(self, row: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        self.reserve(n)
+        for li in range(self.n_layers):
+            self.k[li][row, :, :n].copy_(k[li])
+            self.v[li][row, :, :n].copy_(v[li])
+        self.lengths[row] = n
+
+    # ---- the forward -----------------------------------------------------------------
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * weight
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, rows: slice | int, width: int,
+                mask: torch.Tensor, write_at: torch.Tensor | int) -> torch.Tensor:
+        """h: [B, T, hidden] float32. positions: [B, T]. The new keys go to columns write_at
+        (a [B] tensor for decode, T == 1; an int start column for a one-row prefill)."""
+        B, T, _ = h.shape
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        cos = self.cos[positions][:, None]  # [B, 1, T, D]
+        sin = self.sin[positions][:, None]
+        dt = self.dtype
+        decode = isinstance(write_at, torch.Tensor)
+        for li, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            x = self._rms(h, ln1).to(dt)
+            qkv = F.linear(x, wqkv, bqkv)
+            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
+            q = self._rope(q.view(B, T, H, D).transpose(1, 2).float(), cos, sin).to(dt)
+            k = self._rope(k.view(B, T, KV, D).transpose(1, 2).float(), cos, sin).to(dt)
+            v = v.view(B, T, KV, D).transpose(1, 2)
+            kc, vc = self.k[li], self.v[li]
+            if decode:
+                idx = torch.arange(B, device=h.device)
+                kc[idx, :, write_at] = k[:, :, 0]
+                vc[idx, :, write_at] = v[:, :, 0]
+                keys, values = kc[:B, :, :width], vc[:B, :, :width]
+            else:
+                kc[rows, :, write_at:write_at + T] = k[0]
+                vc[rows, :, write_at:write_at + T] = v[0]
+                keys, values = kc[rows:rows + 1, :, :width], vc[rows:rows + 1, :, :width]
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.sm_scale,
+                                                 enable_gqa=KV != H)
+            att = att.transpose(1, 2).reshape(B, T, H * D)
+            h = h + F.linear(att, wo).float()
+            x = self._rms(h, ln2).to(dt)
+            gate, up = F.linear(x, wgu).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, wd).float()
+        return h
+
+    def _final(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, hidden] float32 -> logits [B, vocab] float32."""
+        h = self._rms(h, self.norm)
+        if self.head32 is self.head:
+            return F.linear(h, self.head)
+        logits = F.linear(h.to(self.dtype), self.head).float()
+        # bfloat16 keeps 8 bits of mantissa: a logit of 20 carries an error up to ~0.08. The
+        # candidates that matter (the argmax, the top alternatives, the bulk of the softmax
+        # mass) are recomputed in float32 from the float32 weights.
+        top = logits.topk(EXACT_TOP, dim=-1).indices  # [B, k]
+        exact = torch.einsum("bd,bkd->bk", h, self.head32[top])
+        return logits.scatter_(1, top, exact)
+
+    def prefill(self, row: int, ids: list[int], start: int, logits: bool = True) -> torch.Tensor | None:
+        """Feed ids at positions start.. of a row (its cache holds exactly `start` already).
+        Returns the float32 logits [vocab] of the last position (None when not asked for)."""
+        T = len(ids)
+        end = start + T
+        self.reserve(end)
+        dev = self.device
+        tokens = torch.tensor([ids], device=dev)
+        positions = torch.arange(start, end, device=dev)[None]
+        h = self.embed[tokens].float()
+        cols = torch.arange(end, device=dev)
+        mask = (cols[None, :] <= positions[0][:, None])[None, None]  # [1, 1, T, end]
+        h = self._layers(h, positions, row, end, mask, start)
+        self.lengths[row] = end
+        return self._final(h[:, -1])[0] if logits else None
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for rows 0..B-1. tokens, positions: [B] long (position = the row's
+        length). Returns logits [B, vocab] float32."""
+        B = tokens.shape[0]
+        width = max(self.lengths[:B]) + 1
+        self.reserve(width)
+        h = self.embed[tokens][:, None].float()
+        cols = torch.arange(width, device=self.device)
+        mask = (cols[None, :] <= positions[:, None])[:, None, None]  # [B, 1, 1, width]
+        h = self._layers(h, positions[:, None], slice(0, B), width, mask, positions)
+        for i in range(B):
+            self.lengths[i] += 1
+        return self._final(h[:, 0])
