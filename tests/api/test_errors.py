@@ -124,8 +124,11 @@ async def test_unknown_ids(client):
 
 
 async def test_malformed_requests(tiny_server, client):
-    async with httpx.AsyncClient() as http:
-        url = tiny_server.url + "/graphql"
+    url = tiny_server.url + "/graphql"
+    async with httpx.AsyncClient() as http:  # without a key nothing is read: the key comes first
+        resp = await http.post(url, content=b"{not json", headers={"content-type": "application/json"})
+        assert resp.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED", resp.text
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {tiny_server.key}"}) as http:
         resp = await http.post(url, content=b"{not json", headers={"content-type": "application/json"})
         assert resp.status_code == 400 and not LEAK.search(resp.text)
         body = (await http.post(url, json={"query": "query { models { id "})).json()
