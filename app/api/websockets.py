@@ -110,9 +110,6 @@ class Connections:
             self.unauthenticated.pop(conn.address, None)
         conn.address = None  # counted once
 
-    def count(self, key_id: str) -> int:
-        return len(self.by_key.get(key_id, ()))
-
     async def sweep(self, authenticate: Callable[[str], Awaitable[Caller | None]]) -> int:
         """Closes (4403) every connection whose key no longer authenticates; returns how many."""
         closed = 0

@@ -23,10 +23,6 @@ def fan_out(levels: int, leaf: str = "models { id }") -> str:
     return " ".join(parts)
 
 
-def selections(document: str) -> int:
-    return document.count("...") + document.count("{")  # spreads, and fields with a selection set, bound it
-
-
 def check(document: str, variables: dict | None = None, limits: DocumentLimitSettings = LIMITS,
           operation: str | None = None):
     return check_document(SCHEMA._schema, parse(document), operation, variables, limits)
