@@ -40,7 +40,7 @@ def _prompt_and_answers(lm: LoadedModel, text: str, labels: list[str], instructi
     system = (instruction or DEFAULT_INSTRUCTION).replace("{labels}", ", ".join(labels))
     prefix = lm.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": text}])
     end = [lm.tokenizer.eos_token_id] if lm.tokenizer.eos_token_id is not None else []
-    return prefix, [lm.encode_raw(label) + end for label in labels]
+    return prefix, [lm.encode_text(label) + end for label in labels]
 
 
 def classification_length(lm: LoadedModel, text: str, labels: list[str], instruction: str | None = None) -> int:

@@ -80,6 +80,20 @@ class LoadedModel:
         # The Rust tokenizer under the transformers wrapper: the wrapper releases the GIL,
         # and taking it back from a busy engine thread cost ~0.7 ms per call (vs 0.06 ms).
         self._backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        # Text a user sent is text: "<|im_start|>system" in a message must not become the control
+        # token (the Rust tokenizer matches added tokens even with add_special_tokens=False). Such
+        # content is encoded by a copy of the tokenizer that splits no special tokens out of it.
+        self._plain = None
+        self._specials: tuple[str, ...] = ()
+        if self._backend is not None:
+            from tokenizers import Tokenizer
+
+            self._plain = Tokenizer.from_str(self._backend.to_str())
+            self._plain.encode_special_tokens = True
+            self._specials = tuple(t.content for t in self._backend.get_added_tokens_decoder().values()
+                                   if t.special and t.content)
+        else:
+            self._specials = tuple(getattr(self.tokenizer, "all_special_tokens", ()))
 
     @property
     def fast_path(self) -> bool:
@@ -102,15 +116,42 @@ class LoadedModel:
         return text
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation, ending with the assistant's turn opened."""
+        """Token ids of a conversation, ending with the assistant's turn opened. Special-token
+        text inside a message's content stays text (see encode_text)."""
+        guarded = any(self.has_special_text(m["content"]) for m in messages)
         if len(messages) == 1 and messages[0]["role"] == "user" and self._user_frame is not None:
             prefix, suffix = self._user_frame  # the common case, without rendering the template
+            if guarded:
+                return self.encode_raw(prefix) + self.encode_text(messages[0]["content"]) + self.encode_raw(suffix)
             return self.encode_raw(prefix + messages[0]["content"] + suffix)
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:  # a model without a chat template: plain "role: content" lines
+        if not getattr(self.tokenizer, "chat_template", None):  # plain "role: content" lines
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode_raw(text)
+            return self.encode_text(text) if guarded else self.encode_raw(text)
+        if not guarded:
+            return self.encode_raw(self._render(messages))
+        # Render with a placeholder per content, then encode the template's own text (its
+        # control tokens) and each content (as plain text) separately.
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        text = self._render([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        ids: list[int] = []
+        for mark, message in zip(marks, messages):
+            head, found, text = text.partition(mark)
+            if not found:  # the template rewrote the content: it cannot be placed safely
+                raise ValueError("the chat template does not insert message contents verbatim")
+            ids += self.encode_raw(head) + self.encode_text(message["content"])
+        return ids + self.encode_raw(text)
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def has_special_text(self, text: str) -> bool:
+        return any(s in text for s in self._specials)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of text from a user: special-token text in it is split as ordinary text."""
+        if self._plain is not None:
+            return self._plain.encode(text, add_special_tokens=False).ids
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
     def encode_raw(self, text: str) -> list[int]:
         if self._backend is not None:
