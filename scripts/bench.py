@@ -489,6 +489,9 @@ class Server:
             "INFERQL_DEFAULT_TPM": "1000000000",
             "INFERQL_DEFAULT_CONCURRENCY": "10000",
             "INFERQL_MAX_QUEUED_JOBS": "100000",
+            # 64 streams open 64 websockets from one address at once
+            "INFERQL_MAX_WS_UNAUTHENTICATED_PER_ADDRESS": "100000",
+            "INFERQL_MAX_WS_PER_KEY": "100000",
             **extra_env,
         }
         if model_path is not None:
