@@ -132,7 +132,7 @@ def _keys(db):
     from app.jobs.keys import Defaults, KeyStore
 
     s = Settings()
-    return KeyStore(db, Defaults(s.default_rpm, s.default_tpm, s.default_concurrency))
+    return KeyStore(db, Defaults(s.default_rpm, s.default_tpm, s.default_concurrency, s.default_max_priority))
 
 
 @keys_app.command("create")
@@ -141,6 +141,9 @@ def keys_create(
     rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute (default: INFERQL_DEFAULT_RPM).")] = None,
     tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute (default: INFERQL_DEFAULT_TPM).")] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Generations queued or running at once.")] = None,
+    max_priority: Annotated[int | None, typer.Option(
+        min=-100, max=100, help="The highest job priority the key may ask for (default: INFERQL_DEFAULT_MAX_PRIORITY; "
+                                "admin keys: 100).")] = None,
     admin: Annotated[bool, typer.Option(help="Sees every key's jobs and runs the review queue.")] = False,
 ) -> None:
     """Create a key. It is printed once, as the last line; only its hash is stored."""
@@ -149,7 +152,8 @@ def keys_create(
     from app.jobs.keys import KeyNameTaken
 
     async def create(db):
-        return await _keys(db).create(name, admin=admin, rpm=rpm, tpm=tpm, concurrency=concurrency)
+        return await _keys(db).create(name, admin=admin, rpm=rpm, tpm=tpm, concurrency=concurrency,
+                                      max_priority=max_priority)
 
     try:
         key = asyncio.run(_with_db(create))
@@ -170,7 +174,8 @@ def keys_list() -> None:
 
     for k in asyncio.run(_with_db(listing)):
         state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
-        limits = f"rpm={k.rpm or 'default'} tpm={k.tpm or 'default'} concurrency={k.concurrency or 'default'}"
+        limits = (f"rpm={k.rpm or 'default'} tpm={k.tpm or 'default'} concurrency={k.concurrency or 'default'} "
+                  f"max-priority={'default' if k.max_priority is None else k.max_priority}")
         typer.echo(f"{k.name:20} {k.prefix}…  {'admin ' if k.admin else ''}{limits}  {state}")
 
 

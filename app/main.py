@@ -8,8 +8,6 @@ import gc
 import json
 import logging
 import sys
-import time
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -33,27 +31,11 @@ from app.api.websockets import (
     refuse_crowded,
 )
 from app.api.schema import build_schema
-from app.inference.engine import Engine
-from app.inference.model import load_model
-from app.inference.weights import pull_default_model
-from app.jobs.db import Database
-from app.jobs.keys import Defaults, KeyNameTaken, KeyStore
-from app.jobs.migrate import upgrade
-from app.jobs.service import JobService
-from app.jobs.store import JobStore
-from app.jobs.validation import Limits
-from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
-from app.jobs.writer import Writer
+from app.jobs.keys import KeyStore
 from app.settings import Settings
+from app.wiring import start_services
 
 log = logging.getLogger("inferql")
-
-
-def resolve_model_path(settings: Settings) -> Path:
-    """The folder to serve: INFERQL_MODEL_PATH, or the default model (fetched on first use)."""
-    if settings.model_path is not None:
-        return settings.model_path
-    return pull_default_model(settings.cache_dir)
 
 
 _UNKNOWN = object()
@@ -85,7 +67,7 @@ class InferQLGraphQL(GraphQL):
             adapter = self.request_adapter_class(request)
             # Requests strawberry answers without GraphQL (405, the GraphiQL page or its 404) pass.
             if self.is_request_allowed(adapter) and not self.should_render_graphql_ide(adapter):
-                caller = await identify(request.app.state.service, True, key_from(request.headers))
+                caller = await identify(request.app.state.services.access, True, key_from(request.headers))
                 request.state.caller = caller
                 if caller is None:
                     return JSONResponse({"data": None, "errors": [{
@@ -106,17 +88,18 @@ class InferQLGraphQL(GraphQL):
             self.connections.forget(conn)
 
     async def get_context(self, request, response=None):
-        service = request.app.state.service
+        services = request.app.state.services
         caller = None
         connection = None
         if isinstance(request, Request):  # a websocket's caller is set by on_ws_connect
             caller = getattr(request.state, "caller", _UNKNOWN)  # run() may have identified it
             if caller is _UNKNOWN:
-                caller = await identify(service, self.auth_on, key_from(request.headers))
+                caller = await identify(services.access, self.auth_on, key_from(request.headers))
                 request.state.caller = caller
         else:
             connection = getattr(request.state, "connection", None)
-        return {"service": service, "request": request, "response": response, "caller": caller,
+        return {"access": services.access, "jobs": services.jobs, "reviews": services.reviews,
+                "classifier": services.classifier, "model": services.model, "request": request, "response": response, "caller": caller,
                 "max_subscriptions": self.max_subscriptions, "connection": connection}
 
     def decode_json(self, data):
@@ -138,45 +121,25 @@ class InferQLGraphQL(GraphQL):
 
     async def on_ws_connect(self, context):
         """Authenticates the connection_init payload; a bad or missing key closes with 4403."""
-        service = context["service"]
+        access = context["access"]
         key = key_from(context.get("connection_params")) or key_from(context["request"].headers)
-        caller = await identify(service, self.auth_on, key)
+        caller = await identify(access, self.auth_on, key)
         if caller is None:
             raise ConnectionRejectionError({"message": f"a valid API key is required: {HOW_TO}"})
         if context.get("connection") is not None:
             self.connections.authenticated(context["connection"], caller, key)  # ConnectionLimit: closes 4429
         context["caller"] = caller
-        return {"rateLimit": await service.rate_state(caller)}
+        return {"rateLimit": await access.rate_state(caller)}
 
     async def process_result(self, request, result):
         """Every HTTP response tells the caller where it stands against its limits."""
         body = await super().process_result(request, result)
         caller = getattr(request.state, "caller", None)
         if caller is not None:
-            state = await request.app.state.service.rate_state(caller)
+            state = await request.app.state.services.access.rate_state(caller)
             if state is not None:
                 body.setdefault("extensions", {})["rateLimit"] = state
         return body
-
-
-async def bootstrap_key(keys: KeyStore) -> None:
-    """First start with auth on and no key: create a local admin key and show it once."""
-    if await keys.count_active():
-        return
-    try:
-        key = await keys.create("local", admin=True)
-    except KeyNameTaken:  # the first "local" key was revoked
-        key = await keys.create(f"local-{int(time.time())}", admin=True)
-    print(
-        "\n" + "=" * 72 +
-        "\nInferQL created an admin API key for local use. It is shown only this once:\n"
-        f"\n    {key}\n"
-        "\nIn GraphiQL open 'Headers' and paste:"
-        f'\n    {{"Authorization": "Bearer {key}"}}'
-        "\nMore keys: inferql keys create --name NAME   (list / revoke: inferql keys ...)\n"
-        + "=" * 72 + "\n",
-        flush=True,
-    )
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -187,41 +150,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # The engine thread runs Python between torch kernels and holds the GIL meanwhile;
         # a short switch interval keeps the event loop's requests from queueing behind it.
         sys.setswitchinterval(settings.gil_switch_interval)
-        lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
-        db = Database(settings.database_url)
-        await upgrade(db.engine)
-        keys = KeyStore(db, Defaults(settings.default_rpm, settings.default_tpm, settings.default_concurrency),
-                        cache_seconds=settings.key_cache_seconds)
-        if settings.auth == "on":
-            await bootstrap_key(keys)
-        else:
-            log.warning("INFERQL_AUTH=off: every caller is an anonymous admin without limits")
-        engine = Engine(lm, max_batch_size=settings.max_batch_size)
-        engine.start()
-        writer = Writer(db)  # one per process: it groups the writes of the store and the webhooks
-        service = JobService(
-            store=JobStore(db, writer),
-            engine=engine,
-            lm=lm,
-            limits=Limits(
-                max_prompt_chars=settings.max_prompt_chars,
-                max_new_tokens=min(settings.max_new_tokens, lm.info.context_length),
-                context_length=lm.info.context_length,
-            ),
-            review_threshold=settings.review_threshold,
-            max_queued=settings.max_queued_jobs,
-            max_attempts=settings.max_attempts,
-            webhooks=WebhookDispatcher(
-                db,
-                settings.webhook_secret or load_or_create_secret(settings.data_dir),
-                settings.retry_delays,
-                timeout=settings.webhook_timeout,
-                writer=writer,
-            ),
-            keys=keys,
-            rate_window_seconds=settings.rate_window_seconds,
-        )
-        await service.start()
+        services = await start_services(settings)
+        keys, db, engine = services.keys, services.db, services.engine
         # Open websockets of a revoked key are closed by a sweep that asks the database itself
         # (a cached lookup would add up to key_cache_seconds to the delay).
         uncached_keys = KeyStore(db, keys.defaults, cache_seconds=0)
@@ -231,7 +161,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         registry = CollectorRegistry()
         registry.register(EngineCollector(engine))
         registry.register(DocumentCollector())
-        app.state.service, app.state.db, app.state.engine, app.state.registry = service, db, engine, registry
+        app.state.services, app.state.db, app.state.engine, app.state.registry = services, db, engine, registry
         # Startup left ~500k long-lived objects (torch, transformers, the schema). A full
         # collection walks them all, stalling every request for ~250 ms; frozen, they are
         # skipped and a collection sees only what requests create.
@@ -244,7 +174,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
-            await service.stop()
+            await services.stop()
             await engine.stop()
             await db.dispose()
 

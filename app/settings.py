@@ -37,12 +37,14 @@ class Settings(BaseSettings):
     default_rpm: int = 600            # requests per minute, for keys created without --rpm
     default_tpm: int = 200_000        # tokens per minute (prompt + completion), without --tpm
     default_concurrency: int = 64     # generations queued or running at once, without --concurrency
+    default_max_priority: int = 50    # highest job priority, without --max-priority (admin keys: 100)
     rate_window_seconds: int = 60     # the moving window rpm/tpm are counted over ("per minute")
     key_cache_seconds: float = 1.0    # how long a key lookup is reused: a revocation takes up to this long
 
     # Engine and queue
     max_batch_size: int = 16      # generations decoded together in one forward pass
     max_queued_jobs: int = 256    # beyond this, new work is refused with OVERLOADED
+    max_queued_classifications: int = 16  # classifications waiting for the engine; beyond, OVERLOADED
     max_prompt_chars: int = 32_000
     max_new_tokens: int = 2048
 

@@ -519,9 +519,10 @@ class Server:
                     raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(self.url + "/readyz")).status_code == 200:
-                        # With auth on, a first start on a fresh database prints an admin key.
-                        found = re.search(r"^\s+(iq_[\w-]{40,})\s*$", self.log_path.read_text(errors="replace"), re.M)
-                        self.key = found.group(1) if found else None
+                        # With auth on, a first start on a fresh database writes an admin key
+                        # into the data folder (stdout is no terminal here).
+                        key_file = Path(self.env["INFERQL_DATA_DIR"]) / "first-admin-key.txt"
+                        self.key = key_file.read_text().strip() if key_file.exists() else None
                         return
                 await asyncio.sleep(0.2)
         raise TimeoutError(f"the server was not ready in {timeout:.0f}s:\n{self.log_tail()}")

@@ -10,7 +10,7 @@ from strawberry.types import Info
 from app.jobs.domain import OPEN_DOOR, Caller
 from app.jobs.errors import Unauthenticated
 from app.jobs.quotas import RateLimited
-from app.jobs.service import JobService
+from app.jobs.access import Access
 
 HOW_TO = 'send "Authorization: Bearer <key>" (websockets: in the connection_init payload)'
 
@@ -31,10 +31,10 @@ def key_from(headers_or_payload: Mapping | None) -> str | None:
     return None
 
 
-async def identify(service: JobService, auth_on: bool, key: str | None) -> Caller | None:
+async def identify(access: Access, auth_on: bool, key: str | None) -> Caller | None:
     if not auth_on:
         return OPEN_DOOR
-    return await service.authenticate(key)
+    return await access.authenticate(key)
 
 
 async def admitted(info: Info) -> Caller:
@@ -43,7 +43,7 @@ async def admitted(info: Info) -> Caller:
     caller = ctx.get("caller")
     if caller is None:
         raise Unauthenticated(f"a valid API key is required: {HOW_TO}")
-    await ctx["service"].admit(caller)
+    await ctx["access"].admit(caller)
     return caller
 
 

@@ -15,6 +15,7 @@ from app.inference.types import SamplingParams
 from app.jobs.domain import ChatMessage, GenerationSpec
 from app.jobs.domain import JobOptions as JobOptionsData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
+from app.jobs.review import Reviews
 from app.jobs.service import JobService
 from app.settings import Settings
 
@@ -41,8 +42,12 @@ from .types import (
 _background: set[asyncio.Task] = set()
 
 
-def _service(info: Info) -> JobService:
-    return info.context["service"]
+def _jobs(info: Info) -> JobService:
+    return info.context["jobs"]
+
+
+def _reviews(info: Info) -> Reviews:
+    return info.context["reviews"]
 
 
 _caller = admitted  # the caller of a root field, counted against its quota
@@ -80,22 +85,22 @@ class Query:
     @strawberry.field(description="The models this server serves.")
     async def models(self, info: Info) -> list[ModelInfo]:
         await _caller(info)
-        return [ModelInfo.of(_service(info).model)]
+        return [ModelInfo.of(info.context["model"])]
 
     @strawberry.field(description="A job by id; null when it does not exist.")
     async def job(self, info: Info, id: strawberry.ID) -> Job | None:
-        job = await _service(info).get(str(id), await _caller(info))
+        job = await _jobs(info).get(str(id), await _caller(info))
         return Job.of(job) if job else None
 
     @strawberry.field(description="Jobs, newest first, optionally of one status; cursor-paginated.")
     async def jobs(self, info: Info, status: JobStatus | None = None, first: int = 20,
                    after: str | None = None) -> JobConnection:
         caller = await _caller(info)
-        return JobConnection.of(await _service(info).list_jobs(caller, status=status, first=first, after=after))
+        return JobConnection.of(await _jobs(info).list_jobs(caller, status=status, first=first, after=after))
 
     @strawberry.field(description="A batch by id; null when it does not exist.")
     async def batch(self, info: Info, id: strawberry.ID) -> Batch | None:
-        batch = await _service(info).batch(str(id), await _caller(info))
+        batch = await _jobs(info).batch(str(id), await _caller(info))
         return Batch.of(batch) if batch else None
 
     @strawberry.field(description="Your usage in [from, to), per model version; an admin key sees every key.")
@@ -107,48 +112,48 @@ class Query:
             UsageReport(key_id=u.owner, key_name=name, model_version=u.model_version, requests=u.requests,
                         prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                         total_tokens=u.prompt_tokens + u.completion_tokens)
-            for u, name in await _service(info).usage(caller, from_, to)
+            for u, name in await _reviews(info).usage(caller, from_, to)
         ]
 
     @strawberry.field(description="Succeeded jobs flagged needsReview that no one has reviewed yet, newest first.")
     async def review_queue(self, info: Info, first: int = 20, after: str | None = None) -> JobConnection:
         caller = await _caller(info)
-        return JobConnection.of(await _service(info).review_queue(caller, first=first, after=after))
+        return JobConnection.of(await _reviews(info).review_queue(caller, first=first, after=after))
 
 
 @strawberry.type
 class Mutation:
     @strawberry.mutation(description="Queue a generation and return its job at once.")
     async def submit_generation(self, info: Info, input: GenerationInput, options: JobOptions | None = None) -> Job:
-        job = await _service(info).submit(_spec(input), _options(options), await _caller(info))
+        job = await _jobs(info).submit(_spec(input), _options(options), await _caller(info))
         return Job.of(job)
 
     @strawberry.mutation(description="Cancel a job. A finished job is returned unchanged.")
     async def cancel_job(self, info: Info, id: strawberry.ID) -> Job:
-        return Job.of(await _service(info).cancel(str(id), await _caller(info)))
+        return Job.of(await _jobs(info).cancel(str(id), await _caller(info)))
 
     @strawberry.mutation(
         description="Queue many generations at once. One invalid input refuses the whole batch (its index is named)."
     )
     async def submit_batch(self, info: Info, inputs: list[GenerationInput], options: JobOptions | None = None) -> Batch:
         caller = await _caller(info)
-        return Batch.of(await _service(info).submit_batch([_spec(i) for i in inputs], _options(options), caller))
+        return Batch.of(await _jobs(info).submit_batch([_spec(i) for i in inputs], _options(options), caller))
 
     @strawberry.mutation(description="Cancel every job of a batch that has not finished.")
     async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
-        return Batch.of(await _service(info).cancel_batch(str(id), await _caller(info)))
+        return Batch.of(await _jobs(info).cancel_batch(str(id), await _caller(info)))
 
     @strawberry.mutation(description="Record a person's verdict on a job's answer; it leaves the review queue.")
     async def submit_review(self, info: Info, job_id: strawberry.ID, verdict: ReviewVerdict,
                             corrected_text: str | None = None) -> Job:
         caller = await _caller(info)
-        return Job.of(await _service(info).submit_review(str(job_id), ReviewVerdictData(verdict.value),
+        return Job.of(await _reviews(info).submit_review(str(job_id), ReviewVerdictData(verdict.value),
                                                          corrected_text, caller))
 
     @strawberry.mutation(description="Score each label as the model's answer to the text; synchronous.")
     async def classify(self, info: Info, input: ClassificationInput) -> ClassificationResult:
         caller = await _caller(info)
-        result = await _service(info).classify(input.text, list(input.labels), input.instruction, caller)
+        result = await info.context["classifier"].classify(input.text, list(input.labels), input.instruction, caller)
         return ClassificationResult.of(result)
 
 
@@ -160,7 +165,7 @@ class Subscription:
     async def generate(
         self, info: Info, input: GenerationInput, options: JobOptions | None = None
     ) -> AsyncGenerator[GenerationEvent, None]:
-        service, caller = _service(info), await _caller(info)
+        service, caller = _jobs(info), await _caller(info)
         finished = False
         async with subscription_slot(info):
             job = await service.submit(_spec(input), _options(options), caller)
@@ -178,7 +183,7 @@ class Subscription:
     async def job_events(self, info: Info, id: strawberry.ID, after: int = 0) -> AsyncGenerator[GenerationEvent, None]:
         caller = await _caller(info)
         async with subscription_slot(info):
-            async for event in await _service(info).events(str(id), after, caller):
+            async for event in await _jobs(info).events(str(id), after, caller):
                 yield event_of(event)
 
 

@@ -20,7 +20,7 @@ from app.jobs.domain import JobStatus as JobStatusData
 from app.jobs.domain import Page as PageData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.domain import TokenRecord
-from app.jobs.service import Classification
+from app.jobs.classification import Classification
 from app.jobs.store import encode_cursor
 
 # Token i of a job is event seq i + 3: JobQueued is 1 and GenerationStarted is 2.
@@ -273,7 +273,7 @@ class Job:
 
     @strawberry.field(description="Every attempt to call this job's webhookUrl, oldest first.")
     async def webhook_deliveries(self, info: strawberry.Info) -> list[WebhookDelivery]:
-        return [_delivery(d) for d in await info.context["service"].webhook_deliveries(str(self.id))]
+        return [_delivery(d) for d in await info.context["reviews"].webhook_deliveries(str(self.id))]
 
     @classmethod
     def of(cls, j: JobData) -> Job:
@@ -356,13 +356,13 @@ class Batch:
     @strawberry.field(description="The batch's jobs, newest first.")
     async def jobs(self, info: strawberry.Info, status: JobStatus | None = None, first: int = 20,
                    after: str | None = None) -> JobConnection:
-        page = await info.context["service"].list_jobs(info.context["caller"], batch_id=str(self.id),
+        page = await info.context["jobs"].list_jobs(info.context["caller"], batch_id=str(self.id),
                                                        status=status, first=first, after=after)
         return JobConnection.of(page)
 
     @strawberry.field(description="Every attempt to call the batch's webhookUrl, oldest first.")
     async def webhook_deliveries(self, info: strawberry.Info) -> list[WebhookDelivery]:
-        return [_delivery(d) for d in await info.context["service"].webhook_deliveries(str(self.id))]
+        return [_delivery(d) for d in await info.context["reviews"].webhook_deliveries(str(self.id))]
 
     @classmethod
     def of(cls, b: BatchData) -> Batch:

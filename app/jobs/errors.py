@@ -22,6 +22,10 @@ class Overloaded(ServiceError):
     code = "OVERLOADED"
 
 
+class RateLimited(ServiceError):
+    code = "RATE_LIMITED"
+
+
 class Forbidden(ServiceError):
     code = "FORBIDDEN"
 

@@ -1,17 +1,19 @@
 """Job events and the per-job event log.
 
 Every consumer of a job (the `generate` subscription, `jobEvents` re-attach, pollers,
-webhooks) reads the same sequence: seq 1, 2, 3 ... Live jobs keep their log in memory so
-a subscriber can replay what it missed and then follow; a finished job's log is rebuilt
-from its persisted row, so nothing here must outlive the process.
+webhooks) reads the same sequence: seq 1, 2, 3 ... An EventBus holds live jobs' streams
+so a subscriber can replay what it missed and then follow; a finished job's stream is
+rebuilt from its persisted row, so no bus must keep anything forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from app.inference.types import ModelInfo
 
@@ -21,16 +23,16 @@ from .domain import GenerationResult, Job, JobError, JobStatus, TokenRecord
 @dataclass(frozen=True)
 class JobQueued:
     job_id: str
-    seq: int
     at: datetime
+    seq: int = field(default=0, kw_only=True)  # numbered by EventBus.append
     position: int
 
 
 @dataclass(frozen=True)
 class GenerationStarted:
     job_id: str
-    seq: int
     at: datetime
+    seq: int = field(default=0, kw_only=True)  # numbered by EventBus.append
     model: ModelInfo
     prompt_tokens: int
 
@@ -38,32 +40,32 @@ class GenerationStarted:
 @dataclass(frozen=True)
 class TokenGenerated:
     job_id: str
-    seq: int
     at: datetime
+    seq: int = field(default=0, kw_only=True)  # numbered by EventBus.append
     token: TokenRecord
 
 
 @dataclass(frozen=True)
 class GenerationCompleted:
     job_id: str
-    seq: int
     at: datetime
+    seq: int = field(default=0, kw_only=True)  # numbered by EventBus.append
     result: GenerationResult
 
 
 @dataclass(frozen=True)
 class GenerationFailed:
     job_id: str
-    seq: int
     at: datetime
+    seq: int = field(default=0, kw_only=True)  # numbered by EventBus.append
     error: JobError
 
 
 @dataclass(frozen=True)
 class GenerationCancelled:
     job_id: str
-    seq: int
     at: datetime
+    seq: int = field(default=0, kw_only=True)  # numbered by EventBus.append
     result: GenerationResult
     status: JobStatus = JobStatus.CANCELLED  # CANCELLED, or EXPIRED for a deadline
 
@@ -76,30 +78,41 @@ def epoch_to_dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=UTC)
 
 
-class EventLog:
+class EventBus(Protocol):
+    """Where a job's events go and where its consumers read them.
+
+    `append` is the only place that numbers events: it stores the event with the job's
+    next seq (1, 2, 3 ...) whatever seq it came with. A job's stream ends with its
+    terminal event. A bus keeps streams for a while after they end; for a job it does
+    not know (ended long ago, or before this process), `follow` returns None and the
+    caller replays the job from the database (`replay_finished`).
+    """
+
+    async def append(self, event: JobEvent) -> JobEvent: ...
+
+    async def last_seq(self, job_id: str) -> int | None:
+        """The seq of the job's last event so far; None when the bus has no stream for it."""
+
+    async def ended(self, job_id: str) -> bool | None:
+        """Whether the job's stream holds its terminal event; None when the bus has no stream."""
+
+    def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+        """Events with seq > after, then live ones up to the terminal event; None when the
+        bus has no stream for the job."""
+
+
+class _Stream:
     """One job's events in order, with live followers."""
 
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
+    def __init__(self) -> None:
         self.events: list[JobEvent] = []
-        self._changed = asyncio.Condition()
+        self.changed = asyncio.Condition()
 
     @property
-    def next_seq(self) -> int:
-        return len(self.events) + 1
-
-    @property
-    def closed(self) -> bool:
+    def ended(self) -> bool:
         return bool(self.events) and isinstance(self.events[-1], TERMINAL)
 
-    async def append(self, event: JobEvent) -> None:
-        assert event.seq == self.next_seq, (event.seq, self.next_seq)
-        self.events.append(event)
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def follow(self, after: int = 0) -> AsyncIterator[JobEvent]:
-        """Events with seq > after, then live ones, ending after the terminal event."""
+    async def follow(self, after: int) -> AsyncIterator[JobEvent]:
         sent = after
         while True:
             while sent < len(self.events):
@@ -108,25 +121,67 @@ class EventLog:
                 yield event
                 if isinstance(event, TERMINAL):
                     return
-            if self.closed:  # `after` was at or past the end: nothing more will come
+            if self.ended:  # `after` was at or past the end: nothing more will come
                 return
-            async with self._changed:
-                await self._changed.wait_for(lambda: len(self.events) > sent)
+            async with self.changed:
+                await self.changed.wait_for(lambda: len(self.events) > sent)
+
+
+class MemoryEventBus:
+    """The in-process EventBus: streams in a dict; the last `keep_ended` ended ones stay
+    for cheap replay, older ones are rebuilt from the database."""
+
+    def __init__(self, keep_ended: int = 512) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self._keep_ended = keep_ended
+
+    async def append(self, event: JobEvent) -> JobEvent:
+        stream = self._streams.get(event.job_id)
+        if stream is None:
+            stream = self._streams[event.job_id] = _Stream()
+        if stream.ended:
+            raise RuntimeError(f"job {event.job_id}: event after the terminal one")
+        event = replace(event, seq=len(stream.events) + 1)
+        stream.events.append(event)
+        async with stream.changed:
+            stream.changed.notify_all()
+        if isinstance(event, TERMINAL):
+            self._retire(event.job_id)
+        return event
+
+    async def last_seq(self, job_id: str) -> int | None:
+        stream = self._streams.get(job_id)
+        return len(stream.events) if stream is not None else None
+
+    async def ended(self, job_id: str) -> bool | None:
+        stream = self._streams.get(job_id)
+        return stream.ended if stream is not None else None
+
+    def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+        stream = self._streams.get(job_id)
+        return stream.follow(after) if stream is not None else None
+
+    def _retire(self, job_id: str) -> None:
+        self._ended[job_id] = None
+        while len(self._ended) > self._keep_ended:
+            old, _ = self._ended.popitem(last=False)
+            self._streams.pop(old, None)
 
 
 def replay_finished(job: Job) -> list[JobEvent]:
-    """Rebuild a finished job's full event sequence from what is persisted."""
-    events: list[JobEvent] = [JobQueued(job.id, 1, job.created_at, 0)]
+    """Rebuild a finished job's full event sequence from what is persisted: the same
+    events, numbered the same way (by position), as its live stream had."""
+    events: list[JobEvent] = [JobQueued(job.id, job.created_at, 0)]
     result = job.result
     if result is not None and job.started_at is not None:
-        events.append(GenerationStarted(job.id, 2, job.started_at, result.model, result.usage.prompt_tokens))
-        for tok in result.tokens:
-            events.append(TokenGenerated(job.id, len(events) + 1, epoch_to_dt(tok.at), tok))
-    seq, at = len(events) + 1, job.finished_at or job.created_at
+        events.append(GenerationStarted(job.id, job.started_at, result.model, result.usage.prompt_tokens))
+        events.extend(TokenGenerated(job.id, epoch_to_dt(tok.at), tok) for tok in result.tokens)
+    at = job.finished_at or job.created_at
     if job.status == JobStatus.SUCCEEDED and result is not None:
-        events.append(GenerationCompleted(job.id, seq, at, result))
+        events.append(GenerationCompleted(job.id, at, result))
     elif job.status in (JobStatus.CANCELLED, JobStatus.EXPIRED) and result is not None:
-        events.append(GenerationCancelled(job.id, seq, at, result, job.status))
+        events.append(GenerationCancelled(job.id, at, result, job.status))
     else:
-        events.append(GenerationFailed(job.id, seq, at, job.error or JobError("INTERNAL", "job ended without result")))
-    return events
+        events.append(GenerationFailed(job.id, at, job.error or JobError("INTERNAL", "job ended without result")))
+    return [replace(event, seq=seq) for seq, event in enumerate(events, 1)]

@@ -36,6 +36,7 @@ class KeyInfo:
     concurrency: int | None
     created_at: datetime
     revoked_at: datetime | None
+    max_priority: int | None = None
 
 
 def hash_key(key: str) -> str:
@@ -62,6 +63,7 @@ class Defaults:
     rpm: int
     tpm: int
     concurrency: int
+    max_priority: int = 50  # admin keys may use the whole range (100)
 
 
 class KeyStore:
@@ -74,11 +76,12 @@ class KeyStore:
         self._cache: dict[str, tuple[float, Caller | None]] = {}
 
     async def create(self, name: str, *, admin: bool = False, rpm: int | None = None, tpm: int | None = None,
-                     concurrency: int | None = None) -> str:
+                     concurrency: int | None = None, max_priority: int | None = None) -> str:
         """Returns the new key; only its hash is stored, so this is the one chance to see it."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         row = ApiKeyRow(id=str(uuid.uuid4()), name=name, key_hash=hash_key(key), prefix=key[:10], admin=admin,
-                        rpm=rpm, tpm=tpm, concurrency=concurrency, webhook_secret=new_webhook_secret(),
+                        rpm=rpm, tpm=tpm, concurrency=concurrency, max_priority=max_priority,
+                        webhook_secret=new_webhook_secret(),
                         created_at=datetime.now(UTC))
         try:
             await self._db.transaction(lambda session: session.add(row))
@@ -109,7 +112,8 @@ class KeyStore:
     async def list(self) -> list[KeyInfo]:
         query = select(ApiKeyRow).order_by(col(ApiKeyRow.created_at))
         return await self._db.read(lambda session: [
-            KeyInfo(r.id, r.name, r.prefix, r.admin, r.rpm, r.tpm, r.concurrency, r.created_at, r.revoked_at)
+            KeyInfo(r.id, r.name, r.prefix, r.admin, r.rpm, r.tpm, r.concurrency, r.created_at, r.revoked_at,
+                    r.max_priority)
             for r in session.exec(query)
         ])
 
@@ -145,4 +149,5 @@ class KeyStore:
             rpm=row.rpm if row.rpm is not None else d.rpm,
             tpm=row.tpm if row.tpm is not None else d.tpm,
             concurrency=row.concurrency if row.concurrency is not None else d.concurrency,
+            max_priority=row.max_priority if row.max_priority is not None else (100 if row.admin else d.max_priority),
         )

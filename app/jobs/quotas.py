@@ -18,13 +18,32 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from .domain import Caller
-from .errors import ServiceError
+from .errors import RateLimited
+
+__all__ = ["MemoryQuotaStore", "MovingWindow", "QuotaStore", "RateLimited"]
 
 
-class RateLimited(ServiceError):
-    code = "RATE_LIMITED"
+class QuotaStore(Protocol):
+    """Per-key request and token windows, with token reservations; atomic per key."""
+
+    async def hit_request(self, caller: Caller) -> None:
+        """Counts one request; RateLimited when the caller's requests per window are spent."""
+
+    async def charge_request(self, owner: str | None) -> None:
+        """Counts one request whether it fits or not (work done and thrown away)."""
+
+    async def reserve_tokens(self, caller: Caller, job_ids: list[str], tokens_each: list[int]) -> None:
+        """Check-and-reserve tokens for jobs about to be queued, all or none; RateLimited if
+        they do not fit."""
+
+    async def settle(self, job_id: str, used_tokens: int) -> None:
+        """The job ended: its reservation is replaced by what it used (0 releases it)."""
+
+    async def state(self, caller: Caller) -> dict | None:
+        """The caller's limits as clients see them in `extensions.rateLimit`."""
 
 
 class MovingWindow:
@@ -82,7 +101,9 @@ class _Reservation:
     tokens: int
 
 
-class Quotas:
+class MemoryQuotaStore:
+    """The in-process QuotaStore: exact moving windows in this process's memory."""
+
     def __init__(self, window_seconds: int = 60) -> None:
         self.window_seconds = window_seconds
         self._window = MovingWindow(window_seconds)

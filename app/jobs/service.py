@@ -1,193 +1,84 @@
-"""JobService: the one entry point the API layer calls.
+"""JobService: submit, batch, get, list, cancel and follow generation jobs.
 
-It authenticates callers, holds them to their quotas, validates, persists, queues and
-reads jobs, hands out their event streams, and runs classifications. Every read and
-write is scoped to the caller: another key's job looks exactly like a missing one.
-It knows the engine and the database, nothing of GraphQL.
+Every read and write is scoped to the caller: another key's job looks exactly like a
+missing one. The service stores jobs and puts them on the JobQueue; a Worker runs them;
+their events come from the EventBus (or, long after they ended, from the database).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
-from app.inference.classify import LabelScore, classification_length, score_labels
-from app.inference.engine import Engine
 from app.inference.model import LoadedModel
-from app.inference.types import ModelInfo
+from app.inference.types import FinishReason
 
-from .domain import (
-    Batch,
-    Caller,
-    GenerationSpec,
-    Job,
-    JobError,
-    JobOptions,
-    JobStatus,
-    Page,
-    ReviewVerdict,
-    Timing,
-    Usage,
-    WebhookAttempt,
-)
-from .errors import Forbidden, InvalidInput, NotFound, Overloaded
-from .events import JobEvent, replay_finished
-from .keys import KeyStore
-from .quotas import Quotas, RateLimited
-from .runner import JobRunner, with_position
-from .store import IdempotentReplay, JobStore, UsageSummary
-from .validation import (
-    MAX_BATCH_SIZE,
-    MAX_PAGE,
-    Limits,
-    validate_classification,
-    validate_context,
-    validate_generation,
-    validate_options,
-)
-from .webhooks import WebhookDispatcher
+from .domain import Batch, Caller, GenerationSpec, Job, JobOptions, JobStatus, Page
+from .errors import InvalidInput, NotFound
+from .events import TERMINAL, EventBus, JobEvent, replay_finished
+from .queue import JobQueue
+from .quotas import QuotaStore
+from .recorder import JobRecorder
+from .store import IdempotentReplay, JobStore
+from .validation import MAX_BATCH_SIZE, Limits, check_page, validate_context, validate_generation, validate_options
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Classification:
-    label: str
-    confidence: float
-    scores: tuple[LabelScore, ...]
-    needs_review: bool
-    model: ModelInfo
-    usage: Usage
-    timing: Timing
+CANCEL_WAIT_SECONDS = 5.0  # how long cancelJob waits for a running job's end to be stored
 
 
-def _check_page(first: int) -> None:
-    if not 1 <= first <= MAX_PAGE:
-        raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
+class Canceller(Protocol):
+    """Asks whoever runs a job to stop it within one decode step (a Worker, in process)."""
+
+    async def cancel(self, job_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool: ...
+
+
+def encode_prompt(lm: LoadedModel, spec: GenerationSpec) -> list[int]:
+    if spec.messages is not None:
+        return lm.encode_chat([{"role": m.role, "content": m.content} for m in spec.messages])
+    if spec.raw:
+        return lm.encode_raw(spec.prompt)
+    return lm.encode_chat([{"role": "user", "content": spec.prompt}])
+
+
+def visible(item_owner: str | None, caller: Caller) -> bool:
+    return caller.admin or item_owner == caller.owner
 
 
 class JobService:
-    def __init__(
-        self,
-        *,
-        store: JobStore,
-        engine: Engine,
-        lm: LoadedModel,
-        limits: Limits,
-        review_threshold: float,
-        max_queued: int,
-        max_attempts: int = 3,
-        webhooks: WebhookDispatcher | None = None,
-        keys: KeyStore | None = None,
-        rate_window_seconds: int = 60,
-        max_queued_classifications: int = 16,
-    ) -> None:
+    def __init__(self, *, store: JobStore, queue: JobQueue, bus: EventBus, quotas: QuotaStore,
+                 recorder: JobRecorder, canceller: Canceller, lm: LoadedModel, limits: Limits) -> None:
         self._store = store
-        self._engine = engine
+        self._queue = queue
+        self._bus = bus
+        self._quotas = quotas
+        self._recorder = recorder
+        self._canceller = canceller
         self._lm = lm
         self.limits = limits
-        self._review_threshold = review_threshold
-        self._max_attempts = max_attempts
-        self._webhooks = webhooks
-        self.keys = keys
-        self.quotas = Quotas(rate_window_seconds)
-        self._max_classifying = max_queued_classifications
-        self._classifying: Counter[str | None] = Counter()  # owner -> classifications waiting or running
-        self.runner = JobRunner(
-            store, engine, lm.info, review_threshold=review_threshold, max_queued=max_queued,
-            on_webhook_queued=webhooks.wake if webhooks else lambda: None,
-            on_job_end=self.quotas.settle,
-        )
 
-    @property
-    def model(self) -> ModelInfo:
-        return self._lm.info
-
-    async def start(self) -> None:
-        self.runner.start()
-        await self._recover()
-        if self._webhooks:
-            self._webhooks.start()
-
-    async def stop(self) -> None:
-        await self.runner.stop()
-        if self._webhooks:
-            await self._webhooks.stop()
-
-    # ---- callers ------------------------------------------------------------------------
-
-    async def authenticate(self, key: str | None) -> Caller | None:
-        """The caller behind an API key; None when the key is missing, unknown or revoked."""
-        if self.keys is None or not key:
-            return None
-        return await self.keys.authenticate(key)
-
-    async def admit(self, caller: Caller) -> None:
-        """Counts one request against the caller's requests-per-minute."""
-        await self.quotas.hit_request(caller)
-
-    async def rate_state(self, caller: Caller) -> dict | None:
-        state = await self.quotas.state(caller)
-        if state is not None and caller.concurrency is not None:
-            state["concurrency"]["active"] = self._active(caller.owner)
-        return state
-
-    def _active(self, owner: str | None) -> int:
-        """The owner's generations queued or running, and classifications waiting or running."""
-        return self.runner.active_count(owner) + self._classifying[owner]
-
-    @staticmethod
-    def _visible(item_owner: str | None, caller: Caller) -> bool:
-        return caller.admin or item_owner == caller.owner
-
-    # ---- generations --------------------------------------------------------------------
-
-    def _prompt_ids(self, spec: GenerationSpec) -> list[int]:
-        if spec.messages is not None:
-            return self._lm.encode_chat([{"role": m.role, "content": m.content} for m in spec.messages])
-        if spec.raw:
-            return self._lm.encode_raw(spec.prompt)
-        return self._lm.encode_chat([{"role": "user", "content": spec.prompt}])
+    # ---- submitting -----------------------------------------------------------------------
 
     def _check(self, spec: GenerationSpec) -> list[int]:
         """All input rules; returns the prompt's token ids."""
         validate_generation(spec, self.limits)
-        prompt_ids = self._prompt_ids(spec)
+        prompt_ids = encode_prompt(self._lm, spec)
         validate_context(len(prompt_ids), spec.sampling.max_tokens, self.limits.context_length)
         return prompt_ids
 
-    def _claim_room(self, caller: Caller, n: int) -> None:
-        """Checks the caller's concurrency and the queue's room, and claims n places.
-
-        Check and claim run with no await between them, so concurrent submissions cannot
-        all pass a limit only some of them fit. The caller must end the claim: by
-        enqueueing (claimed=True) or by `runner.release`.
-        """
-        if caller.concurrency is not None and self._active(caller.owner) + n > caller.concurrency:
-            raise RateLimited(
-                f"rate limit: {caller.concurrency} generations queued or running at once for this key",
-                limit="concurrency", retryAfterMs=1000,
-            )
-        free = self.runner.max_queued - self.runner.queued_count
-        if n > free:
-            raise Overloaded(
-                f"the queue is full ({self.runner.queued_count} of {self.runner.max_queued} jobs waiting); "
-                "retry shortly", retryAfterMs=1000,
-            )
-        self.runner.claim(caller.owner, n)
-
-    def _check_priority(self, options: JobOptions, caller: Caller) -> None:
+    @staticmethod
+    def _check_priority(options: JobOptions, caller: Caller) -> None:
         if caller.max_priority is not None and options.priority > caller.max_priority:
             raise InvalidInput(f"`priority` above {caller.max_priority} is not allowed for this key",
                                field="priority", maxPriority=caller.max_priority)
 
-    def _new_job(self, spec: GenerationSpec, options: JobOptions, caller: Caller, now: datetime,
+    @staticmethod
+    def _new_job(spec: GenerationSpec, options: JobOptions, caller: Caller, now: datetime,
                  batch_id: str | None = None) -> Job:
         return Job(
             id=str(uuid.uuid4()),
@@ -202,50 +93,61 @@ class JobService:
             batch_id=batch_id,
         )
 
+    async def _admit(self, caller: Caller, jobs: list[Job], prompts: list[list[int]]) -> None:
+        """Reserves the jobs' queue places (concurrency, queue room) and their tokens, all or none."""
+        await self._queue.reserve(caller.owner, len(jobs), caller.concurrency)
+        try:
+            await self._quotas.reserve_tokens(caller, [j.id for j in jobs],
+                                              [len(p) + j.spec.sampling.max_tokens for j, p in zip(jobs, prompts)])
+        except BaseException:
+            await self._queue.unreserve(caller.owner, len(jobs))
+            raise
+
+    async def _release(self, owner: str | None, jobs: list[Job]) -> None:
+        await self._queue.unreserve(owner, len(jobs))
+        for job in jobs:
+            await self._quotas.settle(job.id, 0)
+
     async def submit(self, spec: GenerationSpec, options: JobOptions | None, caller: Caller) -> Job:
         """Validate, persist a QUEUED job and queue it. Nothing is stored when input is bad.
 
         The same idempotency key (for the same caller) returns the job it created first.
         """
         options = options or JobOptions()
-        validate_options(options)
+        validate_options(options, allow_private_webhooks=self.limits.allow_private_webhooks)
         self._check_priority(options, caller)
         prompt_ids = self._check(spec)
         job = self._new_job(spec, options, caller, datetime.now(UTC))
-        self._claim_room(caller, 1)
-        try:
-            await self.quotas.reserve_tokens(caller, [job.id], [len(prompt_ids) + spec.sampling.max_tokens])
-        except BaseException:
-            self.runner.release(caller.owner, 1)
-            raise
+        await self._admit(caller, [job], [prompt_ids])
         try:
             # Shielded: a caller that goes away (a dropped websocket) must not leave a stored
-            # job that the runner never heard of. _persist ends the claim and the reservation
-            # itself when it fails, so they cannot leak even if nobody awaits it any more.
+            # job that is not queued. _persist gives back the reservations itself when it
+            # fails, so they cannot leak even if nobody awaits it any more.
             position = await asyncio.shield(self._persist(job, prompt_ids))
         except IdempotentReplay as exc:
             if exc.job.spec != spec:
                 raise InvalidInput(
                     "this idempotencyKey was already used with a different input", field="idempotencyKey"
                 ) from None
-            return with_position(exc.job, self.runner)
+            return await self._with_position(exc.job)
         return replace(job, queue_position=position)
 
     async def _persist(self, job: Job, prompt_ids: list[int]) -> int:
         try:
             await self._store.insert(job)
         except BaseException:
-            self.runner.release(job.owner, 1)
-            await self.quotas.settle(job.id, 0)
+            await self._release(job.owner, [job])
             raise
-        return await self.runner.enqueue(job, prompt_ids, claimed=True)
+        position = await self._queue.put(job, prompt_ids)
+        await self._recorder.queued(job, position)
+        return position
 
     async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None, caller: Caller) -> Batch:
         """All or nothing: one invalid input refuses the whole batch, naming its index."""
         options = options or JobOptions()
         if options.idempotency_key:
             raise InvalidInput("`idempotencyKey` is not supported for batches", field="idempotencyKey")
-        validate_options(options)
+        validate_options(options, allow_private_webhooks=self.limits.allow_private_webhooks)
         self._check_priority(options, caller)
         if not 1 <= len(specs) <= MAX_BATCH_SIZE:
             raise InvalidInput(f"a batch holds 1 to {MAX_BATCH_SIZE} inputs; got {len(specs)}", field="inputs")
@@ -258,13 +160,7 @@ class JobService:
         now = datetime.now(UTC)
         batch_id = str(uuid.uuid4())
         jobs = [self._new_job(spec, options, caller, now, batch_id=batch_id) for spec in specs]
-        self._claim_room(caller, len(specs))
-        try:
-            await self.quotas.reserve_tokens(caller, [j.id for j in jobs],
-                                             [len(p) + s.sampling.max_tokens for p, s in zip(prompts, specs)])
-        except BaseException:
-            self.runner.release(caller.owner, len(specs))
-            raise
+        await self._admit(caller, jobs, prompts)
         await asyncio.shield(self._persist_batch(batch_id, caller, jobs, prompts, options.webhook_url, now))
         return await self._store.batch(batch_id)
 
@@ -273,18 +169,21 @@ class JobService:
         try:
             await self._store.insert_batch(batch_id, caller.owner, jobs, webhook_url, now)
         except BaseException:
-            self.runner.release(caller.owner, len(jobs))
-            for job in jobs:
-                await self.quotas.settle(job.id, 0)
+            await self._release(caller.owner, jobs)
             raise
         for job, prompt_ids in zip(jobs, prompts):
-            await self.runner.enqueue(job, prompt_ids, claimed=True)
+            await self._recorder.queued(job, await self._queue.put(job, prompt_ids))
+
+    # ---- reading --------------------------------------------------------------------------
+
+    async def _with_position(self, job: Job) -> Job:
+        return replace(job, queue_position=await self._queue.position(job.id))
 
     async def get(self, job_id: str, caller: Caller) -> Job | None:
         job = await self._store.get(job_id)
-        if job is None or not self._visible(job.owner, caller):
+        if job is None or not visible(job.owner, caller):
             return None
-        return with_position(job, self.runner)
+        return await self._with_position(job)
 
     async def _get_or_404(self, job_id: str, caller: Caller) -> Job:
         job = await self.get(job_id, caller)
@@ -292,58 +191,49 @@ class JobService:
             raise NotFound(f"no job with id {job_id!r}")
         return job
 
+    async def list_jobs(self, caller: Caller, *, status: JobStatus | None = None, batch_id: str | None = None,
+                        first: int = 20, after: str | None = None, with_results: bool = True) -> Page:
+        """with_results=False: every job's `result` is None (not read), for lists that do not show it."""
+        check_page(first)
+        page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
+                                           batch_id=batch_id, first=first, after=after, with_results=with_results)
+        return replace(page, items=[await self._with_position(j) for j in page.items])
+
+    async def batch(self, batch_id: str, caller: Caller) -> Batch | None:
+        batch = await self._store.batch(batch_id)
+        if batch is None or not visible(batch.owner, caller):
+            return None
+        return batch
+
+    # ---- cancelling -----------------------------------------------------------------------
+
     async def cancel(self, job_id: str, caller: Caller) -> Job:
+        """A queued job ends at once; a running one stops within a decode step, and this
+        waits (a few seconds at most) until its end is stored."""
         job = await self._get_or_404(job_id, caller)
         if not job.status.terminal:
             await self._cancel_active(job)
         return await self.get(job_id, caller)
 
     async def _cancel_active(self, job: Job) -> None:
-        if await self.runner.cancel(job.id) is JobStatus.QUEUED:
+        if await self._queue.remove(job.id) is not None:
+            await self._recorder.end_unstarted(job, JobStatus.CANCELLED, FinishReason.CANCELLED)
             # It was stored, queued and announced (maybe with a webhook) for nothing.
-            await self.quotas.charge_request(job.owner)
-
-    async def events(self, job_id: str, after: int, caller: Caller) -> AsyncIterator[JobEvent]:
-        """Replay events with seq > after, then follow live ones to the end."""
-        if after < 0:
-            raise InvalidInput("`after` must be 0 or more", field="after")
-        job = await self._get_or_404(job_id, caller)
-        event_log = self.runner.event_log(job.id)
-        # An ended job's last seq is known, and an `after` past it can never be reached.
-        last = None
-        if event_log is not None and event_log.closed:
-            last = len(event_log.events)
-        elif event_log is None and job.status.terminal:
-            last = len(replay_finished(job))
-        if last is not None and after > last:
-            raise InvalidInput(f"`after` is past this job's last event (seq {last})", field="after", lastSeq=last)
-        return self._follow(job, after)
-
-    async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
-        event_log = self.runner.event_log(job.id)
-        if event_log is not None:
-            async for event in event_log.follow(after):
-                yield event
+            await self._quotas.charge_request(job.owner)
             return
-        for event in replay_finished(await self._store.get(job.id)):
-            if event.seq > after:
-                yield event
+        after = await self._bus.last_seq(job.id)
+        if await self._canceller.cancel(job.id) and after is not None:
+            try:
+                async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                    await self._until_ended(job.id, after)
+            except TimeoutError:
+                log.warning("job %s: cancel not settled within %.1fs", job.id, CANCEL_WAIT_SECONDS)
 
-    async def list_jobs(self, caller: Caller, *, status: JobStatus | None = None, batch_id: str | None = None,
-                        first: int = 20, after: str | None = None, with_results: bool = True) -> Page:
-        """with_results=False: every job's `result` is None (not read), for lists that do not show it."""
-        _check_page(first)
-        page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
-                                           batch_id=batch_id, first=first, after=after, with_results=with_results)
-        return replace(page, items=[with_position(j, self.runner) for j in page.items])
-
-    # ---- batches ------------------------------------------------------------------------
-
-    async def batch(self, batch_id: str, caller: Caller) -> Batch | None:
-        batch = await self._store.batch(batch_id)
-        if batch is None or not self._visible(batch.owner, caller):
-            return None
-        return batch
+    async def _until_ended(self, job_id: str, after: int) -> None:
+        stream = self._bus.follow(job_id, after)
+        if stream is not None:
+            async for _ in stream:
+                pass
 
     async def cancel_batch(self, batch_id: str, caller: Caller) -> Batch:
         batch = await self.batch(batch_id, caller)
@@ -351,128 +241,37 @@ class JobService:
             raise NotFound(f"no batch with id {batch_id!r}")
         if not batch.counts.done:
             await self._store.mark_batch_cancelled(batch_id)
-            page = await self._store.list_jobs(owner=None, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE)
+            page = await self._store.list_jobs(owner=None, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE,
+                                               with_results=False)
             await asyncio.gather(*(self._cancel_active(j) for j in page.items if not j.status.terminal))
         return await self._store.batch(batch_id)
 
-    async def _recover(self) -> None:
-        """Jobs a previous process left QUEUED run now; RUNNING ones (their worker died) run
-        again, unless they already used every attempt: then they fail with WORKER_LOST."""
-        for job in await self._store.by_status(JobStatus.QUEUED, JobStatus.RUNNING):
-            if job.status is JobStatus.RUNNING:
-                if job.attempts >= self._max_attempts:
-                    log.error("job %s: worker lost %d times; failing it", job.id, job.attempts)
-                    await self.runner.fail_unstarted(job, JobError(
-                        "WORKER_LOST", f"the worker stopped during all {job.attempts} attempts"))
-                    continue
-                await self._store.requeue(job.id)
-            log.info("re-queueing job %s left %s by a previous run", job.id, job.status.value)
-            await self.runner.enqueue(job, self._prompt_ids(job.spec))
+    # ---- following ------------------------------------------------------------------------
 
-    # ---- review, webhooks, usage ---------------------------------------------
-
-    @staticmethod
-    def _require_admin(caller: Caller, what: str) -> None:
-        if not caller.admin:
-            raise Forbidden(f"{what} needs an admin key")
-
-    async def review_queue(self, caller: Caller, first: int = 20, after: str | None = None) -> Page:
-        self._require_admin(caller, "the review queue")
-        _check_page(first)
-        return await self._store.list_jobs(owner=None, all_owners=True, first=first, after=after, review_queue=True)
-
-    async def submit_review(self, job_id: str, verdict: ReviewVerdict, corrected_text: str | None,
-                            caller: Caller) -> Job:
-        self._require_admin(caller, "reviewing")
+    async def events(self, job_id: str, after: int, caller: Caller) -> AsyncIterator[JobEvent]:
+        """Replay events with seq > after, then follow live ones to the end."""
+        if after < 0:
+            raise InvalidInput("`after` must be 0 or more", field="after")
         job = await self._get_or_404(job_id, caller)
-        if job.status is not JobStatus.SUCCEEDED or job.result is None:
-            raise InvalidInput(f"only a SUCCEEDED job can be reviewed; this one is {job.status.value}", field="jobId")
-        if (verdict is ReviewVerdict.CORRECTED) != bool(corrected_text and corrected_text.strip()):
-            raise InvalidInput("`correctedText` is required with CORRECTED and only with it", field="correctedText")
-        if corrected_text and len(corrected_text) > self.limits.max_prompt_chars:
-            raise InvalidInput(f"`correctedText` is over {self.limits.max_prompt_chars} characters",
-                               field="correctedText")
-        await self._store.submit_review(job_id, verdict, caller.name, corrected_text, datetime.now(UTC))
-        return await self.get(job_id, caller)
+        # An ended job's last seq is known, and an `after` past it can never be reached.
+        ended = await self._bus.ended(job.id)
+        last = None
+        if ended:
+            last = await self._bus.last_seq(job.id)
+        elif ended is None and job.status.terminal:
+            last = len(replay_finished(job))
+        if last is not None and after > last:
+            raise InvalidInput(f"`after` is past this job's last event (seq {last})", field="after", lastSeq=last)
+        return self._follow(job, after)
 
-    async def webhook_deliveries(self, subject_id: str) -> list[WebhookAttempt]:
-        """Callers reach this only through a job or batch they can already see."""
-        return await self._store.webhook_attempts(subject_id)
-
-    async def usage(self, caller: Caller, start: datetime, end: datetime) -> list[tuple[UsageSummary, str | None]]:
-        """Usage rows with the name of the key each belongs to."""
-        start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))  # naive = UTC
-        if end <= start:
-            raise InvalidInput("`to` must be after `from`", field="to")
-        rows = await self._store.usage(start, end, owner=caller.owner, all_owners=caller.admin)
-        names = {k.id: k.name for k in await self.keys.list()} if self.keys else {}
-        return [(row, names.get(row.owner)) for row in rows]
-
-    # ---- classification -----------------------------------------------------------------
-
-    async def classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller) -> Classification:
-        validate_classification(text, labels, instruction, self.limits)
-        width = classification_length(self._lm, text, labels, instruction)
-        if width > self.limits.context_length:
-            raise InvalidInput(
-                f"text, instruction and the longest label take {width} tokens; the model's context length is "
-                f"{self.limits.context_length}", field="text",
-            )
-        # One row per label, each the prompt plus a label padded to the longest: that is the
-        # compute it costs, and what it is billed (rows x width), not the prompt once.
-        billed = width * len(labels)
-        self._check_classification_room(caller)
-        self._classifying[caller.owner] += 1
-        try:
-            return await self._classify(text, labels, instruction, caller, billed)
-        finally:
-            self._classifying[caller.owner] -= 1
-
-    def _check_classification_room(self, caller: Caller) -> None:
-        if caller.concurrency is not None and self._active(caller.owner) + 1 > caller.concurrency:
-            raise RateLimited(
-                f"rate limit: {caller.concurrency} generations queued or running at once for this key",
-                limit="concurrency", retryAfterMs=1000,
-            )
-        waiting = sum(self._classifying.values())
-        if waiting >= self._max_classifying:
-            raise Overloaded(f"{waiting} classifications are waiting for the model; retry shortly",
-                             retryAfterMs=1000)
-
-    async def _classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller,
-                        billed: int) -> Classification:
-        created = time.time()
-        timings: dict[str, float] = {}
-
-        def run():
-            timings["started"] = time.time()
-            return score_labels(self._lm, text, labels, instruction)
-
-        job_id = f"classify-{uuid.uuid4()}"
-        await self.quotas.reserve_tokens(caller, [job_id], [billed])
-        scored = None
-        try:
-            scored = await self._engine.call(run)
-        finally:
-            await self.quotas.settle(job_id, billed if scored else 0)
-        finished = time.time()
-        best = max(scored.scores, key=lambda s: s.probability)
-        started = timings["started"]
-        usage = Usage(prompt_tokens=billed, completion_tokens=0)
-        await self._store.record_usage(caller.owner, "classification", self._lm.info.version, usage,
-                                       datetime.now(UTC))
-        return Classification(
-            label=best.label,
-            confidence=best.probability,
-            scores=scored.scores,
-            needs_review=best.probability < self._review_threshold,
-            model=self._lm.info,
-            usage=usage,
-            timing=Timing(
-                queued_ms=(started - created) * 1000,
-                time_to_first_token_ms=None,
-                generation_ms=(finished - started) * 1000,
-                total_ms=(finished - created) * 1000,
-                tokens_per_second=None,
-            ),
-        )
+    async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
+        stream = self._bus.follow(job.id, after)
+        if stream is not None:
+            async for event in stream:
+                yield event
+            return
+        for event in replay_finished(await self._store.get(job.id)):
+            if event.seq > after:
+                yield event
+                if isinstance(event, TERMINAL):
+                    return

@@ -33,6 +33,7 @@ class Limits:
     max_prompt_chars: int
     max_new_tokens: int
     context_length: int
+    allow_private_webhooks: bool = False  # INFERQL_WEBHOOK_ALLOW_PRIVATE: for local development only
 
 
 def _bad(message: str, field: str) -> InvalidInput:
@@ -209,3 +210,8 @@ def private_webhooks_allowed() -> bool:
     from app.settings import Settings
 
     return Settings().webhook_allow_private
+
+
+def check_page(first: int) -> None:
+    if not 1 <= first <= MAX_PAGE:
+        raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")

@@ -1,0 +1,39 @@
+"""The first admin key: handed over once, never in a log, never minted again."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, ServerProcess
+
+
+def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=server.env,
+                          capture_output=True, text=True)
+
+
+def test_first_key_goes_to_a_private_file_and_is_not_made_again(tmp_path, tiny_model_dir):
+    server = ServerProcess(tmp_path, {"INFERQL_MODEL_PATH": str(tiny_model_dir)}).start()
+    key_file = Path(server.env["INFERQL_DATA_DIR"]) / "first-admin-key.txt"
+    try:
+        key = server.key  # read from the file by the harness, which also checks the log holds no key
+        assert key.startswith("iq_")
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+        assert str(key_file.resolve()) in server.log()  # the log says where it is
+    finally:
+        server.stop()
+    assert cli(server, "keys", "revoke", "local").returncode == 0
+    key_file.unlink()
+    # Every key revoked: a restart must not mint a new admin key.
+    same_data = {k: server.env[k] for k in ("INFERQL_MODEL_PATH", "INFERQL_DATABASE_URL", "INFERQL_DATA_DIR")}
+    again = ServerProcess(tmp_path, same_data, key="unused").start()
+    try:
+        assert not key_file.exists()
+        listing = cli(server, "keys", "list").stdout
+        assert listing.count("\n") == 1 and "revoked" in listing, listing
+    finally:
+        again.stop()
