@@ -1,0 +1,258 @@
+"""The job lifecycle's seams, tested against their protocols.
+
+Each fixture yields one implementation per backend; today only the in-process ones.
+A shared-store implementation (PostgreSQL queue, Redis bus and quotas) joins by adding
+a parameter, and must pass the same tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from app.inference.types import SamplingParams
+from app.jobs.domain import Caller, GenerationSpec, Job, JobError, JobStatus
+from app.jobs.errors import Overloaded, RateLimited
+from app.jobs.events import (
+    GenerationFailed,
+    GenerationStarted,
+    JobQueued,
+    MemoryEventBus,
+)
+from app.jobs.queue import MemoryJobQueue
+from app.jobs.quotas import MemoryQuotaStore
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+SPEC = GenerationSpec(prompt="hi", messages=None, sampling=SamplingParams(max_tokens=4))
+
+
+def job(job_id: str, owner: str = "a", priority: int = 0) -> Job:
+    return Job(id=job_id, owner=owner, status=JobStatus.QUEUED, priority=priority, spec=SPEC, created_at=NOW)
+
+
+# ---- JobQueue ------------------------------------------------------------------------------
+
+@pytest.fixture(params=["memory"])
+def queue(request):
+    return MemoryJobQueue(max_queued=10)
+
+
+async def put(queue, *jobs: Job) -> list[int]:
+    return [await queue.put(j, [1, 2, 3], reserved=False) for j in jobs]
+
+
+async def claim_ids(queue, n: int = 100) -> list[str]:
+    return [q.job.id for q in await queue.claim(n)]
+
+
+async def test_queue_claims_by_priority_then_round_robin_across_owners(queue):
+    await put(queue, job("a1", "a"), job("a2", "a"), job("a3", "a"), job("b1", "b"), job("hi", "c", priority=5))
+    assert await claim_ids(queue) == ["hi", "a1", "b1", "a2", "a3"]
+    assert await queue.depth() == 0
+
+
+async def test_queue_positions_follow_the_claim_order(queue):
+    positions = await put(queue, job("a1", "a"), job("a2", "a"), job("b1", "b"))
+    assert positions == [0, 1, 1]  # b1 goes before a2: a's second turn comes after b's first
+    assert [await queue.position(i) for i in ("a1", "b1", "a2")] == [0, 1, 2]
+    assert await queue.position("unknown") is None
+
+
+async def test_queue_claims_at_most_n(queue):
+    await put(queue, job("1"), job("2"), job("3"))
+    assert await claim_ids(queue, 2) == ["1", "2"]
+    assert await claim_ids(queue, 2) == ["3"]
+    assert await queue.claim(2) == []
+
+
+async def test_queue_remove_takes_a_waiting_job_out(queue):
+    await put(queue, job("1"), job("2"))
+    removed = await queue.remove("1")
+    assert removed is not None and removed.job.id == "1" and removed.prompt_ids == [1, 2, 3]
+    assert await queue.remove("1") is None
+    assert await queue.position("2") == 0
+    assert await claim_ids(queue) == ["2"]
+
+
+async def test_queue_reserve_holds_the_owner_limit_and_the_room(queue):
+    await queue.reserve("a", 3, owner_limit=3)
+    with pytest.raises(RateLimited):
+        await queue.reserve("a", 1, owner_limit=3)
+    assert await queue.active("a") == 3 and await queue.depth() == 3
+    await queue.reserve("b", 7, owner_limit=None)
+    with pytest.raises(Overloaded):
+        await queue.reserve("c", 1, owner_limit=None)
+    await queue.unreserve("b", 7)
+    assert await queue.depth() == 3
+
+
+async def test_queue_active_counts_until_done(queue):
+    await queue.reserve("a", 1, owner_limit=1)
+    await queue.put(job("1", "a"), [1])  # the reserved place becomes the job
+    assert await queue.active("a") == 1 and await queue.depth() == 1
+    assert await claim_ids(queue) == ["1"]
+    assert await queue.active("a") == 1 and await queue.depth() == 0  # running still counts
+    await queue.done("a")
+    assert await queue.active("a") == 0
+    await queue.reserve("a", 1, owner_limit=1)  # room again
+
+
+async def test_queue_wakes_a_waiting_worker(queue):
+    waiter = asyncio.ensure_future(queue.wait_for_work())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    await put(queue, job("1"))
+    await asyncio.wait_for(waiter, 1)
+
+
+# ---- EventBus ------------------------------------------------------------------------------
+
+@pytest.fixture(params=["memory"])
+def bus(request):
+    return MemoryEventBus(keep_ended=2)
+
+
+def started(job_id: str = "j"):
+    from app.inference.types import ModelInfo
+
+    return GenerationStarted(job_id, NOW, ModelInfo("m", "v", 1, "float32", "cpu", 8, "s"), 3)
+
+
+async def test_bus_numbers_events_whatever_they_came_with(bus):
+    first = await bus.append(JobQueued("j", NOW, 0, seq=99))
+    second = await bus.append(started())
+    assert (first.seq, second.seq) == (1, 2)
+    assert await bus.last_seq("j") == 2 and await bus.ended("j") is False
+    assert await bus.last_seq("other") is None and await bus.ended("other") is None
+    assert bus.follow("other") is None
+
+
+async def test_bus_replays_after_seq_then_follows_live_to_the_end(bus):
+    await bus.append(JobQueued("j", NOW, 0))
+    await bus.append(started())
+    seen = []
+
+    async def consume():
+        async for event in bus.follow("j", after=1):
+            seen.append(event.seq)
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.01)
+    assert seen == [2] and not task.done()
+    await bus.append(GenerationFailed("j", NOW, JobError("X", "x")))
+    await asyncio.wait_for(task, 1)
+    assert seen == [2, 3]
+    assert await bus.ended("j") is True
+
+
+async def test_bus_follow_from_the_end_of_an_ended_stream_completes(bus):
+    await bus.append(JobQueued("j", NOW, 0))
+    await bus.append(GenerationFailed("j", NOW, JobError("X", "x")))
+    assert [e.seq async for e in bus.follow("j", after=2)] == []
+    with pytest.raises(RuntimeError):
+        await bus.append(started())
+
+
+async def test_bus_forgets_old_ended_streams(bus):
+    for job_id in ("1", "2", "3"):
+        await bus.append(JobQueued(job_id, NOW, 0))
+        await bus.append(GenerationFailed(job_id, NOW, JobError("X", "x")))
+    assert await bus.last_seq("1") is None  # keep_ended=2: the oldest is gone (replayed from the DB)
+    assert await bus.last_seq("3") == 2
+
+
+# ---- QuotaStore ----------------------------------------------------------------------------
+
+@pytest.fixture(params=["memory"])
+def quotas(request):
+    return MemoryQuotaStore(window_seconds=60)
+
+
+KEY = Caller(key_id="k", name="k", admin=False, rpm=2, tpm=100)
+
+
+async def test_quota_requests_are_counted_and_refused_past_the_limit(quotas):
+    await quotas.hit_request(KEY)
+    await quotas.hit_request(KEY)
+    with pytest.raises(RateLimited) as refused:
+        await quotas.hit_request(KEY)
+    assert refused.value.extensions["limit"] == "requests" and refused.value.extensions["retryAfterMs"] > 0
+    assert (await quotas.state(KEY))["requests"]["remaining"] == 0
+
+
+async def test_quota_charge_counts_even_past_the_limit(quotas):
+    for _ in range(3):
+        await quotas.charge_request(KEY.owner)
+    with pytest.raises(RateLimited):
+        await quotas.hit_request(KEY)
+
+
+async def test_quota_tokens_are_reserved_all_or_none_and_settled(quotas):
+    await quotas.reserve_tokens(KEY, ["1", "2"], [30, 30])
+    with pytest.raises(RateLimited):
+        await quotas.reserve_tokens(KEY, ["3", "4"], [30, 30])  # 60 + 60 > 100: neither is reserved
+    assert (await quotas.state(KEY))["tokens"]["remaining"] == 40
+    await quotas.settle("1", 10)  # used 10 of its 30
+    await quotas.settle("2", 0)   # released
+    assert (await quotas.state(KEY))["tokens"]["remaining"] == 90
+    await quotas.settle("1", 10)  # a second settle is a no-op
+    assert (await quotas.state(KEY))["tokens"]["remaining"] == 90
+
+
+async def test_quota_refuses_a_request_bigger_than_the_whole_limit(quotas):
+    with pytest.raises(RateLimited) as refused:
+        await quotas.reserve_tokens(KEY, ["1"], [101])
+    assert "lower maxTokens" in refused.value.message
+
+
+async def test_quota_leaves_unlimited_callers_alone(quotas):
+    free = Caller(key_id="f", name="f", admin=False)
+    for _ in range(100):
+        await quotas.hit_request(free)
+    await quotas.reserve_tokens(free, ["x"], [10**9])
+    assert await quotas.state(Caller(key_id=None, name="anon", admin=True)) is None
+
+
+# ---- Canceller (the in-process Worker) -----------------------------------------------------
+
+async def test_worker_cancels_only_jobs_it_runs(tmp_path, tiny_model_dir):
+    from app.inference.engine import Engine
+    from app.inference.model import load_model
+    from app.jobs.db import Database
+    from app.jobs.migrate import upgrade
+    from app.jobs.recorder import JobRecorder
+    from app.jobs.store import JobStore
+    from app.jobs.worker import Worker
+
+    lm = load_model(tiny_model_dir, device="cpu", threads=1)
+    db = Database(f"sqlite:///{tmp_path / 'jobs.db'}")
+    await upgrade(db.engine)
+    engine = Engine(lm, max_batch_size=2)
+    engine.start()
+    queue, bus = MemoryJobQueue(10), MemoryEventBus()
+    store = JobStore(db)
+    recorder = JobRecorder(store=store, queue=queue, bus=bus, quotas=MemoryQuotaStore(), model=lm.info,
+                           review_threshold=0.5)
+    worker = Worker(queue, engine, recorder)
+    try:
+        assert await worker.cancel("nobody") is False
+        long = Job(id="long", owner="a", status=JobStatus.QUEUED, priority=0, created_at=datetime.now(UTC),
+                   spec=GenerationSpec(prompt="hi", messages=None, sampling=SamplingParams(max_tokens=400)))
+        await store.insert(long)
+        await recorder.queued(long, await queue.put(long, lm.encode_raw("hi"), reserved=False))
+        worker.start()
+        events = bus.follow("long")
+        kinds = []
+        async for event in events:
+            kinds.append(type(event).__name__)
+            if len(kinds) == 3:  # queued, started, a first token: it runs here
+                assert await worker.cancel("long") is True
+        assert kinds[-1] == "GenerationCancelled" and len(kinds) < 400
+        assert (await store.get("long")).status is JobStatus.CANCELLED
+        assert await queue.active("a") == 0
+    finally:
+        await worker.stop()
+        await engine.stop()
+        await db.dispose()
