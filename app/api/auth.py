@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 
-from strawberry.types import Info
-
 from app.jobs.domain import OPEN_DOOR, Caller
-from app.jobs.errors import Unauthenticated
-from app.jobs.quotas import RateLimited
+from app.jobs.errors import RateLimited, Unauthenticated
 from app.jobs.access import Access
+
+from .context import Info
 
 HOW_TO = 'send "Authorization: Bearer <key>" (websockets: in the connection_init payload)'
 
@@ -39,11 +38,10 @@ async def identify(access: Access, auth_on: bool, key: str | None) -> Caller | N
 
 async def admitted(info: Info) -> Caller:
     """The caller of this root field, counted against its requests per minute."""
-    ctx = info.context
-    caller = ctx.get("caller")
+    caller = info.context.caller
     if caller is None:
         raise Unauthenticated(f"a valid API key is required: {HOW_TO}")
-    await ctx["access"].admit(caller)
+    await info.context.access.admit(caller)
     return caller
 
 
@@ -51,13 +49,12 @@ async def admitted(info: Info) -> Caller:
 async def subscription_slot(info: Info) -> AsyncIterator[None]:
     """Holds one of the connection's subscription slots while a subscription is open."""
     ctx = info.context
-    limit = ctx.get("max_subscriptions")
-    open_now = ctx.get("open_subscriptions", 0)
-    if limit is not None and open_now >= limit:
+    limit = ctx.max_subscriptions
+    if limit is not None and ctx.open_subscriptions >= limit:
         raise RateLimited(f"{limit} subscriptions are already open on this connection",
                           limit="subscriptionsPerConnection", retryAfterMs=1000)
-    ctx["open_subscriptions"] = open_now + 1
+    ctx.open_subscriptions += 1
     try:
         yield
     finally:
-        ctx["open_subscriptions"] -= 1
+        ctx.open_subscriptions -= 1

@@ -161,7 +161,7 @@ class WebSocketAdapter(ASGIWebSocketAdapter):
 
 
 def _register(handler) -> None:
-    conn = handler.context.get("connection") if isinstance(handler.context, dict) else None
+    conn = getattr(handler.context, "connection", None)
     if conn is not None:
         conn.handler = handler
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from app.inference.confidence import Confidence
-from app.inference.types import FinishReason, ModelInfo, SamplingParams
+from app.inference.types import FinishReason, ModelInfo, SamplingParams, TokenAlternative
 
 
 class JobStatus(str, enum.Enum):
@@ -92,8 +92,25 @@ class TokenRecord:
     token_id: int
     text: str
     logprob: float
-    alternatives: tuple[tuple[int, str, float], ...]  # (token id, text, logprob)
+    alternatives: tuple[TokenAlternative, ...]
     at: float  # epoch seconds
+    seq: int = 0  # the seq of this token's event, as the EventBus numbered it
+
+    def to_dict(self) -> dict[str, Any]:
+        # Alternatives are stored as compact [token id, text, logprob] triples.
+        return {"index": self.index, "token_id": self.token_id, "text": self.text, "logprob": self.logprob,
+                "alternatives": [[a.token_id, a.text, a.logprob] for a in self.alternatives], "at": self.at,
+                "seq": self.seq}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokenRecord:
+        return cls(
+            index=d["index"], token_id=d["token_id"], text=d["text"], logprob=d["logprob"],
+            alternatives=tuple(TokenAlternative(*a) for a in d["alternatives"]), at=d["at"],
+            # Rows stored before tokens carried their seq: tokens came right after JobQueued
+            # (1) and GenerationStarted (2), as they still do.
+            seq=d.get("seq", d["index"] + 3),
+        )
 
 
 @dataclass(frozen=True)
@@ -129,6 +146,7 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["finish_reason"] = self.finish_reason.value
+        d["tokens"] = [t.to_dict() for t in self.tokens]
         return d
 
     @classmethod
@@ -138,9 +156,7 @@ class GenerationResult:
             finish_reason=FinishReason(d["finish_reason"]),
             confidence=Confidence(**d["confidence"]),
             needs_review=d["needs_review"],
-            tokens=tuple(
-                TokenRecord(**{**t, "alternatives": tuple(tuple(a) for a in t["alternatives"])}) for t in d["tokens"]
-            ),
+            tokens=tuple(TokenRecord.from_dict(t) for t in d["tokens"]),
             model=ModelInfo(**d["model"]),
             usage=Usage(**d["usage"]),
             timing=Timing(**d["timing"]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import and_, delete, func, or_, update
@@ -202,7 +202,9 @@ class JobStore:
                                          completion_tokens=result.usage.completion_tokens))
             queued = False
             if row.webhook_url:
-                session.add(job_message(_to_job(row), row.webhook_url, finished_at))
+                # The ended job as it now stands, from what is in hand (no JSON round trip).
+                ended = replace(_to_job(row, with_result=False), result=result)
+                session.add(job_message(ended, row.webhook_url, finished_at))
                 queued = True
             if row.batch_id:
                 session.flush()

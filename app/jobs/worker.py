@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from app.inference.engine import Engine, RequestHandle
@@ -106,10 +107,9 @@ class Worker:
         try:
             async for out in handle:
                 if isinstance(out, TokenStep):
-                    alts = tuple((a.token_id, a.text, a.logprob) for a in out.alternatives)
-                    record = TokenRecord(out.index, out.token_id, out.text, out.logprob, alts, out.at)
-                    tokens.append(record)
-                    await bus.append(TokenGenerated(job.id, epoch_to_dt(out.at), record))
+                    record = TokenRecord(out.index, out.token_id, out.text, out.logprob, out.alternatives, out.at)
+                    event = await bus.append(TokenGenerated(job.id, epoch_to_dt(out.at), record))
+                    tokens.append(replace(record, seq=event.seq))
                 elif isinstance(out, Started):
                     started = out.at
                     # Stored in the background: the first token must not wait for a commit.

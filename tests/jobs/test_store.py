@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from app.inference.confidence import Confidence
-from app.inference.types import FinishReason, ModelInfo, SamplingParams
+from app.inference.types import FinishReason, ModelInfo, SamplingParams, TokenAlternative
 from app.jobs.db import Database
 from app.jobs.domain import (
     GenerationResult,
@@ -71,7 +71,7 @@ def new_job(**kw) -> Job:
 
 
 def result(text: str = "ok", needs_review: bool = False) -> GenerationResult:
-    tokens = (TokenRecord(0, 5, text, -0.1, ((5, text, -0.1), (6, "no", -2.3)), 1.0),)
+    tokens = (TokenRecord(0, 5, text, -0.1, (TokenAlternative(5, text, -0.1), TokenAlternative(6, "no", -2.3)), 1.0, seq=3),)
     return GenerationResult(
         text=text, finish_reason=FinishReason.STOP, confidence=Confidence(0.9, -0.1, 0.9, 1.1),
         needs_review=needs_review, tokens=tokens, model=MODEL, usage=Usage(7, 1),

@@ -11,7 +11,6 @@ it sends, without ever calling it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import shutil

@@ -1,0 +1,158 @@
+"""A job's event stream (the GenerationEvent union) and the answer it ends with."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Annotated
+
+import strawberry
+
+from app.inference.types import TokenAlternative as AlternativeData
+from app.jobs import events as ev
+from app.jobs.domain import GenerationResult as ResultData
+from app.jobs.domain import JobError as JobErrorData
+from app.jobs.domain import TokenRecord
+
+from .common import FinishReason, ModelInfo, Timing, Usage
+
+
+@strawberry.type(description="A token the model also considered at this position, with its own probability.")
+class TokenAlternative:
+    text: str
+    token_id: int
+    logprob: float
+    probability: float
+
+    @classmethod
+    def of(cls, a: AlternativeData) -> TokenAlternative:
+        return cls(text=a.text, token_id=a.token_id, logprob=a.logprob, probability=math.exp(a.logprob))
+
+
+@strawberry.interface(description="Fields every job event has. `seq` runs 1, 2, 3 ... per job.")
+class JobEvent:
+    job_id: strawberry.ID
+    seq: int
+    at: datetime
+
+
+@strawberry.type(description="The job is accepted and waiting; `position` 0 is next.")
+class JobQueued(JobEvent):
+    position: int
+
+
+@strawberry.type(description="The model started on the job.")
+class GenerationStarted(JobEvent):
+    model: ModelInfo
+    prompt_tokens: int
+
+
+@strawberry.type(description="One generated token. Probabilities are the model's own, before sampling warps them.")
+class TokenGenerated(JobEvent):
+    index: int
+    text: str
+    token_id: int
+    logprob: float
+    probability: float
+    alternatives: list[TokenAlternative]
+
+    @classmethod
+    def of(cls, job_id: str, seq: int, t: TokenRecord) -> TokenGenerated:
+        return cls(
+            job_id=strawberry.ID(job_id), seq=seq, at=ev.epoch_to_dt(t.at), index=t.index, text=t.text,
+            token_id=t.token_id, logprob=t.logprob, probability=math.exp(t.logprob),
+            alternatives=[TokenAlternative.of(a) for a in t.alternatives],
+        )
+
+
+@strawberry.type(description="Confidence of the whole answer, from its tokens' logprobs.")
+class Confidence:
+    score: float = strawberry.field(description="exp(mean token logprob): geometric-mean probability, in (0, 1].")
+    mean_logprob: float
+    min_probability: float
+    perplexity: float
+
+
+@strawberry.type
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    confidence: Confidence
+    needs_review: bool = strawberry.field(
+        description="confidence.score is below the server's review threshold, or the answer is empty."
+    )
+    model: ModelInfo
+    usage: Usage
+    timing: Timing
+    job_id: strawberry.Private[str]
+    token_records: strawberry.Private[tuple[TokenRecord, ...]]
+
+    @strawberry.field
+    def tokens(self) -> list[TokenGenerated]:
+        return [TokenGenerated.of(self.job_id, t.seq, t) for t in self.token_records]
+
+    @classmethod
+    def of(cls, job_id: str, r: ResultData) -> GenerationResult:
+        c = r.confidence
+        return cls(
+            text=r.text,
+            finish_reason=r.finish_reason,
+            confidence=Confidence(score=c.score, mean_logprob=c.mean_logprob, min_probability=c.min_probability,
+                                  perplexity=c.perplexity),
+            needs_review=r.needs_review,
+            model=ModelInfo.of(r.model),
+            usage=Usage.of(r.usage),
+            timing=Timing.of(r.timing),
+            job_id=job_id,
+            token_records=r.tokens,
+        )
+
+
+@strawberry.type
+class JobError:
+    code: str
+    message: str
+
+    @classmethod
+    def of(cls, e: JobErrorData) -> JobError:
+        return cls(code=e.code, message=e.message)
+
+
+@strawberry.type(description="The job finished; `result` holds the answer and its metadata.")
+class GenerationCompleted(JobEvent):
+    result: GenerationResult
+
+
+@strawberry.type(description="The job failed; nothing was produced.")
+class GenerationFailed(JobEvent):
+    error: JobError
+
+
+@strawberry.type(description="The job was cancelled or hit its deadline; `result` is the partial output.")
+class GenerationCancelled(JobEvent):
+    result: GenerationResult
+
+
+GenerationEvent = Annotated[
+    JobQueued | GenerationStarted | TokenGenerated | GenerationCompleted | GenerationFailed | GenerationCancelled,
+    strawberry.union("GenerationEvent"),
+]
+
+
+def event_of(e: ev.JobEvent) -> GenerationEvent:
+    jid = strawberry.ID(e.job_id)
+    match e:
+        case ev.TokenGenerated():
+            return TokenGenerated.of(e.job_id, e.seq, e.token)
+        case ev.JobQueued():
+            return JobQueued(job_id=jid, seq=e.seq, at=e.at, position=e.position)
+        case ev.GenerationStarted():
+            return GenerationStarted(job_id=jid, seq=e.seq, at=e.at, model=ModelInfo.of(e.model),
+                                     prompt_tokens=e.prompt_tokens)
+        case ev.GenerationCompleted():
+            return GenerationCompleted(job_id=jid, seq=e.seq, at=e.at, result=GenerationResult.of(e.job_id, e.result))
+        case ev.GenerationCancelled():
+            return GenerationCancelled(job_id=jid, seq=e.seq, at=e.at, result=GenerationResult.of(e.job_id, e.result))
+        case ev.GenerationFailed():
+            return GenerationFailed(job_id=jid, seq=e.seq, at=e.at, error=JobError.of(e.error))
+    raise TypeError(f"unknown event {type(e).__name__}")
