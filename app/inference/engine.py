@@ -59,10 +59,13 @@ class RequestHandle:
         self.request_id = request_id
         self._engine = engine
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.finished: Finished | None = None
 
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
         self._engine.cancel(self.request_id, reason)
+
+    def deliver(self, output: EngineOutput) -> None:
+        """Called by the engine, on the loop, for each output of this request."""
+        self._queue.put_nowait(output)
 
     def __aiter__(self):
         return self._iterate()
@@ -72,7 +75,6 @@ class RequestHandle:
             item = await self._queue.get()
             yield item
             if isinstance(item, Finished):
-                self.finished = item
                 return
 
 
@@ -250,7 +252,7 @@ class Engine:
     def _deliver(self, batch: list[tuple[RequestHandle, EngineOutput]]) -> None:
         freed = False
         for handle, output in batch:
-            handle._queue.put_nowait(output)
+            handle.deliver(output)
             freed |= isinstance(output, Finished)
         if freed and self.on_slot_free is not None:
             self.on_slot_free()

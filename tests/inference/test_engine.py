@@ -301,7 +301,6 @@ async def test_cancel_running_request_then_serve_next(engine, lm, monkeypatch):
         elif isinstance(out, Finished):
             run.finished = out
     assert run.finished.reason is FinishReason.CANCELLED
-    assert handle.finished is run.finished
     assert [s.index for s in run.steps] == [0, 1, 2]  # only the step already running when cancelled
     assert engine.running == 0
     monkeypatch.undo()
