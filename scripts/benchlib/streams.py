@@ -1,0 +1,260 @@
+"""The streaming phases: `generate` subscriptions through the API against the engine in-process.
+
+A phase runs a list of prompts through c closed-loop workers in one mode (API, direct, or
+the peer's, see peer.py); `streaming_section` runs the warm-up and the measured rounds, the
+modes of one concurrency back to back in a rotating order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+import httpx
+
+PROMPTS = [
+    "Explain how a bicycle stays upright while it moves.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Describe the water cycle for a ten-year-old.",
+    "What are the main differences between a cat and a dog as pets?",
+    "Give some advice to someone starting to learn the piano.",
+    "Explain why the sky is blue.",
+    "Describe a busy market on a Saturday morning.",
+    "What should a beginner know before planting a vegetable garden?",
+]
+
+SUBSCRIPTION = """
+subscription Bench($input: GenerationInput!) {
+  generate(input: $input) {
+    __typename
+    ... on TokenGenerated { index text }
+    ... on GenerationCompleted { result { usage { completionTokens } } }
+  }
+}
+"""
+
+
+@dataclass
+class Stream:
+    t_submit: float            # subscribe message sent / engine.submit()
+    t_first: float | None      # first token received
+    t_done: float              # completion received
+    tokens: int                # tokens received
+    t_call: float | None = None  # API only: before the websocket connect
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.t_first is None else (self.t_first - self.t_submit) * 1000
+
+
+@dataclass
+class Phase:
+    mode: str
+    concurrency: int
+    streams: list[Stream]
+    max_batch: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.streams)
+
+    @property
+    def wall_s(self) -> float:
+        return max(s.t_done for s in self.streams) - min(s.t_submit for s in self.streams)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+# ---- closed-loop driver -------------------------------------------------------------------
+
+
+async def run_phase(concurrency: int, prompts: list, one) -> list[Stream]:
+    """Run every prompt through `concurrency` workers; each worker runs one stream at a time."""
+    work = iter(prompts)
+    streams: list[Stream] = []
+
+    async def worker() -> None:
+        for item in work:  # a shared iterator: no await between next() calls, so no races
+            streams.append(await one(item))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return streams
+
+
+def phase_prompts(concurrency: int, requests: int) -> list[str]:
+    n = max(concurrency, requests)
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
+# ---- the API side -------------------------------------------------------------------------
+
+
+async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
+    """One `generate` subscription. Its TTFT starts when the subscribe message goes out: the
+    client's send hook notes that moment (the connect + connection_init before it is t_call)."""
+    sent: dict[str, float] = {}
+
+    def on_send(message: dict) -> None:
+        if message.get("type") in ("subscribe", "start"):
+            sent["subscribe"] = time.perf_counter()
+
+    variables = {"input": {"prompt": prompt, "maxTokens": max_tokens, "temperature": 0}}
+    t_call = time.perf_counter()
+    first = done = None
+    tokens = 0
+    completion_tokens = None
+    async for data in client.subscribe(SUBSCRIPTION, variables, on_send=on_send):
+        event = data["generate"]
+        kind = event["__typename"]
+        if kind == "TokenGenerated":
+            tokens += 1
+            if first is None:
+                first = time.perf_counter()
+        elif kind == "GenerationCompleted":
+            done = time.perf_counter()
+            completion_tokens = event["result"]["usage"]["completionTokens"]
+        elif kind in ("GenerationFailed", "GenerationCancelled"):
+            raise RuntimeError(f"generation ended with {kind}")
+    if done is None:
+        raise RuntimeError("the subscription ended without GenerationCompleted")
+    if completion_tokens is not None and completion_tokens != tokens:
+        print(f"  warning: received {tokens} tokens, the server counted {completion_tokens}", flush=True)
+    return Stream(t_submit=sent.get("subscribe", t_call), t_first=first, t_done=done, tokens=tokens, t_call=t_call)
+
+
+_HIST = re.compile(r'^inferql_engine_batch_size_steps\{size="(\d+)"\}\s+([0-9.eE+]+)\s*$', re.M)
+
+
+async def batch_histogram(http: httpx.AsyncClient, base_url: str) -> dict[int, float]:
+    resp = await http.get(base_url + "/metrics")
+    resp.raise_for_status()
+    return {int(size): float(count) for size, count in _HIST.findall(resp.text)}
+
+
+async def api_phase(client, http, base_url: str, concurrency: int, prompts: list[str], max_tokens: int) -> Phase:
+    before = await batch_histogram(http, base_url)
+    streams = await run_phase(concurrency, prompts, lambda p: api_stream(client, p, max_tokens))
+    after = await batch_histogram(http, base_url)
+    sizes = [size for size, count in after.items() if count > before.get(size, 0.0)]
+    return Phase("API", concurrency, streams, max(sizes, default=0))
+
+
+# ---- the direct side ----------------------------------------------------------------------
+
+
+async def direct_stream(engine, ids: list[int], max_tokens: int) -> Stream:
+    from app.inference.types import Finished, SamplingParams, TokenStep
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    t_submit = time.perf_counter()
+    handle = engine.submit(ids, params)
+    first = None
+    tokens = 0
+    async for out in handle:
+        if isinstance(out, TokenStep):
+            tokens += 1
+            if first is None:
+                first = time.perf_counter()
+        elif isinstance(out, Finished):
+            if out.error:
+                raise RuntimeError(f"direct generation failed: {out.error}")
+            break
+    return Stream(t_submit=t_submit, t_first=first, t_done=time.perf_counter(), tokens=tokens)
+
+
+class Direct:
+    """The model loaded once in-process; an Engine runs only while direct phases run."""
+
+    def __init__(self, lm, max_batch_size: int) -> None:
+        self.lm = lm
+        self.max_batch_size = max_batch_size
+        self._ids: dict[str, list[int]] = {}
+        self.engine = None
+
+    def ids(self, prompt: str) -> list[int]:
+        if prompt not in self._ids:
+            self._ids[prompt] = self.lm.encode_chat([{"role": "user", "content": prompt}])
+        return self._ids[prompt]
+
+    async def start(self) -> None:
+        from app.inference.engine import Engine
+
+        self.engine = Engine(self.lm, max_batch_size=self.max_batch_size)
+        self.engine.start()
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.stop()
+            self.engine = None
+
+    async def phase(self, concurrency: int, prompts: list[str], max_tokens: int) -> Phase:
+        from app.inference.types import EngineStats
+
+        self.engine.stats = EngineStats()
+        items = [self.ids(p) for p in prompts]
+        streams = await run_phase(concurrency, items, lambda ids: direct_stream(self.engine, ids, max_tokens))
+        return Phase("direct", concurrency, streams, self.engine.stats.max_batch_size)
+
+
+# ---- the section: warm-up, then rounds ----------------------------------------------------
+
+
+async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, concurrency: list[int], rounds: int,
+                            requests: int, max_tokens: int, max_batch: int,
+                            ) -> tuple[dict[tuple[str, int], list[Phase]], list[float], list[str]]:
+    """Every (mode, concurrency) phase of every round; returns them, the API's connect times
+    (ms, the websocket connect + connection_init before each subscribe) and the modes."""
+    from app.client import InferQLClient
+
+    direct = Direct(lm, max_batch)
+    modes = ["API", "direct"] + (["peer"] if peer else [])
+
+    async with InferQLClient(base_url, api_key=api_key) as client, \
+            httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30)) as http:
+        models = (await client.execute("{ models { id version dtype } }"))["models"]
+        if not any(m["version"] == lm.info.version for m in models):
+            print(f"warning: the server serves {models}, the direct engine {lm.info.id} {lm.info.version}")
+        print(f"server: {', '.join(m['id'] + ' ' + m['dtype'] for m in models)}; max batch {max_batch}",
+              flush=True)
+
+        async def run_mode(mode: str, c: int, prompts: list[str], max_tokens: int) -> Phase:
+            if mode == "API":
+                return await api_phase(client, http, base_url, c, prompts, max_tokens)
+            if mode == "peer":
+                return await peer.phase(http, c, prompts, max_tokens)
+            await direct.start()
+            try:
+                return await direct.phase(c, prompts, max_tokens)
+            finally:
+                await direct.stop()
+
+        # Warm-up: one short phase per mode at the highest concurrency (first forward passes,
+        # batched kernels, the server's DB and sockets), not measured.
+        top = max(concurrency)
+        warm = phase_prompts(top, top)
+        for mode in modes:
+            await run_mode(mode, top, warm, min(4, max_tokens))
+
+        phases: dict[tuple[str, int], list[Phase]] = {}
+        connect_ms: list[float] = []
+        step = 0
+        for r in range(rounds):
+            for c in concurrency:
+                # The modes of one concurrency run back to back, in an order that rotates,
+                # so that their ratios see the same machine load.
+                order = modes[step % len(modes):] + modes[:step % len(modes)]
+                step += 1
+                prompts = phase_prompts(c, requests)
+                for mode in order:
+                    phase = await run_mode(mode, c, prompts, max_tokens)
+                    if mode == "API":
+                        connect_ms += [(s.t_submit - s.t_call) * 1000 for s in phase.streams if s.t_call]
+                    phases.setdefault((mode, c), []).append(phase)
+                    print(f"round {r + 1} {mode:<6} {c:>2} streams: {phase.tokens:>5} tokens"
+                          f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}",
+                          flush=True)
+    return phases, connect_ms, modes
