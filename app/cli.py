@@ -88,8 +88,8 @@ def schema(out: Annotated[Path | None, typer.Option(help="Write to this file ins
 
 
 async def _with_db(fn):
-    from app.jobs.db import Database
-    from app.jobs.migrate import upgrade
+    from app.jobs.persistence.db import Database
+    from app.jobs.persistence.migrate import upgrade
 
     db = Database(Settings().database_url)
     try:
@@ -104,7 +104,7 @@ def db_upgrade() -> None:
     """Apply pending migrations (the server also does this on start)."""
     import asyncio
 
-    from app.jobs.migrate import current
+    from app.jobs.persistence.migrate import current
 
     revision = asyncio.run(_with_db(lambda db: current(db.engine)))
     typer.echo(f"database at revision {revision}")
@@ -118,7 +118,7 @@ def jobs_purge(
     import asyncio
     from datetime import UTC, datetime, timedelta
 
-    from app.jobs.store import JobStore
+    from app.jobs.persistence.store import JobStore
 
     keep = timedelta(days=days if days is not None else Settings().retention_days)
 

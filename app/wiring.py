@@ -18,21 +18,21 @@ from app.inference.types import ModelInfo
 from app.inference.weights import pull_default_model
 from app.jobs.access import Access
 from app.jobs.classification import Classifier
-from app.jobs.db import Database, private_dir
+from app.jobs.persistence.db import Database, private_dir
 from app.jobs.events import MemoryEventBus
 from app.jobs.keys import Defaults, KeyStore
-from app.jobs.migrate import upgrade
+from app.jobs.persistence.migrate import upgrade
 from app.jobs.queue import JobQueue, MemoryJobQueue
 from app.jobs.quotas import MemoryQuotaStore
 from app.jobs.recorder import JobRecorder
 from app.jobs.recovery import recover
 from app.jobs.review import Reviews
 from app.jobs.service import JobService, encode_prompt
-from app.jobs.store import JobStore
+from app.jobs.persistence.store import JobStore
 from app.jobs.validation import Limits
 from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
 from app.jobs.worker import Worker
-from app.jobs.writer import Writer
+from app.jobs.persistence.writer import Writer
 from app.settings import Settings
 
 log = logging.getLogger("inferql")

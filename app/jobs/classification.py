@@ -22,7 +22,7 @@ from .domain import Caller, Timing, Usage
 from .errors import InvalidInput, Overloaded
 from .queue import JobQueue
 from .quotas import QuotaStore
-from .store import JobStore
+from .persistence.store import JobStore
 from .validation import Limits, validate_classification
 
 

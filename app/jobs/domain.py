@@ -280,5 +280,6 @@ class Page:
     """One page of a newest-first listing; `end_cursor` continues after its last item."""
 
     items: list
+    cursors: list[str]  # one per item: pass it as `after` to continue after that item
     end_cursor: str | None
     has_next_page: bool

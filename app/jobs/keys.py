@@ -14,9 +14,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
-from .db import Database
+from .persistence.db import Database
 from .domain import Caller
-from .tables import ApiKeyRow
+from .persistence.tables import ApiKeyRow
 
 KEY_PREFIX = "iq_"
 

@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 from app.inference.types import FinishReason, ModelInfo
 
 from .domain import GenerationResult, Job, JobError, JobStatus
+from .ending import Ending
 from .events import EventBus, GenerationCancelled, GenerationFailed, JobQueued, epoch_to_dt
 from .queue import JobQueue
 from .quotas import QuotaStore
 from .results import build_result
-from .store import JobStore
+from .persistence.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class JobRecorder:
                   error: JobError | None = None) -> bool:
         """Stores the job's end (once); True when this call ended it. Frees its owner's
         place and settles its tokens; announcing the terminal event is the caller's."""
-        ended = await self.store.finish(job.id, status, at, result=result, error=error)
+        ended = await self.store.finish(job.id, Ending(status, at, result=result, error=error))
         if ended.webhooks_queued:
             self._on_webhook_queued()
         if not ended.changed:

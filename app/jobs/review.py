@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from .domain import Caller, Job, JobStatus, Page, ReviewVerdict, WebhookAttempt
 from .errors import Forbidden, InvalidInput, NotFound
 from .keys import KeyStore
-from .store import JobStore, UsageSummary
-from .validation import check_page
+from .persistence.store import JobStore, UsageSummary
+from .validation import check_page, valid_cursor
 
 
 def require_admin(caller: Caller, what: str) -> None:
@@ -25,7 +25,9 @@ class Reviews:
     async def review_queue(self, caller: Caller, first: int = 20, after: str | None = None) -> Page:
         require_admin(caller, "the review queue")
         check_page(first)
-        return await self._store.list_jobs(owner=None, all_owners=True, first=first, after=after, review_queue=True)
+        with valid_cursor():
+            return await self._store.list_jobs(owner=None, all_owners=True, first=first, after=after,
+                                               review_queue=True)
 
     async def submit_review(self, job_id: str, verdict: ReviewVerdict, corrected_text: str | None,
                             caller: Caller) -> Job:

@@ -24,8 +24,16 @@ from .events import TERMINAL, EventBus, JobEvent, replay_finished
 from .queue import JobQueue
 from .quotas import QuotaStore
 from .recorder import JobRecorder
-from .store import IdempotentReplay, JobStore
-from .validation import MAX_BATCH_SIZE, Limits, check_page, validate_context, validate_generation, validate_options
+from .persistence.store import IdempotentReplay, JobStore
+from .validation import (
+    MAX_BATCH_SIZE,
+    Limits,
+    check_page,
+    valid_cursor,
+    validate_context,
+    validate_generation,
+    validate_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +203,9 @@ class JobService:
                         first: int = 20, after: str | None = None, with_results: bool = True) -> Page:
         """with_results=False: every job's `result` is None (not read), for lists that do not show it."""
         check_page(first)
-        page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
-                                           batch_id=batch_id, first=first, after=after, with_results=with_results)
+        with valid_cursor():
+            page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
+                                               batch_id=batch_id, first=first, after=after, with_results=with_results)
         return replace(page, items=[await self._with_position(j) for j in page.items])
 
     async def batch(self, batch_id: str, caller: Caller) -> Batch | None:

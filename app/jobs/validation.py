@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -14,6 +16,7 @@ import httpx
 
 from .domain import GenerationSpec, JobOptions
 from .errors import InvalidInput
+from .persistence.cursors import BadCursor
 
 MAX_ALTERNATIVES = 10
 MAX_STOP_SEQUENCES = 8
@@ -215,3 +218,12 @@ def private_webhooks_allowed() -> bool:
 def check_page(first: int) -> None:
     if not 1 <= first <= MAX_PAGE:
         raise InvalidInput(f"`first` must be between 1 and {MAX_PAGE}", field="first")
+
+
+@contextlib.contextmanager
+def valid_cursor() -> Iterator[None]:
+    """Reads a page: a cursor the API never handed out is the client's error."""
+    try:
+        yield
+    except BadCursor:
+        raise InvalidInput("`after` is not a cursor this API returned", field="after") from None

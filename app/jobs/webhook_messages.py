@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from .domain import Batch, Job, Usage
-from .tables import WebhookRow
+from .persistence.tables import WebhookRow
 
 
 def _iso(dt: datetime | None) -> str | None:

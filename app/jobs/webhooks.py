@@ -48,12 +48,12 @@ from sqlalchemy import update
 from sqlmodel import Session, col, func, select
 from standardwebhooks import Webhook
 
-from .db import Database
+from .persistence.db import Database
 from .domain import DeliveryOutcome
 from .keys import ensure_webhook_secret, new_webhook_secret
-from .tables import WebhookAttemptRow, WebhookRow
+from .persistence.tables import WebhookAttemptRow, WebhookRow
 from .validation import IPAddress, ip_literal, is_public_address, private_webhooks_allowed
-from .writer import Writer
+from .persistence.writer import Writer
 
 log = logging.getLogger(__name__)
 

@@ -114,6 +114,16 @@ async def test_classification_scores_sum_to_one(client):
     assert result["label"] in ("a", "b", "c")
 
 
+@pytest.mark.parametrize("query", [
+    'query { jobs(first: 5, after: "not-a-cursor") { nodes { id } } }',
+    'query { reviewQueue(first: 5, after: "bm90IGEgY3Vyc29y") { nodes { id } } }',
+])
+async def test_a_cursor_the_api_never_gave_is_bad_user_input(client, query):
+    body = await client.execute_raw(query)
+    assert_clean(body["errors"], "BAD_USER_INPUT")
+    assert body["errors"][0]["extensions"]["field"] == "after"
+
+
 async def test_unknown_ids(client):
     assert (await client.execute(JOB, {"id": "does-not-exist"}))["job"] is None
     body = await client.execute_raw(CANCEL, {"id": "does-not-exist"})

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ServerProcess
 from tests.gql import GENERATE, JOB, collect
-from app.jobs.migrate import head
+from app.jobs.persistence.migrate import head
 from tests.jobs.test_store import POSTGRES
 
 

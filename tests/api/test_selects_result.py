@@ -16,7 +16,7 @@ class Query:
     @strawberry.field
     def jobs(self, info: strawberry.Info) -> JobConnection:
         seen.append(selects_result(info))
-        return JobConnection.of(Page(items=[], end_cursor=None, has_next_page=False))
+        return JobConnection.of(Page(items=[], cursors=[], end_cursor=None, has_next_page=False))
 
 
 schema = strawberry.Schema(query=Query)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import stat
 
-from app.jobs.db import Database
-from app.jobs.migrate import upgrade
+from app.jobs.persistence.db import Database
+from app.jobs.persistence.migrate import upgrade
 
 
 def mode(path) -> int:

@@ -220,10 +220,10 @@ async def test_quota_leaves_unlimited_callers_alone(quotas):
 async def test_worker_cancels_only_jobs_it_runs(tmp_path, tiny_model_dir):
     from app.inference.engine import Engine
     from app.inference.model import load_model
-    from app.jobs.db import Database
-    from app.jobs.migrate import upgrade
+    from app.jobs.persistence.db import Database
+    from app.jobs.persistence.migrate import upgrade
     from app.jobs.recorder import JobRecorder
-    from app.jobs.store import JobStore
+    from app.jobs.persistence.store import JobStore
     from app.jobs.worker import Worker
 
     lm = load_model(tiny_model_dir, device="cpu", threads=1)

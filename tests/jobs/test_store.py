@@ -17,7 +17,7 @@ import pytest
 
 from app.inference.confidence import Confidence
 from app.inference.types import FinishReason, ModelInfo, SamplingParams, TokenAlternative
-from app.jobs.db import Database
+from app.jobs.persistence.db import Database
 from app.jobs.domain import (
     GenerationResult,
     GenerationSpec,
@@ -28,11 +28,12 @@ from app.jobs.domain import (
     TokenRecord,
     Usage,
 )
-from app.jobs.errors import InvalidInput
-from app.jobs.migrate import current, head, upgrade
-from app.jobs.store import IdempotentReplay, JobStore
-from app.jobs.store import _new_row as _row
-from app.jobs.tables import WebhookRow
+from app.jobs.persistence.cursors import BadCursor
+from app.jobs.persistence.migrate import current, head, upgrade
+from app.jobs.persistence.store import IdempotentReplay, JobStore
+from app.jobs.persistence.rows import new_row as _row
+from app.jobs.ending import Ending
+from app.jobs.persistence.tables import WebhookRow
 
 POSTGRES = os.environ.get("INFERQL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MODEL = ModelInfo("m", "abc123def456", 1, "float32", "cpu", 512, "local")
@@ -94,7 +95,7 @@ async def test_round_trip_keeps_everything(store):
     started = datetime.now(UTC)
     await store.mark_running(job.id, started)
     assert (await store.get(job.id)).status is JobStatus.RUNNING
-    assert (await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result("done"))).changed
+    assert (await store.finish(job.id, Ending(JobStatus.SUCCEEDED, datetime.now(UTC), result=result("done")))).changed
     got = await store.get(job.id)
     assert got.status is JobStatus.SUCCEEDED and got.result == result("done") and got.attempts == 1
     assert got.started_at == started
@@ -103,9 +104,9 @@ async def test_round_trip_keeps_everything(store):
 async def test_finish_happens_once_and_queues_one_webhook(store):
     job = new_job(webhook_url="http://example.test/hook")
     await store.insert(job)
-    assert (await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result())).webhooks_queued
+    assert (await store.finish(job.id, Ending(JobStatus.SUCCEEDED, datetime.now(UTC), result=result()))).webhooks_queued
     # a second end (say, a late cancel) changes nothing and queues nothing
-    late = await store.finish(job.id, JobStatus.CANCELLED, datetime.now(UTC), result=result("other"))
+    late = await store.finish(job.id, Ending(JobStatus.CANCELLED, datetime.now(UTC), result=result("other")))
     assert not late.changed and not late.webhooks_queued
     assert (await store.get(job.id)).status is JobStatus.SUCCEEDED
     from sqlmodel import select
@@ -146,7 +147,7 @@ async def test_listing_is_newest_first_with_stable_cursors(store):
         after = page.end_cursor
     expected = [j.id for j in sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=True)]
     assert seen == expected
-    with pytest.raises(InvalidInput):
+    with pytest.raises(BadCursor):
         await store.list_jobs(owner=owner, all_owners=False, after="not-a-cursor")
 
 
@@ -156,7 +157,7 @@ async def test_batch_counts_usage_and_one_batch_webhook(store):
     await store.insert_batch(batch_id, None, jobs, "http://example.test/batch", datetime.now(UTC))
     batch = await store.batch(batch_id)
     assert batch.counts.queued == 3 and batch.status.value == "IN_PROGRESS"
-    queued = [(await store.finish(j.id, JobStatus.SUCCEEDED, datetime.now(UTC), result=result())).webhooks_queued
+    queued = [(await store.finish(j.id, Ending(JobStatus.SUCCEEDED, datetime.now(UTC), result=result()))).webhooks_queued
               for j in jobs]
     assert queued == [False, False, True]  # only the last job's end queues the batch webhook
     batch = await store.batch(batch_id)
@@ -167,8 +168,7 @@ async def test_batch_counts_usage_and_one_batch_webhook(store):
 async def test_review_and_purge(store):
     job = new_job()
     await store.insert(job)
-    await store.finish(job.id, JobStatus.SUCCEEDED, datetime.now(UTC) - timedelta(days=40),
-                       result=result(needs_review=True))
+    await store.finish(job.id, Ending(JobStatus.SUCCEEDED, datetime.now(UTC) - timedelta(days=40), result=result(needs_review=True)))
     queue = await store.list_jobs(owner=None, all_owners=True, review_queue=True, first=100)
     assert job.id in [j.id for j in queue.items]
     await store.submit_review(job.id, ReviewVerdict.APPROVED, "alice", None, datetime.now(UTC))

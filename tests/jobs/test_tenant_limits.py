@@ -14,11 +14,11 @@ import pytest
 from app.inference.classify import classification_length
 from app.inference.engine import Engine
 from app.inference.model import load_model
-from app.jobs.db import Database
+from app.jobs.persistence.db import Database
 from app.jobs.domain import Caller, GenerationSpec, JobOptions, JobStatus, SamplingParams
 from app.jobs.errors import InvalidInput, Overloaded, RateLimited
 from app.jobs.keys import Defaults, KeyStore
-from app.jobs.migrate import upgrade
+from app.jobs.persistence.migrate import upgrade
 from app.settings import Settings
 from app.wiring import build_services
 

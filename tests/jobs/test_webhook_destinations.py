@@ -26,10 +26,10 @@ import pytest
 from standardwebhooks import Webhook
 
 from app.client import InferQLClient
-from app.jobs.db import Database
+from app.jobs.persistence.db import Database
 from app.jobs.errors import InvalidInput
-from app.jobs.migrate import upgrade
-from app.jobs.tables import WebhookAttemptRow, WebhookRow
+from app.jobs.persistence.migrate import upgrade
+from app.jobs.persistence.tables import WebhookAttemptRow, WebhookRow
 from app.jobs.validation import ip_literal, is_public_address, validate_webhook_url
 from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
 from app.settings import Settings

@@ -12,7 +12,6 @@ from app.jobs.domain import Job as JobData
 from app.jobs.domain import Page as PageData
 from app.jobs.domain import ReviewVerdict as ReviewVerdictData
 from app.jobs.domain import WebhookAttempt
-from app.jobs.store import encode_cursor
 
 from ..context import Info
 from .common import JobStatus, PageInfo
@@ -113,7 +112,7 @@ class JobConnection:
     @classmethod
     def of(cls, page: PageData) -> JobConnection:
         return cls(
-            edges=[JobEdge(cursor=encode_cursor(j.created_at, j.id), node=Job.of(j)) for j in page.items],
+            edges=[JobEdge(cursor=c, node=Job.of(j)) for j, c in zip(page.items, page.cursors)],
             page_info=PageInfo(has_next_page=page.has_next_page, end_cursor=page.end_cursor),
         )
 

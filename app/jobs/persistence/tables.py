@@ -1,6 +1,6 @@
 """Database tables (SQLModel). Only the store and the webhook dispatcher touch these.
 
-Schema changes go through Alembic (app/jobs/migrations): edit a table here, then add a
+Schema changes go through Alembic (app/jobs/persistence/migrations): edit a table here, then add a
 migration that makes the same change.
 """
 

@@ -1,106 +1,30 @@
-"""Persistence of jobs, batches, reviews and webhook messages.
+"""The store: queries on jobs, batches, reviews, usage and webhook attempts.
 
-Converts rows <-> domain objects; nothing else reads the job tables. A job's end and the
-webhook messages it triggers are written in one transaction, so a crash can never leave
-a finished job whose callback is lost.
+A job's end and what it brings (as the job layer's `Ending` decides) are written in one
+transaction, so a crash can never leave a finished job whose callback or bill is lost.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, delete, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
-from .domain import (
-    Batch,
-    BatchCounts,
-    DeliveryOutcome,
-    GenerationResult,
-    GenerationSpec,
-    Job,
-    JobError,
-    JobStatus,
-    Page,
-    Review,
-    ReviewVerdict,
-    Usage,
-    WebhookAttempt,
-)
+from ..domain import Batch, BatchCounts, Job, JobStatus, Page, ReviewVerdict, Usage, WebhookAttempt
+from .cursors import decode_cursor, encode_cursor
 from .db import Database
-from .errors import InvalidInput
+from .rows import TERMINAL, idempotency_scope, new_row, to_attempt, to_batch, to_job, utc
 from .tables import BatchRow, JobRow, UsageRow, WebhookAttemptRow, WebhookRow
-from .webhook_messages import batch_message, job_message
 from .writer import Writer
 
-TERMINAL = [s.value for s in JobStatus if s.terminal]
-
-
-def utc(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything stored is UTC."""
-    if dt is None or dt.tzinfo is not None:
-        return dt
-    return dt.replace(tzinfo=UTC)
-
-
-def _to_job(row: JobRow, with_result: bool = True) -> Job:
-    review = None
-    if row.review_verdict:
-        review = Review(ReviewVerdict(row.review_verdict), row.reviewed_by, utc(row.reviewed_at), row.corrected_text)
-    return Job(
-        id=row.id,
-        owner=row.owner,
-        status=JobStatus(row.status),
-        priority=row.priority,
-        spec=GenerationSpec.from_dict(json.loads(row.input_json)),
-        created_at=utc(row.created_at),
-        started_at=utc(row.started_at),
-        finished_at=utc(row.finished_at),
-        deadline_at=utc(row.deadline_at),
-        idempotency_key=row.idempotency_scope.split(":", 1)[1] if row.idempotency_scope else None,
-        webhook_url=row.webhook_url,
-        attempts=row.attempts,
-        result=GenerationResult.from_dict(json.loads(row.result_json)) if with_result and row.result_json else None,
-        error=JobError(row.error_code, row.error_message or "") if row.error_code else None,
-        batch_id=row.batch_id,
-        review=review,
-    )
-
-
-def idempotency_scope(owner: str | None, key: str | None) -> str | None:
-    return f"{owner or ''}:{key}" if key else None
-
-
-def encode_cursor(at: datetime, item_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{at.isoformat()}|{item_id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, item_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return utc(datetime.fromisoformat(at)), item_id
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput("`after` is not a cursor this API returned", field="after") from exc
-
-
-def _new_row(job: Job) -> JobRow:
-    return JobRow(
-        id=job.id,
-        owner=job.owner,
-        batch_id=job.batch_id,
-        status=job.status.value,
-        priority=job.priority,
-        input_json=json.dumps(job.spec.to_dict()),
-        idempotency_scope=idempotency_scope(job.owner, job.idempotency_key),
-        webhook_url=job.webhook_url,
-        deadline_at=job.deadline_at,
-        created_at=job.created_at,
-    )
+if TYPE_CHECKING:
+    from ..ending import Ending
 
 
 @dataclass(frozen=True)
@@ -141,7 +65,7 @@ class JobStore:
         if scope and (existing := await self._by_scope(scope)):
             raise IdempotentReplay(existing)
         try:
-            await self.writer.write(lambda session: session.add(_new_row(job)))
+            await self.writer.write(lambda session: session.add(new_row(job)))
         except IntegrityError:
             existing = await self._by_scope(scope) if scope else None
             if existing is None:
@@ -154,7 +78,7 @@ class JobStore:
             session.add(BatchRow(id=batch_id, owner=owner, size=len(jobs), webhook_url=webhook_url,
                                  created_at=created_at))
             for index, job in enumerate(jobs):
-                row = _new_row(job)
+                row = new_row(job)
                 row.batch_index = index
                 session.add(row)
 
@@ -172,59 +96,53 @@ class JobStore:
             update(JobRow).where(col(JobRow.id) == job_id).values(status=JobStatus.QUEUED.value, started_at=None)
         )
 
-    async def finish(
-        self,
-        job_id: str,
-        status: JobStatus,
-        finished_at: datetime,
-        result: GenerationResult | None = None,
-        error: JobError | None = None,
-    ) -> Ended:
-        """Ends a job (once: a job already terminal is left alone), queues its webhooks and
-        records its usage, all in one transaction."""
+    async def finish(self, job_id: str, ending: Ending) -> Ended:
+        """Ends a job (once: a job already terminal is left alone) and writes what its end
+        brings, as `ending` decides: review flag, usage record, webhook messages, the
+        batch's end. All in one transaction."""
 
         def op(session: Session) -> Ended:
             row = session.get(JobRow, job_id)
             if row is None or JobStatus(row.status).terminal:
                 return Ended(False, False)
-            row.status = status.value
-            row.finished_at = finished_at
+            result, error = ending.result, ending.error
+            row.status = ending.status.value
+            row.finished_at = ending.finished_at
             row.result_json = json.dumps(result.to_dict()) if result else None
             row.error_code = error.code if error else None
             row.error_message = error.message if error else None
             if result is not None:
                 row.prompt_tokens = result.usage.prompt_tokens
                 row.completion_tokens = result.usage.completion_tokens
-                row.needs_review = status is JobStatus.SUCCEEDED and result.needs_review
-                if result.usage.total_tokens:
-                    session.add(UsageRow(owner=row.owner, kind="generation", model_version=result.model.version,
-                                         at=finished_at, prompt_tokens=result.usage.prompt_tokens,
-                                         completion_tokens=result.usage.completion_tokens))
-            queued = False
-            if row.webhook_url:
-                # The ended job as it now stands, from what is in hand (no JSON round trip).
-                ended = replace(_to_job(row, with_result=False), result=result)
-                session.add(job_message(ended, row.webhook_url, finished_at))
-                queued = True
+            row.needs_review = ending.needs_review
+            if (bill := ending.bill) is not None:
+                session.add(UsageRow(owner=row.owner, kind="generation", model_version=result.model.version,
+                                     at=ending.finished_at, prompt_tokens=bill.prompt_tokens,
+                                     completion_tokens=bill.completion_tokens))
+            # The ended job as it now stands, from what is in hand (no JSON round trip).
+            message = ending.job_webhook(replace(to_job(row, with_result=False), result=result))
+            if message is not None:
+                session.add(message)
+            queued = message is not None
             if row.batch_id:
                 session.flush()
-                queued |= self._maybe_finish_batch(session, row.batch_id, finished_at)
+                queued |= self._maybe_finish_batch(session, row.batch_id, ending)
             return Ended(True, queued)
 
         return await self.writer.write(op)
 
-    def _maybe_finish_batch(self, session: Session, batch_id: str, now: datetime) -> bool:
+    def _maybe_finish_batch(self, session: Session, batch_id: str, ending: Ending) -> bool:
         batch = session.get(BatchRow, batch_id)
         if batch is None or batch.finished_at is not None:
             return False
         counts, usage = self._batch_counts(session, batch_id)
         if not counts.done:
             return False
-        batch.finished_at = now
-        if batch.webhook_url:
-            session.add(batch_message(self._to_batch(batch, counts, usage), batch.webhook_url, now))
-            return True
-        return False
+        batch.finished_at = ending.finished_at
+        message = ending.batch_webhook(to_batch(batch, counts, usage))
+        if message is not None:
+            session.add(message)
+        return message is not None
 
     async def mark_batch_cancelled(self, batch_id: str) -> None:
         await self._execute(update(BatchRow).where(col(BatchRow.id) == batch_id).values(cancelled=True))
@@ -264,21 +182,21 @@ class JobStore:
     async def get(self, job_id: str) -> Job | None:
         def query(session: Session) -> Job | None:
             row = session.get(JobRow, job_id)
-            return _to_job(row) if row else None
+            return to_job(row) if row else None
 
         return await self._db.read(query)
 
     async def _by_scope(self, scope: str) -> Job | None:
         def query(session: Session) -> Job | None:
             row = session.exec(select(JobRow).where(col(JobRow.idempotency_scope) == scope)).first()
-            return _to_job(row) if row else None
+            return to_job(row) if row else None
 
         return await self._db.read(query)
 
     async def by_status(self, *statuses: JobStatus) -> list[Job]:
         query = (select(JobRow).where(col(JobRow.status).in_([s.value for s in statuses]))
                  .order_by(col(JobRow.created_at)))
-        return await self._db.read(lambda session: [_to_job(r) for r in session.exec(query)], offload=True)
+        return await self._db.read(lambda session: [to_job(r) for r in session.exec(query)], offload=True)
 
     async def list_jobs(
         self,
@@ -316,8 +234,9 @@ class JobStore:
         rows = await self._db.read(lambda session: list(session.exec(query)))
         has_next = len(rows) > first
         rows = rows[:first]
-        end = encode_cursor(utc(rows[-1].created_at), rows[-1].id) if rows else None
-        return Page(items=[_to_job(r, with_results) for r in rows], end_cursor=end, has_next_page=has_next)
+        cursors = [encode_cursor(utc(r.created_at), r.id) for r in rows]
+        return Page(items=[to_job(r, with_results) for r in rows], cursors=cursors,
+                    end_cursor=cursors[-1] if cursors else None, has_next_page=has_next)
 
     async def batch(self, batch_id: str) -> Batch | None:
         def query(session: Session) -> Batch | None:
@@ -325,7 +244,7 @@ class JobStore:
             if row is None:
                 return None
             counts, usage = self._batch_counts(session, batch_id)
-            return self._to_batch(row, counts, usage)
+            return to_batch(row, counts, usage)
 
         return await self._db.read(query)
 
@@ -343,12 +262,6 @@ class JobStore:
             completion += c or 0
         return BatchCounts(**counts), Usage(prompt_tokens=prompt, completion_tokens=completion)
 
-    @staticmethod
-    def _to_batch(row: BatchRow, counts: BatchCounts, usage: Usage) -> Batch:
-        return Batch(id=row.id, owner=row.owner, size=row.size, created_at=utc(row.created_at),
-                     finished_at=utc(row.finished_at), cancelled=row.cancelled, counts=counts, usage=usage,
-                     webhook_url=row.webhook_url)
-
     async def webhook_attempts(self, subject_id: str) -> list[WebhookAttempt]:
         query = (
             select(WebhookAttemptRow)
@@ -356,11 +269,7 @@ class JobStore:
             .where(col(WebhookRow.subject_id) == subject_id)
             .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
         )
-        return await self._db.read(lambda session: [
-            WebhookAttempt(r.attempt, utc(r.at), r.http_status, r.error, utc(r.next_retry_at),
-                           DeliveryOutcome(r.outcome) if r.outcome else None)
-            for r in session.exec(query)
-        ])
+        return await self._db.read(lambda session: [to_attempt(r) for r in session.exec(query)])
 
     async def usage(self, start: datetime, end: datetime, *, owner: str | None, all_owners: bool) -> list[UsageSummary]:
         """Requests and tokens in [start, end), per owner and model version."""
