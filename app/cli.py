@@ -213,7 +213,7 @@ def webhooks_secret(
             raise typer.Exit(1)
         typer.echo(value)
         return
-    from app.jobs.webhooks import load_or_create_secret
+    from app.jobs.webhook_secrets import load_or_create_secret
 
     settings = Settings()
     if settings.webhook_secret is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.inference.engine import Engine
-from app.inference.model import LoadedModel, load_model
+from app.inference.model import EngineOptions, LoadedModel, load_model
 from app.inference.types import ModelInfo
 from app.inference.weights import pull_default_model
 from app.jobs.access import Access
@@ -28,9 +28,11 @@ from app.jobs.recorder import JobRecorder
 from app.jobs.recovery import recover
 from app.jobs.review import Reviews
 from app.jobs.service import JobService, encode_prompt
+from app.jobs.persistence.reports import ReportStore
 from app.jobs.persistence.store import JobStore
 from app.jobs.validation import Limits
-from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
+from app.jobs.webhook_secrets import load_or_create_secret
+from app.jobs.webhooks import WebhookDispatcher
 from app.jobs.worker import Worker
 from app.jobs.persistence.writer import Writer
 from app.settings import Settings
@@ -77,7 +79,8 @@ class Services:
 
 
 async def start_services(settings: Settings) -> Services:
-    lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads)
+    lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads,
+                    options=EngineOptions.from_settings(settings))
     db = Database(settings.database_url)
     await upgrade(db.engine)
     keys = KeyStore(db, key_defaults(settings), cache_seconds=settings.key_cache_seconds)
@@ -99,6 +102,7 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
                    keys: KeyStore) -> Services:
     writer = Writer(db)  # one per process: it groups the writes of the store and the webhooks
     store = JobStore(db, writer)
+    reports = ReportStore(db, writer)
     webhooks = WebhookDispatcher(
         db,
         settings.webhook_secret or load_or_create_secret(settings.data_dir),
@@ -123,8 +127,8 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
         access=Access(keys=keys, quotas=quotas, queue=queue),
         jobs=JobService(store=store, queue=queue, bus=bus, quotas=quotas, recorder=recorder, canceller=worker,
                         lm=lm, limits=limits),
-        reviews=Reviews(store=store, keys=keys, max_text_chars=settings.max_prompt_chars),
-        classifier=Classifier(store=store, engine=engine, lm=lm, queue=queue, quotas=quotas, limits=limits,
+        reviews=Reviews(store=store, reports=reports, keys=keys, max_text_chars=settings.max_prompt_chars),
+        classifier=Classifier(reports=reports, engine=engine, lm=lm, queue=queue, quotas=quotas, limits=limits,
                               review_threshold=settings.review_threshold,
                               max_waiting=settings.max_queued_classifications),
         model=lm.info, db=db, engine=engine, keys=keys, queue=queue, recorder=recorder, worker=worker,

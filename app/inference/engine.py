@@ -1,15 +1,16 @@
 """Continuous-batching generation engine.
 
 One background thread owns the model. Each loop iteration it applies cancellations,
-admits waiting requests (prefill, one forward each, merged into the running batch),
-and runs one decode step for every running request at once. A request joins or leaves
-the batch between any two decode steps, so a cancelled request frees its slot within
-one step and a new one never waits for the batch to drain.
+admits waiting requests (prefill, in chunks while others decode, into the running
+batch), and runs one decode step for every running request at once. A request joins or
+leaves the batch between any two decode steps, so a cancelled request frees its slot
+within one step and a new one never waits for the batch to drain.
 
-The running batch keeps one KV cache, left-padded: every row's keys end at the same
-column, the attention mask hides each row's padding, and position ids are per row.
-Outputs are handed to the asyncio loop once per step (call_soon_threadsafe), where each
-request's RequestHandle yields them in order.
+The batch's KV cache lives in a backend (backends.py): for Llama-family models a
+preallocated per-row cache read in place by the lean forward (fastllama.py), otherwise
+the Hugging Face forward with a left-padded cache. Outputs are handed to the asyncio loop
+once per step through the Outbox (requests.py), where each request's RequestHandle
+yields them in order.
 """
 
 from __future__ import annotations
@@ -21,25 +22,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from app.futures import settle
+
 from .backends import HFBackend, SlotBackend
 from .detokenize import IncrementalDecoder, StopSequenceFilter
 from .model import LoadedModel
-from .sampling import Choice, choose, make_generator
-from .types import (
-    EngineOutput,
-    EngineStats,
-    Finished,
-    FinishReason,
-    SamplingParams,
-    Started,
-    TokenAlternative,
-    TokenStep,
-)
+from .requests import Outbox, RequestHandle, Sequence
+from .sampling import choose, make_generator
+from .types import EngineStats, FinishReason, SamplingParams, Started
 
 log = logging.getLogger(__name__)
 
@@ -50,49 +44,6 @@ class EngineOverloaded(RuntimeError):
 
 class EngineStopped(RuntimeError):
     pass
-
-
-class RequestHandle:
-    """The consumer side of one request: an async iterator of EngineOutput ending with Finished."""
-
-    def __init__(self, request_id: str, engine: Engine) -> None:
-        self.request_id = request_id
-        self._engine = engine
-        self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-
-    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
-        self._engine.cancel(self.request_id, reason)
-
-    def deliver(self, output: EngineOutput) -> None:
-        """Called by the engine, on the loop, for each output of this request."""
-        self._queue.put_nowait(output)
-
-    def __aiter__(self):
-        return self._iterate()
-
-    async def _iterate(self):
-        while True:
-            item = await self._queue.get()
-            yield item
-            if isinstance(item, Finished):
-                return
-
-
-@dataclass(eq=False)
-class _Seq:
-    handle: RequestHandle
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    decoder: IncrementalDecoder
-    stops: StopSequenceFilter
-    generated: int = 0
-    position: int = 0          # position id of next_token when it is fed
-    fed: int = 0               # prompt tokens already in the KV cache
-    next_token: int = -1
-    peak_batch: int = 1
-    done: bool = False
-    unreleased: dict[int, tuple[Choice, float]] = field(default_factory=dict)
 
 
 class Engine:
@@ -122,21 +73,29 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
-        self._waiting: deque[_Seq] = deque()
+        self._waiting: deque[Sequence] = deque()
         self._cancels: dict[str, FinishReason] = {}
         self._calls: deque[tuple[Callable[[], Any], asyncio.Future]] = deque()
-        self._rows: list[_Seq] = []    # decoding, in the backend's rows 0..n-1
-        self._filling: _Seq | None = None  # its prompt partly fed, in row n
-        self._outbox: list[tuple[RequestHandle, EngineOutput]] = []
+        self._rows: list[Sequence] = []    # decoding, in the backend's rows 0..n-1
+        self._filling: Sequence | None = None  # its prompt partly fed, in row n
+        self._outbox = Outbox()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.on_slot_free: Callable[[], None] | None = None  # called on the loop when a request ends
 
     # ---- public, called from the asyncio loop -------------------------------------------
 
+    @property
+    def on_slot_free(self) -> Callable[[], None] | None:
+        """Called on the loop when a request ends (its batch slot is free)."""
+        return self._outbox.on_slot_free
+
+    @on_slot_free.setter
+    def on_slot_free(self, callback: Callable[[], None] | None) -> None:
+        self._outbox.on_slot_free = callback
+
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self._outbox.loop = asyncio.get_running_loop()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inferql-engine", daemon=True)
         self._thread.start()
@@ -176,7 +135,7 @@ class Engine:
         if self._thread is None or self._stopping:
             raise EngineStopped("engine is not running")
         handle = RequestHandle(request_id or f"r{next(self._ids)}", self)
-        seq = _Seq(
+        seq = Sequence(
             handle=handle,
             prompt_ids=list(prompt_ids),
             params=params,
@@ -229,33 +188,14 @@ class Engine:
                 except Exception as exc:  # a failed step fails its requests, not the server
                     log.exception("engine step failed")
                     self._fail_all(exc)
-                self._flush()
+                self._outbox.flush()
             self._fail_all(EngineStopped("server shutting down"), include_waiting=True)
             with self._cv:
                 calls = list(self._calls)
                 self._calls.clear()
             for _, fut in calls:  # nobody will run these now
-                self._loop.call_soon_threadsafe(_settle, fut, None, EngineStopped("server shutting down"))
-            self._flush()
-
-    def _emit(self, seq: _Seq, output: EngineOutput) -> None:
-        self._outbox.append((seq.handle, output))
-
-    def _flush(self) -> None:
-        if self._outbox and self._loop is not None:
-            batch, self._outbox = self._outbox, []
-            try:
-                self._loop.call_soon_threadsafe(self._deliver, batch)
-            except RuntimeError:  # loop closed during shutdown
-                pass
-
-    def _deliver(self, batch: list[tuple[RequestHandle, EngineOutput]]) -> None:
-        freed = False
-        for handle, output in batch:
-            handle.deliver(output)
-            freed |= isinstance(output, Finished)
-        if freed and self.on_slot_free is not None:
-            self.on_slot_free()
+                self._loop.call_soon_threadsafe(settle, fut, None, EngineStopped("server shutting down"))
+            self._outbox.flush()
 
     def _run_calls(self, calls: list[tuple[Callable[[], Any], asyncio.Future]]) -> None:
         for fn, fut in calls:
@@ -263,7 +203,7 @@ class Engine:
                 result, error = fn(), None
             except Exception as exc:
                 result, error = None, exc
-            self._loop.call_soon_threadsafe(_settle, fut, result, error)
+            self._loop.call_soon_threadsafe(settle, fut, result, error)
 
     def _apply_cancels(self, cancels: dict[str, FinishReason]) -> None:
         if not cancels:
@@ -271,13 +211,13 @@ class Engine:
         with self._cv:
             for seq in [s for s in self._waiting if s.handle.request_id in cancels]:
                 self._waiting.remove(seq)
-                self._finish(seq, cancels[seq.handle.request_id])
+                seq.finish(cancels[seq.handle.request_id], self.lm, self._outbox)
         for seq in self._rows:
             if seq.handle.request_id in cancels:
-                self._finish(seq, cancels[seq.handle.request_id])
+                seq.finish(cancels[seq.handle.request_id], self.lm, self._outbox)
         seq = self._filling
         if seq is not None and seq.handle.request_id in cancels:
-            self._finish(seq, cancels[seq.handle.request_id])
+            seq.finish(cancels[seq.handle.request_id], self.lm, self._outbox)
             self._filling = None
             self._backend.reorder(list(range(len(self._rows))))
         self._drop_done_rows()
@@ -299,7 +239,7 @@ class Engine:
                         break
                     seq = self._waiting.popleft()
                 started += 1
-                self._emit(seq, Started(prompt_tokens=len(seq.prompt_ids), at=time.time(),
+                self._outbox.emit(seq.handle, Started(prompt_tokens=len(seq.prompt_ids), at=time.time(),
                                         batch_size=len(self._rows) + 1))
                 self._filling = seq
                 try:
@@ -323,23 +263,23 @@ class Engine:
             self.stats.prefills += 1
             seq.position = len(seq.prompt_ids)
             [choice] = choose(logits[None], [(seq.params, seq.generator)])
-            self._accept(seq, choice)
+            seq.accept(choice, self.lm, self._outbox, self.stats)
             if seq.done:  # ended at its first token: its row is not kept
                 self._backend.reorder(list(range(len(self._rows))))
             else:
                 self._rows.append(seq)
-            self._flush()  # its first token goes out now, not after the other prefills
+            self._outbox.flush()  # its first token goes out now, not after the other prefills
 
-    def _prefill_failed(self, seq: _Seq, exc: Exception) -> None:
+    def _prefill_failed(self, seq: Sequence, exc: Exception) -> None:
         log.error("prefill failed: %s", exc, exc_info=exc)
         self._filling = None
-        self._finish(seq, FinishReason.ERROR, error=str(exc))
+        seq.finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
         try:
             self._backend.reorder(list(range(len(self._rows))))
         except Exception:  # the batch's cache is in doubt: fail the batch rather than corrupt it
             log.exception("dropping a failed prefill's row failed")
             self._fail_all(exc)
-        self._flush()
+        self._outbox.flush()
 
     def _decode_step(self) -> None:
         rows = self._rows
@@ -355,39 +295,8 @@ class Engine:
         for seq, choice in zip(rows, choices):
             seq.position += 1
             seq.peak_batch = max(seq.peak_batch, batch)
-            self._accept(seq, choice)
+            seq.accept(choice, self.lm, self._outbox, self.stats)
         self._drop_done_rows()
-
-    def _accept(self, seq: _Seq, choice: Choice) -> None:
-        """Record one chosen token; emit what can be released; finish when a limit is hit."""
-        if choice.token_id in self.lm.eos_ids:
-            self._finish(seq, FinishReason.STOP)
-            return
-        index = seq.generated
-        seq.generated += 1
-        self.stats.tokens_generated += 1
-        seq.next_token = choice.token_id
-        seq.unreleased[index] = (choice, time.time())
-        released, hit_stop = seq.stops.feed(index, seq.decoder.push(choice.token_id))
-        self._release(seq, released)
-        if hit_stop:
-            self._finish(seq, FinishReason.STOP_SEQUENCE)
-        elif (seq.generated >= seq.params.max_tokens
-              or len(seq.prompt_ids) + seq.generated >= self.lm.info.context_length):
-            self._finish(seq, FinishReason.LENGTH)
-
-    def _release(self, seq: _Seq, released: list[tuple[int, str]]) -> None:
-        for index, text in released:
-            choice, at = seq.unreleased.pop(index)
-            alts = tuple(TokenAlternative(tid, self.lm.token_text(tid), lp) for tid, lp in choice.alternatives)
-            self._emit(seq, TokenStep(index, choice.token_id, text, choice.logprob, alts, at))
-
-    def _finish(self, seq: _Seq, reason: FinishReason, error: str | None = None) -> None:
-        if seq.done:
-            return
-        self._release(seq, seq.stops.flush())
-        seq.done = True
-        self._emit(seq, Finished(reason=reason, at=time.time(), error=error, peak_batch_size=seq.peak_batch))
 
     def _drop_done_rows(self) -> None:
         if all(not s.done for s in self._rows):
@@ -406,22 +315,13 @@ class Engine:
 
     def _fail_all(self, exc: Exception, include_waiting: bool = False) -> None:
         for seq in self._rows:
-            self._finish(seq, FinishReason.ERROR, error=str(exc))
+            seq.finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
         if self._filling is not None:
-            self._finish(self._filling, FinishReason.ERROR, error=str(exc))
+            self._filling.finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
             self._filling = None
         self._rows = []
         self._backend.reset()
         if include_waiting:
             with self._cv:
                 while self._waiting:
-                    self._finish(self._waiting.popleft(), FinishReason.ERROR, error=str(exc))
-
-
-def _settle(fut: asyncio.Future, result: Any, error: Exception | None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
+                    self._waiting.popleft().finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))

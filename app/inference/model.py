@@ -29,11 +29,8 @@ class EngineOptions:
     prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
 
     @classmethod
-    def from_settings(cls, settings=None) -> EngineOptions:
-        if settings is None:
-            from app.settings import Settings
-
-            settings = Settings()
+    def from_settings(cls, settings) -> EngineOptions:
+        """From any object with attributes of these names (the app's Settings)."""
         return cls(**{f: getattr(settings, f) for f in cls.__dataclass_fields__ if hasattr(settings, f)})
 
 
@@ -192,11 +189,11 @@ def pick_device(setting: str) -> torch.device:
 
 def load_model(path: Path, device: str = "auto", threads: int = 0, dtype: str | None = None,
                options: EngineOptions | None = None) -> LoadedModel:
-    """Options default to the INFERQL_* settings; `dtype` overrides theirs."""
+    """Options default to EngineOptions() (the settings' defaults); `dtype` overrides theirs."""
     if threads > 0:
         torch.set_num_threads(threads)
     if options is None:
-        options = EngineOptions.from_settings()
+        options = EngineOptions()
     if dtype is not None:
         options = dataclasses.replace(options, dtype=dtype)
     dev = pick_device(device)

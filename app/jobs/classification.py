@@ -22,7 +22,7 @@ from .domain import Caller, Timing, Usage
 from .errors import InvalidInput, Overloaded
 from .queue import JobQueue
 from .quotas import QuotaStore
-from .persistence.store import JobStore
+from .persistence.reports import ReportStore
 from .validation import Limits, validate_classification
 
 
@@ -38,9 +38,9 @@ class Classification:
 
 
 class Classifier:
-    def __init__(self, *, store: JobStore, engine: Engine, lm: LoadedModel, queue: JobQueue, quotas: QuotaStore,
+    def __init__(self, *, reports: ReportStore, engine: Engine, lm: LoadedModel, queue: JobQueue, quotas: QuotaStore,
                  limits: Limits, review_threshold: float, max_waiting: int = 16) -> None:
-        self._store = store
+        self._reports = reports
         self._engine = engine
         self._lm = lm
         self._queue = queue
@@ -94,7 +94,7 @@ class Classifier:
         best = max(scored.scores, key=lambda s: s.probability)
         started = timings["started"]
         usage = Usage(prompt_tokens=billed, completion_tokens=0)
-        await self._store.record_usage(caller.owner, "classification", self._lm.info.version, usage,
+        await self._reports.record_usage(caller.owner, "classification", self._lm.info.version, usage,
                                        datetime.now(UTC))
         return Classification(
             label=best.label,

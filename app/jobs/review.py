@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from .domain import Caller, Job, JobStatus, Page, ReviewVerdict, WebhookAttempt
 from .errors import Forbidden, InvalidInput, NotFound
 from .keys import KeyStore
-from .persistence.store import JobStore, UsageSummary
+from .persistence.reports import ReportStore, UsageSummary
+from .persistence.store import JobStore
 from .validation import check_page, valid_cursor
 
 
@@ -17,8 +18,9 @@ def require_admin(caller: Caller, what: str) -> None:
 
 
 class Reviews:
-    def __init__(self, *, store: JobStore, keys: KeyStore | None, max_text_chars: int) -> None:
+    def __init__(self, *, store: JobStore, reports: ReportStore, keys: KeyStore | None, max_text_chars: int) -> None:
         self._store = store
+        self._reports = reports
         self._keys = keys
         self._max_text_chars = max_text_chars
 
@@ -46,13 +48,13 @@ class Reviews:
 
     async def webhook_deliveries(self, subject_id: str) -> list[WebhookAttempt]:
         """Callers reach this only through a job or batch they can already see."""
-        return await self._store.webhook_attempts(subject_id)
+        return await self._reports.webhook_attempts(subject_id)
 
     async def usage(self, caller: Caller, start: datetime, end: datetime) -> list[tuple[UsageSummary, str | None]]:
         """Usage rows with the name of the key each belongs to."""
         start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))  # naive = UTC
         if end <= start:
             raise InvalidInput("`to` must be after `from`", field="to")
-        rows = await self._store.usage(start, end, owner=caller.owner, all_owners=caller.admin)
+        rows = await self._reports.usage(start, end, owner=caller.owner, all_owners=caller.admin)
         names = {k.id: k.name for k in await self._keys.list()} if self._keys else {}
         return [(row, names.get(row.owner)) for row in rows]

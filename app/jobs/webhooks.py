@@ -29,18 +29,12 @@ A webhook URL is chosen by a tenant, so an attempt is treated as hostile:
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
-import socket
 import ssl
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 from pydantic import SecretStr
@@ -48,181 +42,27 @@ from sqlalchemy import update
 from sqlmodel import Session, col, func, select
 from standardwebhooks import Webhook
 
-from .persistence.db import Database
 from .domain import DeliveryOutcome
-from .keys import ensure_webhook_secret, new_webhook_secret
+from .keys import ensure_webhook_secret
+from .persistence.db import Database
+from .persistence.rows import utc
 from .persistence.tables import WebhookAttemptRow, WebhookRow
-from .validation import IPAddress, ip_literal, is_public_address, private_webhooks_allowed
 from .persistence.writer import Writer
+from .validation import private_webhooks_allowed
+from .webhook_secrets import secret_value
+from .webhook_targets import (
+    Resolver,
+    exception_outcome,
+    outcome_text,
+    resolve_target,
+    status_outcome,
+    system_resolver,
+)
 
 log = logging.getLogger(__name__)
 
-SECRET_FILE = "webhook-secret"
 MAX_RESPONSE_BYTES = 4096  # of a receiver's answer; the rest is never read
 MAX_PER_OWNER = 2          # attempts at once for one API key
-
-Resolver = Callable[[str, int], Awaitable[list[str]]]
-
-
-def load_or_create_secret(data_dir: Path) -> str:
-    """The server-wide signing secret kept in data_dir, created on first use. The file is
-    readable by its owner only (0600), and is written whole or not at all."""
-    path = data_dir / SECRET_FILE
-    if path.is_file():
-        secret = path.read_text().strip()
-        if secret:
-            if path.stat().st_mode & 0o077:
-                try:
-                    path.chmod(0o600)
-                except OSError:
-                    log.warning("%s is readable by other users; make it 0600", path)
-            return secret
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{SECRET_FILE}-")  # mkstemp creates it 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(new_webhook_secret() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # fails if another process got there first: keep its secret
-        except FileExistsError:
-            if not path.read_text().strip():  # an empty file left by an older version
-                os.replace(tmp, path)
-                tmp = None
-        except OSError:  # a file system without hard links
-            os.replace(tmp, path)
-            tmp = None
-    finally:
-        if tmp is not None:
-            os.unlink(tmp)
-    return path.read_text().strip()
-
-
-def secret_value(secret: str | SecretStr) -> str:
-    return secret.get_secret_value() if isinstance(secret, SecretStr) else secret
-
-
-def _utc(dt: datetime | None) -> datetime | None:
-    return dt.replace(tzinfo=UTC) if dt is not None and dt.tzinfo is None else dt
-
-
-# ---- one attempt's destination and outcome ------------------------------------------------
-
-
-class Refused(Exception):
-    """An attempt that ends before any connection, with this outcome."""
-
-    def __init__(self, outcome: DeliveryOutcome) -> None:
-        super().__init__(outcome.value)
-        self.outcome = outcome
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where one attempt connects: the URL with its host replaced by the checked address."""
-
-    url: httpx.URL
-    host_header: str
-    extensions: dict
-
-
-async def system_resolver(host: str, port: int) -> list[str]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [info[4][0] for info in infos]
-
-
-async def resolve_target(url: str, *, allow_private: bool, resolver: Resolver = system_resolver) -> Target:
-    """Resolves the URL's host once and pins the attempt to the first address, after checking
-    that every address it resolves to is public (unless allow_private)."""
-    try:
-        parsed = httpx.URL(url)
-        request = httpx.Request("POST", parsed)
-        host = parsed.raw_host.decode("ascii")
-    except Exception:
-        raise Refused(DeliveryOutcome.INVALID_URL) from None
-    if parsed.scheme not in ("http", "https") or not host:
-        raise Refused(DeliveryOutcome.INVALID_URL)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    literal = ip_literal(host)
-    if literal is not None:
-        addresses: list[IPAddress] = [literal]
-    else:
-        try:
-            found = await resolver(host, port)
-            addresses = [ip_literal(a.split("%", 1)[0]) for a in found]
-        except (OSError, UnicodeError):
-            raise Refused(DeliveryOutcome.DNS_ERROR) from None
-        if not addresses or None in addresses:
-            raise Refused(DeliveryOutcome.DNS_ERROR)
-    if not allow_private and not all(is_public_address(a) for a in addresses):
-        raise Refused(DeliveryOutcome.BLOCKED_DESTINATION)
-    pinned = parsed.copy_with(host=str(addresses[0]))
-    # A name keeps its own TLS identity: SNI and the certificate are checked against it, not the address.
-    extensions = {"sni_hostname": host} if parsed.scheme == "https" and literal is None else {}
-    return Target(pinned, request.headers["host"], extensions)
-
-
-def status_outcome(status: int) -> DeliveryOutcome:
-    return {2: DeliveryOutcome.HTTP_2XX, 3: DeliveryOutcome.HTTP_3XX, 4: DeliveryOutcome.HTTP_4XX,
-            5: DeliveryOutcome.HTTP_5XX}.get(status // 100, DeliveryOutcome.PROTOCOL_ERROR)
-
-
-def _causes(exc: BaseException):
-    """exc, its causes and contexts, and the members of exception groups among them."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
-
-
-def exception_outcome(exc: BaseException) -> DeliveryOutcome:
-    if isinstance(exc, Refused):
-        return exc.outcome
-    causes = list(_causes(exc))
-    if any(isinstance(e, (TimeoutError, httpx.TimeoutException)) for e in causes):
-        return DeliveryOutcome.TIMEOUT
-    if any(isinstance(e, ssl.SSLError) for e in causes):
-        return DeliveryOutcome.TLS_ERROR
-    if any(isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED
-           for e in causes):
-        return DeliveryOutcome.CONNECTION_REFUSED
-    if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError)):
-        return DeliveryOutcome.PROTOCOL_ERROR
-    if isinstance(exc, (httpx.TransportError, OSError)):
-        return DeliveryOutcome.CONNECTION_ERROR
-    if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
-        return DeliveryOutcome.INVALID_URL
-    return DeliveryOutcome.INTERNAL_ERROR
-
-
-_TEXT = {
-    DeliveryOutcome.TIMEOUT: "timed out",
-    DeliveryOutcome.CONNECTION_REFUSED: "connection refused",
-    DeliveryOutcome.CONNECTION_ERROR: "connection failed",
-    DeliveryOutcome.TLS_ERROR: "TLS handshake or certificate verification failed",
-    DeliveryOutcome.DNS_ERROR: "the host name does not resolve",
-    DeliveryOutcome.BLOCKED_DESTINATION: "the host is not a public address",
-    DeliveryOutcome.PROTOCOL_ERROR: "the answer was not valid HTTP",
-    DeliveryOutcome.INVALID_URL: "the URL cannot be called",
-    DeliveryOutcome.INTERNAL_ERROR: "delivery failed",
-}
-
-
-def outcome_text(outcome: DeliveryOutcome, status: int | None) -> str | None:
-    """The `error` an owner sees: fixed text per outcome (None when delivered)."""
-    if outcome is DeliveryOutcome.HTTP_2XX:
-        return None
-    if status is not None:
-        return f"HTTP {status}"
-    return _TEXT[outcome]
-
-
-# ---- the dispatcher -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -324,7 +164,7 @@ class WebhookDispatcher:
         next_at = await self._db.read(lambda session: session.exec(
             select(func.min(WebhookRow.next_attempt_at))
             .where(col(WebhookRow.state) == "PENDING", col(WebhookRow.next_attempt_at) > now)).one())
-        wait = 60.0 if next_at is None else (_utc(next_at) - now).total_seconds()
+        wait = 60.0 if next_at is None else (utc(next_at) - now).total_seconds()
         return min(max(wait, 0.05), 60.0)
 
     def _due(self, session: Session, now: datetime) -> list[_Due]:

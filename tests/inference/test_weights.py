@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from app.inference.model import cpu_has_native_bf16, load_model
+from app.inference.model import EngineOptions, cpu_has_native_bf16, load_model
 from app.inference.weights import (
     DEFAULT_MODEL_NAME,
     WHEEL_REQUIREMENT,
@@ -18,6 +18,7 @@ from app.inference.weights import (
     read_marker,
     weights_version,
 )
+from app.settings import Settings
 
 
 def test_weights_version_is_stable_hex(real_model_dir):
@@ -91,7 +92,7 @@ def test_load_real_model_info(real_model_dir):
 @pytest.mark.parametrize("setting", ["float32", "bfloat16"])
 def test_dtype_is_forced_by_setting(tiny_model_dir, monkeypatch, setting):
     monkeypatch.setenv("INFERQL_DTYPE", setting)
-    lm = load_model(tiny_model_dir, device="cpu")
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions.from_settings(Settings()))
     assert lm.info.dtype == setting
     assert lm.dtype == getattr(torch, setting)
     assert lm.fast_weights().layers[0][1].dtype == getattr(torch, setting)
@@ -100,7 +101,7 @@ def test_dtype_is_forced_by_setting(tiny_model_dir, monkeypatch, setting):
 
 def test_fast_path_off_by_setting(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("INFERQL_FAST_PATH", "off")
-    lm = load_model(tiny_model_dir, device="cpu")
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions.from_settings(Settings()))
     assert lm.fast_weights() is None
     assert lm.info.dtype == "float32"
 

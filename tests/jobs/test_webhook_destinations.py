@@ -31,7 +31,8 @@ from app.jobs.errors import InvalidInput
 from app.jobs.persistence.migrate import upgrade
 from app.jobs.persistence.tables import WebhookAttemptRow, WebhookRow
 from app.jobs.validation import ip_literal, is_public_address, validate_webhook_url
-from app.jobs.webhooks import WebhookDispatcher, load_or_create_secret
+from app.jobs.webhook_secrets import load_or_create_secret
+from app.jobs.webhooks import WebhookDispatcher
 from app.settings import Settings
 from tests.conftest import ServerProcess, wait_until
 from tests.jobs.test_webhooks import SHORT, SUBMIT, SUBMIT_BATCH, Receiver, get_job, server_env, stop, webhook_state

@@ -16,10 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
-from ..domain import Batch, BatchCounts, Job, JobStatus, Page, ReviewVerdict, Usage, WebhookAttempt
+from ..domain import Batch, BatchCounts, Job, JobStatus, Page, ReviewVerdict, Usage
 from .cursors import decode_cursor, encode_cursor
 from .db import Database
-from .rows import TERMINAL, idempotency_scope, new_row, to_attempt, to_batch, to_job, utc
+from .rows import TERMINAL, idempotency_scope, new_row, to_batch, to_job, utc
 from .tables import BatchRow, JobRow, UsageRow, WebhookAttemptRow, WebhookRow
 from .writer import Writer
 
@@ -31,15 +31,6 @@ if TYPE_CHECKING:
 class Ended:
     changed: bool          # False: the job was already terminal (or is unknown)
     webhooks_queued: bool
-
-
-@dataclass(frozen=True)
-class UsageSummary:
-    owner: str | None
-    model_version: str
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
 
 
 class IdempotentReplay(Exception):
@@ -171,12 +162,6 @@ class JobStore:
 
         return await self.writer.write(op)
 
-    async def record_usage(self, owner: str | None, kind: str, model_version: str, usage: Usage,
-                           at: datetime) -> None:
-        await self.writer.write(lambda session: session.add(UsageRow(
-            owner=owner, kind=kind, model_version=model_version, at=at,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens)))
-
     # ---- reads ----------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> Job | None:
@@ -261,28 +246,3 @@ class JobStore:
             prompt += p or 0
             completion += c or 0
         return BatchCounts(**counts), Usage(prompt_tokens=prompt, completion_tokens=completion)
-
-    async def webhook_attempts(self, subject_id: str) -> list[WebhookAttempt]:
-        query = (
-            select(WebhookAttemptRow)
-            .join(WebhookRow, col(WebhookRow.id) == col(WebhookAttemptRow.webhook_id))
-            .where(col(WebhookRow.subject_id) == subject_id)
-            .order_by(col(WebhookAttemptRow.at), col(WebhookAttemptRow.attempt))
-        )
-        return await self._db.read(lambda session: [to_attempt(r) for r in session.exec(query)])
-
-    async def usage(self, start: datetime, end: datetime, *, owner: str | None, all_owners: bool) -> list[UsageSummary]:
-        """Requests and tokens in [start, end), per owner and model version."""
-        query = (
-            select(UsageRow.owner, UsageRow.model_version, func.count(),
-                   func.sum(UsageRow.prompt_tokens), func.sum(UsageRow.completion_tokens))
-            .where(col(UsageRow.at) >= start, col(UsageRow.at) < end)
-            .group_by(UsageRow.owner, UsageRow.model_version)
-            .order_by(UsageRow.owner, UsageRow.model_version)
-        )
-        if not all_owners:
-            query = query.where(col(UsageRow.owner) == owner)
-        return await self._db.read(  # an aggregate over a time range can be long: off the loop
-            lambda session: [UsageSummary(o, v, n, int(p or 0), int(c or 0)) for o, v, n, p, c in session.exec(query)],
-            offload=True,
-        )

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 from sqlmodel import Session
 
+from app.futures import settle
+
 from .db import Database
 
 log = logging.getLogger(__name__)
@@ -58,32 +60,23 @@ class Writer:
                     results = await self._commit([op for op, _ in group])
                 except Exception as exc:
                     if len(group) == 1:
-                        _settle(group[0][1], error=exc)
+                        settle(group[0][1], error=exc)
                         continue
                     log.debug("a group of %d writes failed (%s); running each alone", len(group), exc)
                     for op, future in group:
                         try:
-                            _settle(future, (await self._commit([op]))[0])
+                            settle(future, (await self._commit([op]))[0])
                         except Exception as one_exc:
-                            _settle(future, error=one_exc)
+                            settle(future, error=one_exc)
                     continue
                 for (_, future), result in zip(group, results):
-                    _settle(future, result)
+                    settle(future, result)
         except BaseException as exc:  # cancelled at shutdown: nobody is left to run these
             for _, future in group + self._pending:
-                _settle(future, error=exc if isinstance(exc, Exception) else RuntimeError("writer stopped"))
+                settle(future, error=exc if isinstance(exc, Exception) else RuntimeError("writer stopped"))
             self._pending = []
             raise
 
     async def _commit(self, ops: list[Op[Any]]) -> list[Any]:
         self.transactions += 1
         return await self._db.transaction(lambda session: [op(session) for op in ops])
-
-
-def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
-    if future.done():  # its caller was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -1,0 +1,125 @@
+"""One request's side of the engine: its handle on the asyncio loop, its state on the
+engine thread (Sequence: tokens chosen, detokenized, held back for stop strings), and the
+Outbox that hands outputs from the engine thread to the loop once per step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .detokenize import IncrementalDecoder, StopSequenceFilter
+from .model import LoadedModel
+from .sampling import Choice
+from .types import EngineOutput, EngineStats, Finished, FinishReason, SamplingParams, TokenAlternative, TokenStep
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class RequestHandle:
+    """The consumer side of one request: an async iterator of EngineOutput ending with Finished."""
+
+    def __init__(self, request_id: str, engine: Engine) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+
+    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        self._engine.cancel(self.request_id, reason)
+
+    def deliver(self, output: EngineOutput) -> None:
+        """Called by the engine, on the loop, for each output of this request."""
+        self._queue.put_nowait(output)
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        while True:
+            item = await self._queue.get()
+            yield item
+            if isinstance(item, Finished):
+                return
+
+
+class Outbox:
+    """Outputs gathered on the engine thread, handed to the loop in one call per flush."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_slot_free: Callable[[], None] | None = None  # called on the loop when a request ends
+        self._pending: list[tuple[RequestHandle, EngineOutput]] = []
+
+    def emit(self, handle: RequestHandle, output: EngineOutput) -> None:
+        self._pending.append((handle, output))
+
+    def flush(self) -> None:
+        if self._pending and self.loop is not None:
+            batch, self._pending = self._pending, []
+            try:
+                self.loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # loop closed during shutdown
+                pass
+
+    def _deliver(self, batch: list[tuple[RequestHandle, EngineOutput]]) -> None:
+        freed = False
+        for handle, output in batch:
+            handle.deliver(output)
+            freed |= isinstance(output, Finished)
+        if freed and self.on_slot_free is not None:
+            self.on_slot_free()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request on the engine thread."""
+
+    handle: RequestHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    decoder: IncrementalDecoder
+    stops: StopSequenceFilter
+    generated: int = 0
+    position: int = 0          # position id of next_token when it is fed
+    fed: int = 0               # prompt tokens already in the KV cache
+    next_token: int = -1
+    peak_batch: int = 1
+    done: bool = False
+    unreleased: dict[int, tuple[Choice, float]] = field(default_factory=dict)
+
+    def accept(self, choice: Choice, lm: LoadedModel, outbox: Outbox, stats: EngineStats) -> None:
+        """Record one chosen token; emit what can be released; finish when a limit is hit."""
+        if choice.token_id in lm.eos_ids:
+            self.finish(FinishReason.STOP, lm, outbox)
+            return
+        index = self.generated
+        self.generated += 1
+        stats.tokens_generated += 1
+        self.next_token = choice.token_id
+        self.unreleased[index] = (choice, time.time())
+        released, hit_stop = self.stops.feed(index, self.decoder.push(choice.token_id))
+        self._release(released, lm, outbox)
+        if hit_stop:
+            self.finish(FinishReason.STOP_SEQUENCE, lm, outbox)
+        elif (self.generated >= self.params.max_tokens
+              or len(self.prompt_ids) + self.generated >= lm.info.context_length):
+            self.finish(FinishReason.LENGTH, lm, outbox)
+
+    def _release(self, released: list[tuple[int, str]], lm: LoadedModel, outbox: Outbox) -> None:
+        for index, text in released:
+            choice, at = self.unreleased.pop(index)
+            alts = tuple(TokenAlternative(tid, lm.token_text(tid), lp) for tid, lp in choice.alternatives)
+            outbox.emit(self.handle, TokenStep(index, choice.token_id, text, choice.logprob, alts, at))
+
+    def finish(self, reason: FinishReason, lm: LoadedModel, outbox: Outbox, error: str | None = None) -> None:
+        if self.done:
+            return
+        self._release(self.stops.flush(), lm, outbox)
+        self.done = True
+        outbox.emit(self.handle, Finished(reason=reason, at=time.time(), error=error, peak_batch_size=self.peak_batch))
