@@ -19,7 +19,6 @@ import asyncio
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +30,10 @@ from app.futures import settle
 from .backends import HFBackend, SlotBackend
 from .detokenize import IncrementalDecoder, StopSequenceFilter
 from .model import LoadedModel
+from .batch import RunningBatch
 from .requests import Outbox, RequestHandle, Sequence
-from .sampling import choose, make_generator
-from .types import EngineStats, FinishReason, SamplingParams, Started
+from .sampling import make_generator
+from .types import EngineStats, FinishReason, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class Engine:
         self.lm = lm
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
-        self.prefills_per_step = prefills_per_step
         opts = lm.options
-        self.prefill_chunk = max(1, prefill_chunk if prefill_chunk is not None else opts.prefill_chunk)
         if prefix_cache_tokens is None:
             prefix_cache_tokens = opts.prefix_cache_tokens
         fast = lm.fast_weights()
@@ -70,20 +68,29 @@ class Engine:
             self._backend: SlotBackend | HFBackend = SlotBackend(fast, max_batch_size, prefix_cache_tokens)
         else:
             self._backend = HFBackend(lm.model, lm.device)
-        self.stats = EngineStats()
+        self._outbox = Outbox()
+        self._batch = RunningBatch(
+            lm, self._backend, self._outbox, max_size=max_batch_size, prefills_per_step=prefills_per_step,
+            prefill_chunk=max(1, prefill_chunk if prefill_chunk is not None else opts.prefill_chunk),
+        )
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._waiting: deque[Sequence] = deque()
         self._cancels: dict[str, FinishReason] = {}
         self._calls: deque[tuple[Callable[[], Any], asyncio.Future]] = deque()
-        self._rows: list[Sequence] = []    # decoding, in the backend's rows 0..n-1
-        self._filling: Sequence | None = None  # its prompt partly fed, in row n
-        self._outbox = Outbox()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     # ---- public, called from the asyncio loop -------------------------------------------
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._batch.stats
+
+    @stats.setter
+    def stats(self, stats: EngineStats) -> None:
+        self._batch.stats = stats
 
     @property
     def on_slot_free(self) -> Callable[[], None] | None:
@@ -121,7 +128,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._rows) + (self._filling is not None)
+        return self._batch.running
 
     @property
     def waiting(self) -> int:
@@ -171,7 +178,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._rows or self._filling or self._waiting or self._calls
+                    while not (self._stopping or self._batch.running or self._waiting or self._calls
                                or self._cancels):
                         self._cv.wait()
                     if self._stopping:
@@ -182,14 +189,14 @@ class Engine:
                 try:
                     self._apply_cancels(cancels)
                     self._run_calls(calls)
-                    self._admit()
-                    if self._rows:
-                        self._decode_step()
+                    self._batch.admit(self._next_waiting)
+                    if self._batch.decoding:
+                        self._batch.decode_step()
                 except Exception as exc:  # a failed step fails its requests, not the server
                     log.exception("engine step failed")
-                    self._fail_all(exc)
+                    self._batch.fail_all(exc)
                 self._outbox.flush()
-            self._fail_all(EngineStopped("server shutting down"), include_waiting=True)
+            self._fail_all(EngineStopped("server shutting down"))
             with self._cv:
                 calls = list(self._calls)
                 self._calls.clear()
@@ -212,116 +219,15 @@ class Engine:
             for seq in [s for s in self._waiting if s.handle.request_id in cancels]:
                 self._waiting.remove(seq)
                 seq.finish(cancels[seq.handle.request_id], self.lm, self._outbox)
-        for seq in self._rows:
-            if seq.handle.request_id in cancels:
-                seq.finish(cancels[seq.handle.request_id], self.lm, self._outbox)
-        seq = self._filling
-        if seq is not None and seq.handle.request_id in cancels:
-            seq.finish(cancels[seq.handle.request_id], self.lm, self._outbox)
-            self._filling = None
-            self._backend.reorder(list(range(len(self._rows))))
-        self._drop_done_rows()
+        self._batch.cancel(cancels)
 
-    def _admit(self) -> None:
-        """Feed prompts into the batch: whole ones while nothing runs; while others decode, at
-        most `prefill_chunk` prompt tokens and `prefills_per_step` new requests per step, so a
-        long prompt is spread over several steps instead of stalling the running streams."""
-        running = bool(self._rows)
-        budget = self.prefill_chunk if running and self._backend.chunked else None
-        started = 0
-        while budget is None or budget > 0:
-            seq = self._filling
-            if seq is None:
-                if len(self._rows) >= self.max_batch_size or (running and started >= self.prefills_per_step):
-                    break
-                with self._cv:
-                    if not self._waiting:
-                        break
-                    seq = self._waiting.popleft()
-                started += 1
-                self._outbox.emit(seq.handle, Started(prompt_tokens=len(seq.prompt_ids), at=time.time(),
-                                        batch_size=len(self._rows) + 1))
-                self._filling = seq
-                try:
-                    seq.fed = self._backend.begin(len(self._rows), seq.prompt_ids)
-                except Exception as exc:
-                    self._prefill_failed(seq, exc)
-                    continue
-            todo = len(seq.prompt_ids) - seq.fed
-            n = todo if budget is None else min(todo, budget)
-            try:
-                logits = self._backend.prefill(len(self._rows), seq.prompt_ids, seq.fed, n)
-            except Exception as exc:
-                self._prefill_failed(seq, exc)
-                continue
-            seq.fed += n
-            if budget is not None:
-                budget -= n
-            if seq.fed < len(seq.prompt_ids):
-                continue  # the rest of this prompt in the next steps
-            self._filling = None
-            self.stats.prefills += 1
-            seq.position = len(seq.prompt_ids)
-            [choice] = choose(logits[None], [(seq.params, seq.generator)])
-            seq.accept(choice, self.lm, self._outbox, self.stats)
-            if seq.done:  # ended at its first token: its row is not kept
-                self._backend.reorder(list(range(len(self._rows))))
-            else:
-                self._rows.append(seq)
-            self._outbox.flush()  # its first token goes out now, not after the other prefills
+    def _next_waiting(self) -> Sequence | None:
+        with self._cv:
+            return self._waiting.popleft() if self._waiting else None
 
-    def _prefill_failed(self, seq: Sequence, exc: Exception) -> None:
-        log.error("prefill failed: %s", exc, exc_info=exc)
-        self._filling = None
-        seq.finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
-        try:
-            self._backend.reorder(list(range(len(self._rows))))
-        except Exception:  # the batch's cache is in doubt: fail the batch rather than corrupt it
-            log.exception("dropping a failed prefill's row failed")
-            self._fail_all(exc)
-        self._outbox.flush()
-
-    def _decode_step(self) -> None:
-        rows = self._rows
-        batch = len(rows)
-        logits = self._backend.decode([s.next_token for s in rows], [s.position for s in rows])
-        choices = choose(logits, [(s.params, s.generator) for s in rows])
-        stats = self.stats
-        stats.decode_steps += 1
-        stats.max_batch_size = max(stats.max_batch_size, batch)
-        stats.batch_size_histogram[batch] = stats.batch_size_histogram.get(batch, 0) + 1
-        if batch > 1:
-            stats.shared_decode_steps += 1
-        for seq, choice in zip(rows, choices):
-            seq.position += 1
-            seq.peak_batch = max(seq.peak_batch, batch)
-            seq.accept(choice, self.lm, self._outbox, self.stats)
-        self._drop_done_rows()
-
-    def _drop_done_rows(self) -> None:
-        if all(not s.done for s in self._rows):
-            return
-        # The last running row moves into each hole (one row's copy, not a shift of many).
-        order = list(range(len(self._rows)))
-        for i in reversed(range(len(self._rows))):
-            if self._rows[i].done:
-                order[i] = order[-1]
-                order.pop()
-        rows = [self._rows[i] for i in order]
-        if self._filling is not None:  # the prompt being fed sits right after the running rows
-            order.append(len(self._rows))
-        self._rows = rows
-        self._backend.reorder(order)
-
-    def _fail_all(self, exc: Exception, include_waiting: bool = False) -> None:
-        for seq in self._rows:
-            seq.finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
-        if self._filling is not None:
-            self._filling.finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
-            self._filling = None
-        self._rows = []
-        self._backend.reset()
-        if include_waiting:
-            with self._cv:
-                while self._waiting:
-                    self._waiting.popleft().finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
+    def _fail_all(self, exc: Exception) -> None:
+        """Ends every request, running or waiting (the engine is stopping)."""
+        self._batch.fail_all(exc)
+        with self._cv:
+            while self._waiting:
+                self._waiting.popleft().finish(FinishReason.ERROR, self.lm, self._outbox, error=str(exc))
