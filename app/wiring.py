@@ -27,7 +27,9 @@ from app.jobs.quotas import MemoryQuotaStore
 from app.jobs.recorder import JobRecorder
 from app.jobs.recovery import recover
 from app.jobs.review import Reviews
-from app.jobs.service import JobService, encode_prompt
+from app.jobs.admission import Admission, encode_prompt
+from app.jobs.batches import Batches
+from app.jobs.service import JobService
 from app.jobs.persistence.reports import ReportStore
 from app.jobs.persistence.store import JobStore
 from app.jobs.validation import Limits
@@ -60,6 +62,7 @@ class Services:
 
     access: Access
     jobs: JobService
+    batches: Batches
     reviews: Reviews
     classifier: Classifier
     model: ModelInfo
@@ -123,10 +126,13 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
     recorder = JobRecorder(store=store, queue=queue, bus=bus, quotas=quotas, model=lm.info,
                            review_threshold=settings.review_threshold, on_webhook_queued=webhooks.wake)
     worker = Worker(queue, engine, recorder)
+    admission = Admission(queue=queue, quotas=quotas, lm=lm, limits=limits)
+    jobs = JobService(store=store, queue=queue, bus=bus, quotas=quotas, recorder=recorder, canceller=worker,
+                      admission=admission)
     return Services(
         access=Access(keys=keys, quotas=quotas, queue=queue),
-        jobs=JobService(store=store, queue=queue, bus=bus, quotas=quotas, recorder=recorder, canceller=worker,
-                        lm=lm, limits=limits),
+        jobs=jobs,
+        batches=Batches(store=store, queue=queue, recorder=recorder, admission=admission, jobs=jobs),
         reviews=Reviews(store=store, reports=reports, keys=keys, max_text_chars=settings.max_prompt_chars),
         classifier=Classifier(reports=reports, engine=engine, lm=lm, queue=queue, quotas=quotas, limits=limits,
                               review_threshold=settings.review_threshold,

@@ -44,6 +44,8 @@ def test_no_layer_imports_upward():
 
 
 def test_the_check_sees_relative_imports():
-    jobs_service = APP / "jobs" / "service.py"
-    assert "app.jobs.queue" in imports(jobs_service, "app.jobs.service")
-    assert "app.inference.model" in imports(jobs_service, "app.jobs.service")
+    admission = APP / "jobs" / "admission.py"
+    assert "app.jobs.queue" in imports(admission, "app.jobs.admission")
+    assert "app.inference.model" in imports(admission, "app.jobs.admission")
+    store = APP / "jobs" / "persistence" / "store.py"
+    assert "app.jobs.domain" in imports(store, "app.jobs.persistence.store")  # `from ..domain import`

@@ -9,6 +9,7 @@ from strawberry.types import Info as StrawberryInfo
 
 from app.inference.types import ModelInfo
 from app.jobs.access import Access
+from app.jobs.batches import Batches
 from app.jobs.classification import Classifier
 from app.jobs.domain import Caller
 from app.jobs.review import Reviews
@@ -21,6 +22,7 @@ class Context:
 
     access: Access
     jobs: JobService
+    batches: Batches
     reviews: Reviews
     classifier: Classifier
     model: ModelInfo

@@ -31,11 +31,11 @@ class Mutation:
     async def submit_batch(self, info: Info, inputs: list[GenerationInput], options: JobOptions | None = None) -> Batch:
         caller = await admitted(info)
         specs = [i.to_spec() for i in inputs]
-        return Batch.of(await info.context.jobs.submit_batch(specs, JobOptions.to_data(options), caller))
+        return Batch.of(await info.context.batches.submit(specs, JobOptions.to_data(options), caller))
 
     @strawberry.mutation(description="Cancel every job of a batch that has not finished.")
     async def cancel_batch(self, info: Info, id: strawberry.ID) -> Batch:
-        return Batch.of(await info.context.jobs.cancel_batch(str(id), await admitted(info)))
+        return Batch.of(await info.context.batches.cancel(str(id), await admitted(info)))
 
     @strawberry.mutation(description="Record a person's verdict on a job's answer; it leaves the review queue.")
     async def submit_review(self, info: Info, job_id: strawberry.ID, verdict: ReviewVerdict,

@@ -35,7 +35,7 @@ class Query:
 
     @strawberry.field(description="A batch by id; null when it does not exist.")
     async def batch(self, info: Info, id: strawberry.ID) -> Batch | None:
-        batch = await info.context.jobs.batch(str(id), await admitted(info))
+        batch = await info.context.batches.get(str(id), await admitted(info))
         return Batch.of(batch) if batch else None
 
     @strawberry.field(description="Your usage in [from, to), per model version; an admin key sees every key.")

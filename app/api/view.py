@@ -76,9 +76,10 @@ class InferQLGraphQL(GraphQL):
                 request.state.caller = caller
         else:
             connection = getattr(request.state, "connection", None)
-        return Context(access=services.access, jobs=services.jobs, reviews=services.reviews,
-                       classifier=services.classifier, model=services.model, request=request, response=response,
-                       caller=caller, max_subscriptions=self.max_subscriptions, connection=connection)
+        return Context(access=services.access, jobs=services.jobs, batches=services.batches,
+                       reviews=services.reviews, classifier=services.classifier, model=services.model,
+                       request=request, response=response, caller=caller,
+                       max_subscriptions=self.max_subscriptions, connection=connection)
 
     def decode_json(self, data):
         """Request bodies and websocket messages: a JSON object or list of valid Unicode.

@@ -1,4 +1,4 @@
-"""JobService: submit, batch, get, list, cancel and follow generation jobs.
+"""JobService: submit, get, list, cancel and follow generation jobs.
 
 Every read and write is scoped to the caller: another key's job looks exactly like a
 missing one. The service stores jobs and puts them on the JobQueue; a Worker runs them;
@@ -9,31 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 
-from app.inference.model import LoadedModel
 from app.inference.types import FinishReason
 
-from .domain import Batch, Caller, GenerationSpec, Job, JobOptions, JobStatus, Page
+from .admission import Admission
+from .domain import Caller, GenerationSpec, Job, JobOptions, JobStatus, Page
 from .errors import InvalidInput, NotFound
 from .events import TERMINAL, EventBus, JobEvent, replay_finished
+from .persistence.store import IdempotentReplay, JobStore
 from .queue import JobQueue
 from .quotas import QuotaStore
 from .recorder import JobRecorder
-from .persistence.store import IdempotentReplay, JobStore
-from .validation import (
-    MAX_BATCH_SIZE,
-    Limits,
-    check_page,
-    valid_cursor,
-    validate_context,
-    validate_generation,
-    validate_options,
-)
+from .validation import check_page, valid_cursor
 
 log = logging.getLogger(__name__)
 
@@ -46,75 +37,22 @@ class Canceller(Protocol):
     async def cancel(self, job_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool: ...
 
 
-def encode_prompt(lm: LoadedModel, spec: GenerationSpec) -> list[int]:
-    if spec.messages is not None:
-        return lm.encode_chat([{"role": m.role, "content": m.content} for m in spec.messages])
-    if spec.raw:
-        return lm.encode_raw(spec.prompt)
-    return lm.encode_chat([{"role": "user", "content": spec.prompt}])
-
-
 def visible(item_owner: str | None, caller: Caller) -> bool:
     return caller.admin or item_owner == caller.owner
 
 
 class JobService:
     def __init__(self, *, store: JobStore, queue: JobQueue, bus: EventBus, quotas: QuotaStore,
-                 recorder: JobRecorder, canceller: Canceller, lm: LoadedModel, limits: Limits) -> None:
+                 recorder: JobRecorder, canceller: Canceller, admission: Admission) -> None:
         self._store = store
         self._queue = queue
         self._bus = bus
         self._quotas = quotas
         self._recorder = recorder
         self._canceller = canceller
-        self._lm = lm
-        self.limits = limits
+        self._admission = admission
 
     # ---- submitting -----------------------------------------------------------------------
-
-    def _check(self, spec: GenerationSpec) -> list[int]:
-        """All input rules; returns the prompt's token ids."""
-        validate_generation(spec, self.limits)
-        prompt_ids = encode_prompt(self._lm, spec)
-        validate_context(len(prompt_ids), spec.sampling.max_tokens, self.limits.context_length)
-        return prompt_ids
-
-    @staticmethod
-    def _check_priority(options: JobOptions, caller: Caller) -> None:
-        if caller.max_priority is not None and options.priority > caller.max_priority:
-            raise InvalidInput(f"`priority` above {caller.max_priority} is not allowed for this key",
-                               field="priority", maxPriority=caller.max_priority)
-
-    @staticmethod
-    def _new_job(spec: GenerationSpec, options: JobOptions, caller: Caller, now: datetime,
-                 batch_id: str | None = None) -> Job:
-        return Job(
-            id=str(uuid.uuid4()),
-            owner=caller.owner,
-            status=JobStatus.QUEUED,
-            priority=options.priority,
-            spec=spec,
-            created_at=now,
-            deadline_at=now + timedelta(seconds=options.deadline_seconds) if options.deadline_seconds else None,
-            idempotency_key=options.idempotency_key if batch_id is None else None,
-            webhook_url=options.webhook_url if batch_id is None else None,  # a batch has one webhook
-            batch_id=batch_id,
-        )
-
-    async def _admit(self, caller: Caller, jobs: list[Job], prompts: list[list[int]]) -> None:
-        """Reserves the jobs' queue places (concurrency, queue room) and their tokens, all or none."""
-        await self._queue.reserve(caller.owner, len(jobs), caller.concurrency)
-        try:
-            await self._quotas.reserve_tokens(caller, [j.id for j in jobs],
-                                              [len(p) + j.spec.sampling.max_tokens for j, p in zip(jobs, prompts)])
-        except BaseException:
-            await self._queue.unreserve(caller.owner, len(jobs))
-            raise
-
-    async def _release(self, owner: str | None, jobs: list[Job]) -> None:
-        await self._queue.unreserve(owner, len(jobs))
-        for job in jobs:
-            await self._quotas.settle(job.id, 0)
 
     async def submit(self, spec: GenerationSpec, options: JobOptions | None, caller: Caller) -> Job:
         """Validate, persist a QUEUED job and queue it. Nothing is stored when input is bad.
@@ -122,11 +60,10 @@ class JobService:
         The same idempotency key (for the same caller) returns the job it created first.
         """
         options = options or JobOptions()
-        validate_options(options, allow_private_webhooks=self.limits.allow_private_webhooks)
-        self._check_priority(options, caller)
-        prompt_ids = self._check(spec)
-        job = self._new_job(spec, options, caller, datetime.now(UTC))
-        await self._admit(caller, [job], [prompt_ids])
+        self._admission.check_options(options, caller)
+        prompt_ids = self._admission.check(spec)
+        job = self._admission.new_job(spec, options, caller, datetime.now(UTC))
+        await self._admission.reserve(caller, [job], [prompt_ids])
         try:
             # Shielded: a caller that goes away (a dropped websocket) must not leave a stored
             # job that is not queued. _persist gives back the reservations itself when it
@@ -144,43 +81,11 @@ class JobService:
         try:
             await self._store.insert(job)
         except BaseException:
-            await self._release(job.owner, [job])
+            await self._admission.release(job.owner, [job])
             raise
         position = await self._queue.put(job, prompt_ids)
         await self._recorder.queued(job, position)
         return position
-
-    async def submit_batch(self, specs: list[GenerationSpec], options: JobOptions | None, caller: Caller) -> Batch:
-        """All or nothing: one invalid input refuses the whole batch, naming its index."""
-        options = options or JobOptions()
-        if options.idempotency_key:
-            raise InvalidInput("`idempotencyKey` is not supported for batches", field="idempotencyKey")
-        validate_options(options, allow_private_webhooks=self.limits.allow_private_webhooks)
-        self._check_priority(options, caller)
-        if not 1 <= len(specs) <= MAX_BATCH_SIZE:
-            raise InvalidInput(f"a batch holds 1 to {MAX_BATCH_SIZE} inputs; got {len(specs)}", field="inputs")
-        prompts = []
-        for index, spec in enumerate(specs):
-            try:
-                prompts.append(self._check(spec))
-            except InvalidInput as exc:
-                raise InvalidInput(f"inputs[{index}]: {exc.message}", **{**exc.extensions, "index": index}) from None
-        now = datetime.now(UTC)
-        batch_id = str(uuid.uuid4())
-        jobs = [self._new_job(spec, options, caller, now, batch_id=batch_id) for spec in specs]
-        await self._admit(caller, jobs, prompts)
-        await asyncio.shield(self._persist_batch(batch_id, caller, jobs, prompts, options.webhook_url, now))
-        return await self._store.batch(batch_id)
-
-    async def _persist_batch(self, batch_id: str, caller: Caller, jobs: list[Job], prompts: list[list[int]],
-                             webhook_url: str | None, now: datetime) -> None:
-        try:
-            await self._store.insert_batch(batch_id, caller.owner, jobs, webhook_url, now)
-        except BaseException:
-            await self._release(caller.owner, jobs)
-            raise
-        for job, prompt_ids in zip(jobs, prompts):
-            await self._recorder.queued(job, await self._queue.put(job, prompt_ids))
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -208,12 +113,6 @@ class JobService:
                                                batch_id=batch_id, first=first, after=after, with_results=with_results)
         return replace(page, items=[await self._with_position(j) for j in page.items])
 
-    async def batch(self, batch_id: str, caller: Caller) -> Batch | None:
-        batch = await self._store.batch(batch_id)
-        if batch is None or not visible(batch.owner, caller):
-            return None
-        return batch
-
     # ---- cancelling -----------------------------------------------------------------------
 
     async def cancel(self, job_id: str, caller: Caller) -> Job:
@@ -221,10 +120,11 @@ class JobService:
         waits (a few seconds at most) until its end is stored."""
         job = await self._get_or_404(job_id, caller)
         if not job.status.terminal:
-            await self._cancel_active(job)
+            await self.cancel_active(job)
         return await self.get(job_id, caller)
 
-    async def _cancel_active(self, job: Job) -> None:
+    async def cancel_active(self, job: Job) -> None:
+        """Stops an active job (one that may have ended meanwhile: then nothing happens)."""
         if await self._queue.remove(job.id) is not None:
             await self._recorder.end_unstarted(job, JobStatus.CANCELLED, FinishReason.CANCELLED)
             # It was stored, queued and announced (maybe with a webhook) for nothing.
@@ -243,17 +143,6 @@ class JobService:
         if stream is not None:
             async for _ in stream:
                 pass
-
-    async def cancel_batch(self, batch_id: str, caller: Caller) -> Batch:
-        batch = await self.batch(batch_id, caller)
-        if batch is None:
-            raise NotFound(f"no batch with id {batch_id!r}")
-        if not batch.counts.done:
-            await self._store.mark_batch_cancelled(batch_id)
-            page = await self._store.list_jobs(owner=None, all_owners=True, batch_id=batch_id, first=MAX_BATCH_SIZE,
-                                               with_results=False)
-            await asyncio.gather(*(self._cancel_active(j) for j in page.items if not j.status.terminal))
-        return await self._store.batch(batch_id)
 
     # ---- following ------------------------------------------------------------------------
 

@@ -115,7 +115,7 @@ async def test_priority_is_capped_per_key(make_service):
         await s.jobs.submit(spec(), JobOptions(priority=11), capped)
     assert refused.value.extensions["field"] == "priority" and refused.value.extensions["maxPriority"] == 10
     with pytest.raises(InvalidInput):
-        await s.jobs.submit_batch([spec()], JobOptions(priority=50), capped)
+        await s.batches.submit([spec()], JobOptions(priority=50), capped)
     assert (await s.jobs.list_jobs(capped, first=10)).items[0].priority == 10  # only the allowed one
     assert (await s.jobs.submit(spec(), JobOptions(priority=100), key("b"))).priority == 100  # no cap
 
