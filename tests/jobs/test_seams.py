@@ -8,8 +8,11 @@ a parameter, and must pass the same tests.
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import os
+import uuid
+from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from app.inference.types import SamplingParams
@@ -21,6 +24,10 @@ from app.jobs.events import (
     JobQueued,
     MemoryEventBus,
 )
+from app.jobs.persistence.db import Database
+from app.jobs.persistence.migrate import upgrade
+from app.jobs.persistence.store import JobStore
+from app.jobs.pg_queue import PostgresJobQueue
 from app.jobs.queue import MemoryJobQueue
 from app.jobs.quotas import MemoryQuotaStore
 
@@ -34,9 +41,73 @@ def job(job_id: str, owner: str = "a", priority: int = 0) -> Job:
 
 # ---- JobQueue ------------------------------------------------------------------------------
 
-@pytest.fixture(params=["memory"])
-def queue(request):
-    return MemoryJobQueue(max_queued=10)
+POSTGRES = os.environ.get("INFERQL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="module")
+async def pg_url():
+    """A PostgreSQL database of this module's own, migrated; dropped afterwards."""
+    name = f"inferql_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(POSTGRES)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES.rsplit("/", 1)[0] + "/" + name
+    db = Database(url)
+    await upgrade(db.engine)
+    await db.dispose()
+    yield url
+    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+@pytest.fixture
+async def pg_store(pg_url):
+    """Empty queue tables and a JobStore on them."""
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute("TRUNCATE jobs, queue_reservations, queue_clock, queue_owner_tags")
+    await conn.close()
+    db = Database(pg_url)
+    yield JobStore(db)
+    await db.dispose()
+
+
+class StoredFirst:
+    """The PostgreSQL queue takes jobs the store inserted (as JobService does): this inserts
+    each job's row before `put`. Everything else goes straight to the queue."""
+
+    def __init__(self, queue: PostgresJobQueue, store: JobStore) -> None:
+        self.inner, self._store = queue, store
+
+    async def put(self, job: Job, prompt_ids: list[int], *, reserved: bool = True) -> int:
+        if await self._store.get(job.id) is None:
+            await self._store.insert(job)
+        return await self.inner.put(job, prompt_ids, reserved=reserved)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def pg_queue(url: str, **kw) -> PostgresJobQueue:
+    queue = PostgresJobQueue(url, **{"max_queued": 10, **kw})
+    await queue.start()
+    return queue
+
+
+@pytest.fixture(params=["memory", "postgresql"])
+def queue_backend(request):
+    if request.param == "memory":
+        return None
+    return request.getfixturevalue("pg_url"), request.getfixturevalue("pg_store")
+
+
+@pytest.fixture
+async def queue(queue_backend):
+    if queue_backend is None:
+        yield MemoryJobQueue(max_queued=10)
+        return
+    url, store = queue_backend
+    pg = await pg_queue(url)
+    yield StoredFirst(pg, store)
+    await pg.close()
 
 
 async def put(queue, *jobs: Job) -> list[int]:
@@ -105,6 +176,143 @@ async def test_queue_wakes_a_waiting_worker(queue):
     assert not waiter.done()
     await put(queue, job("1"))
     await asyncio.wait_for(waiter, 1)
+
+
+# PostgreSQL only: what the in-process queue cannot be asked (other processes, leases).
+
+async def stored(store: JobStore, *jobs: Job) -> None:
+    for j in jobs:
+        await store.insert(j)
+
+
+async def test_pg_two_workers_never_claim_the_same_job(pg_url, pg_store):
+    one, other = await pg_queue(pg_url, max_queued=100), await pg_queue(pg_url, max_queued=100)
+    try:
+        jobs = [job(f"j{i}", owner=f"o{i % 4}") for i in range(60)]
+        await stored(pg_store, *jobs)
+        for j in jobs:
+            await one.put(j, [1], reserved=False)
+
+        async def drain(queue) -> list[str]:
+            got = []
+            while batch := await queue.claim(3):
+                got += [q.job.id for q in batch]
+            return got
+
+        results = await asyncio.gather(*(drain(q) for q in (one, other) for _ in range(4)))
+        claimed = [i for r in results for i in r]
+        assert sorted(claimed) == sorted(j.id for j in jobs)  # each once
+        assert await one.depth() == 0 and await other.active("o1") == 15  # claimed still counts
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_pg_put_on_one_process_wakes_and_is_claimed_by_another_in_fair_order(pg_url, pg_store):
+    one, other = await pg_queue(pg_url), await pg_queue(pg_url)
+    try:
+        waiter = asyncio.ensure_future(other.wait_for_work())
+        await asyncio.sleep(0.05)
+        await stored(pg_store, job("a1", "a"), job("a2", "a"), job("b1", "b"))
+        await one.put(job("a1", "a"), [1], reserved=False)
+        await asyncio.wait_for(waiter, 1)  # NOTIFY, well before the poll
+        await one.put(job("a2", "a"), [1], reserved=False)
+        await other.put(job("b1", "b"), [1], reserved=False)
+        assert await claim_ids(other, 1) == ["a1"]
+        await stored(pg_store, job("c1", "c"))
+        await one.put(job("c1", "c"), [1], reserved=False)  # its tag follows the clock the claim moved
+        assert await claim_ids(one) == ["b1", "a2", "c1"]
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_pg_an_expired_lease_is_reaped_and_claimed_again(pg_url, pg_store):
+    dead, alive = await pg_queue(pg_url, lease_seconds=30), await pg_queue(pg_url, lease_seconds=30)
+    try:
+        await stored(pg_store, job("1"), job("2"))
+        await dead.put(job("1"), [4, 5], reserved=False)
+        await dead.put(job("2"), [6], reserved=False)
+        assert await claim_ids(dead) == ["1", "2"]
+        await pg_store.mark_running("2", NOW)  # "2" started, "1" was only claimed
+
+        # A starting process reaps: leases still live, nothing is touched.
+        reaped = await alive.reap(max_attempts=3)
+        assert reaped.requeued == [] and reaped.lost == []
+        assert await alive.claim(5) == [] and await alive.position("1") is None
+
+        later = datetime.now(UTC) + timedelta(seconds=31)
+        reaped = await alive.reap(later, max_attempts=3)
+        assert sorted(reaped.requeued) == ["1", "2"] and reaped.lost == []
+        assert await alive.position("1") == 0 and await alive.depth() == 2
+        again = await alive.claim(5)
+        assert [q.job.id for q in again] == ["1", "2"] and again[0].prompt_ids == [4, 5]
+        assert [q.job.attempts for q in again] == [1, 1]  # the claim lost, the run lost (counted when it started)
+        row = await pg_store.get("2")
+        assert row.status is JobStatus.QUEUED and row.started_at is None
+
+        assert await dead.renew(["1", "2"]) == set()  # the dead worker's heartbeat: no longer its jobs
+        assert await alive.renew(["1", "2"]) == {"1", "2"}
+
+        # Past max_attempts: handed back to be failed WORKER_LOST; its owner's place still held until done.
+        reaped = await dead.reap(later + timedelta(seconds=31), max_attempts=2)
+        assert reaped.requeued == [] and sorted(q.job.id for q in reaped.lost) == ["1", "2"]
+        assert await alive.claim(5) == [] and await alive.active("a") == 2
+        await alive.done("a")
+        await alive.done("a")
+        assert await alive.active("a") == 0
+    finally:
+        await dead.close()
+        await alive.close()
+
+
+async def test_pg_reap_takes_waiting_jobs_past_their_deadline(pg_url, pg_store):
+    queue = await pg_queue(pg_url)
+    try:
+        late = Job(id="late", owner="a", status=JobStatus.QUEUED, priority=0, spec=SPEC, created_at=NOW,
+                   deadline_at=datetime.now(UTC) - timedelta(seconds=1))
+        await stored(pg_store, late, job("fine"))
+        await queue.put(late, [1], reserved=False)
+        await queue.put(job("fine"), [1], reserved=False)
+        reaped = await queue.reap()
+        assert [q.job.id for q in reaped.expired] == ["late"]
+        assert await queue.position("late") is None and await queue.position("fine") == 0
+    finally:
+        await queue.close()
+
+
+async def test_pg_reserve_is_atomic_across_processes(pg_url, pg_store):
+    one, other = await pg_queue(pg_url, max_queued=100), await pg_queue(pg_url, max_queued=100)
+    try:
+        async def try_reserve(queue) -> bool:
+            try:
+                await queue.reserve("a", 1, owner_limit=5)
+                return True
+            except RateLimited:
+                return False
+
+        outcomes = await asyncio.gather(*(try_reserve(q) for q in (one, other) for _ in range(10)))
+        assert outcomes.count(True) == 5
+        assert await one.active("a") == 5 and await other.depth() == 5
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_pg_reservations_of_a_dead_process_expire(pg_url, pg_store):
+    dead = await pg_queue(pg_url, reservation_seconds=0.2)
+    other = await pg_queue(pg_url)
+    try:
+        await dead.reserve("a", 3, owner_limit=3)
+        with pytest.raises(RateLimited):
+            await other.reserve("a", 1, owner_limit=3)
+        await asyncio.sleep(0.3)
+        assert await other.active("a") == 0 and await other.depth() == 0
+        assert (await other.reap()).reservations_dropped == 1
+        await other.reserve("a", 3, owner_limit=3)
+    finally:
+        await dead.close()
+        await other.close()
 
 
 # ---- EventBus ------------------------------------------------------------------------------

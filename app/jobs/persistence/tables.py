@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, Index, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -49,6 +49,13 @@ class JobRow(SQLModel, table=True):
     reviewed_by: str | None = Field(default=None, max_length=64)
     reviewed_at: datetime | None = Field(default=None, sa_column=_ts())
     corrected_text: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The PostgreSQL JobQueue's state (app/jobs/pg_queue.py); unused by the in-process queue.
+    queue_tag: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # fair-queueing tag
+    queue_seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))  # arrival order
+    prompt_ids_json: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    queue_held: bool = False  # holds a place of its owner's concurrency until `done`
+    claimed_by: str | None = Field(default=None, max_length=64)  # the worker whose lease it is
+    leased_until: datetime | None = Field(default=None, sa_column=_ts())
 
 
 class BatchRow(SQLModel, table=True):

@@ -1,0 +1,389 @@
+"""The JobQueue on PostgreSQL: the queue is the `jobs` table itself, shared by every process.
+
+The pattern of graphile-worker, Oban and Solid Queue: workers claim rows with
+`FOR UPDATE SKIP LOCKED`, a claim is a lease renewed by heartbeat, and `LISTEN/NOTIFY`
+wakes idle workers (with a poll as the fallback).
+
+A job's life on this queue (the store inserts the row, QUEUED, before `put`):
+
+- `put` makes the stored job waiting: it gets its fair-queueing tag (`queue_tag`), an
+  arrival number (`queue_seq`), its prompt's token ids, and holds a place of its owner's
+  concurrency (`queue_held`).
+- `claim(n)` takes up to n waiting jobs in one statement, in order, and leases them to
+  this worker (`claimed_by`, `leased_until`). The status stays QUEUED: the worker stores
+  RUNNING when the engine starts the job (`JobStore.mark_running`, which counts the
+  attempt). A claimed job is no longer waiting: `position` is None and `depth` leaves it
+  out, but its owner's place stays taken.
+- `renew` extends the leases this worker still holds (the heartbeat); `reap` (any
+  process, on a timer) takes back claims whose lease ran out: the job waits again, at its
+  old tag, with the lost attempt counted, or is handed back to be failed WORKER_LOST once
+  it used `max_attempts`. It also takes waiting jobs past their deadline off the queue (to
+  be ended EXPIRED) and drops reservations whose process never used them. Nothing with a
+  live lease is touched, so a starting process can run `reap` safely.
+- `remove` takes a waiting (unclaimed) job off the queue; the caller ends it.
+- `done(owner)` frees the owner's place once the job's end is stored.
+
+Order: highest priority first; within a priority, virtual-time fair queueing across
+owners, FIFO within an owner, exactly as MemoryJobQueue: a job's tag is one past the
+larger of its owner's last tag (`queue_owner_tags`) and the priority's virtual time, the
+tag last claimed (`queue_clock`).
+
+Counts are database facts: an owner's active jobs are its QUEUED or RUNNING jobs that
+hold a place, plus its live reservations (`queue_reservations`); the depth is the waiting
+jobs plus the live reservations. `reserve` checks both and takes the places in one
+transaction under an advisory lock, so processes reserving at once cannot all pass a
+limit that only some of them fit. A reservation expires after `reservation_seconds`: a
+process that dies between reserving and `put` does not keep its places.
+
+Jobs ended while held: the place is counted only while the job is QUEUED or RUNNING, so a
+process that stores a job's end and dies before `done` leaks nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from .domain import Job
+from .errors import Overloaded, RateLimited
+from .persistence.rows import to_job
+from .persistence.tables import JobRow
+from .queue import QueuedJob
+
+CHANNEL = "inferql_jobs"
+# pg_advisory_xact_lock key for reserve: any constant shared by every process.
+_RESERVE_LOCK = 0x1F0E_5E_27
+
+_JOB_COLUMNS = [name for name in JobRow.model_fields if name != "result_json"]
+_SELECT = ", ".join(f"j.{c}" for c in _JOB_COLUMNS)
+
+# Waiting = on the queue, not claimed, still QUEUED. The claim order is (priority desc, tag, arrival).
+_WAITING = "j.status = 'QUEUED' AND j.queue_tag IS NOT NULL AND j.claimed_by IS NULL"
+_LIVE = "j.status IN ('QUEUED', 'RUNNING')"
+
+
+def dsn(url: str) -> str:
+    """A SQLAlchemy-style URL (postgresql+asyncpg://...) as asyncpg takes it."""
+    scheme, rest = url.split("://", 1)
+    if not scheme.startswith("postgres"):
+        raise ValueError("PostgresJobQueue needs a postgresql:// URL")
+    return "postgresql://" + rest
+
+
+def _owner_key(owner: str | None) -> str:
+    return owner or ""  # queue_owner_tags.owner is part of its primary key: no NULL there
+
+
+@dataclass
+class Reaped:
+    """What `reap` did. The caller ends `lost` (WORKER_LOST) and `expired` (EXPIRED) jobs,
+    then calls `done` for each, as for a removed job."""
+
+    requeued: list[str] = field(default_factory=list)
+    lost: list[QueuedJob] = field(default_factory=list)
+    expired: list[QueuedJob] = field(default_factory=list)
+    reservations_dropped: int = 0
+
+
+class PostgresJobQueue:
+    """The JobQueue over PostgreSQL's `jobs` table; one per process (its worker's identity).
+
+    `await start()` before use (opens the pool and the LISTEN connection); `await close()`."""
+
+    def __init__(self, url: str, max_queued: int, *, worker_id: str | None = None, lease_seconds: float = 30.0,
+                 reservation_seconds: float = 60.0, poll_seconds: float = 2.0, pool_size: int = 5) -> None:
+        self.max_queued = max_queued
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self.lease_seconds = lease_seconds
+        self.reservation_seconds = reservation_seconds
+        self.poll_seconds = poll_seconds
+        self._dsn = dsn(url)
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._work = asyncio.Event()
+
+    async def start(self) -> None:
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self._pool_size)
+        self._listener = await asyncpg.connect(self._dsn)
+        await self._listener.add_listener(CHANNEL, self._notified)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    def _notified(self, *_args) -> None:
+        self._work.set()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("PostgresJobQueue.start() was not awaited")
+        return self._pool
+
+    # ---- admission ------------------------------------------------------------------------
+
+    async def reserve(self, owner: str | None, n: int, owner_limit: int | None) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One reserver at a time: READ COMMITTED gives each statement after the lock a
+            # snapshot that includes every reservation committed before it.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _RESERVE_LOCK)
+            if owner_limit is not None:
+                active = await self._active(conn, owner)
+                if active + n > owner_limit:
+                    raise RateLimited(
+                        f"rate limit: {owner_limit} generations queued or running at once for this key",
+                        limit="concurrency", retryAfterMs=1000,
+                    )
+            waiting = await self._depth(conn)
+            if n > self.max_queued - waiting:
+                raise Overloaded(
+                    f"the queue is full ({waiting} of {self.max_queued} jobs waiting); retry shortly",
+                    retryAfterMs=1000,
+                )
+            await conn.execute(
+                "INSERT INTO queue_reservations (id, owner, n, expires_at) "
+                "VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))",
+                str(uuid.uuid4()), owner, n, self.reservation_seconds,
+            )
+
+    async def unreserve(self, owner: str | None, n: int) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._take_reservations(conn, owner, n)
+
+    @staticmethod
+    async def _take_reservations(conn: asyncpg.Connection, owner: str | None, n: int) -> None:
+        """Uses up n reserved places of owner, oldest reservation first (live ones before
+        expired ones, which are no longer counted anyway)."""
+        rows = await conn.fetch(
+            "SELECT id, n FROM queue_reservations WHERE owner IS NOT DISTINCT FROM $1 "
+            "ORDER BY expires_at > clock_timestamp() DESC, expires_at FOR UPDATE",
+            owner,
+        )
+        for row in rows:
+            if n <= 0:
+                break
+            take = min(n, row["n"])
+            n -= take
+            if take == row["n"]:
+                await conn.execute("DELETE FROM queue_reservations WHERE id = $1", row["id"])
+            else:
+                await conn.execute("UPDATE queue_reservations SET n = n - $2 WHERE id = $1", row["id"], take)
+
+    # ---- the queue ------------------------------------------------------------------------
+
+    async def put(self, job: Job, prompt_ids: list[int], *, reserved: bool = True) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if reserved:
+                await self._take_reservations(conn, job.owner, 1)
+            # The owner's tag row is locked by the upsert, so one owner's puts get distinct tags.
+            updated = await conn.fetchval(
+                """
+                WITH vt AS (SELECT coalesce((SELECT vtime FROM queue_clock WHERE priority = $2::int), 0) AS v),
+                tag AS (
+                    INSERT INTO queue_owner_tags (priority, owner, tag) SELECT $2::int, $3::varchar, v + 1 FROM vt
+                    ON CONFLICT (priority, owner)
+                    DO UPDATE SET tag = greatest(queue_owner_tags.tag, (SELECT v FROM vt)) + 1
+                    RETURNING tag
+                )
+                UPDATE jobs SET queue_tag = (SELECT tag FROM tag), queue_seq = nextval('jobs_queue_seq'),
+                       prompt_ids_json = $4, queue_held = true, claimed_by = NULL, leased_until = NULL
+                WHERE id = $1 AND status = 'QUEUED'
+                RETURNING id
+                """,
+                job.id, job.priority, _owner_key(job.owner), json.dumps(prompt_ids),
+            )
+            if updated is None:
+                raise LookupError(f"job {job.id} is not stored as QUEUED: the store inserts it before put")
+            await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+            return await self._position(conn, job.id)
+
+    async def claim(self, n: int) -> list[QueuedJob]:
+        if n <= 0:
+            return []
+        rows = await self.pool.fetch(
+            f"""
+            WITH picked AS (
+                SELECT j.id FROM jobs j WHERE {_WAITING}
+                ORDER BY j.priority DESC, j.queue_tag, j.queue_seq
+                LIMIT $1 FOR UPDATE SKIP LOCKED
+            ),
+            claimed AS (
+                UPDATE jobs j SET claimed_by = $2, leased_until = clock_timestamp() + make_interval(secs => $3)
+                FROM picked WHERE j.id = picked.id
+                RETURNING {_SELECT}, j.prompt_ids_json AS _ids
+            ),
+            clock AS (
+                INSERT INTO queue_clock (priority, vtime)
+                SELECT priority, max(queue_tag) FROM claimed GROUP BY priority
+                ON CONFLICT (priority) DO UPDATE SET vtime = greatest(queue_clock.vtime, excluded.vtime)
+            )
+            SELECT * FROM claimed ORDER BY priority DESC, queue_tag, queue_seq
+            """,
+            n, self.worker_id, self.lease_seconds,
+        )
+        return [self._queued(r) for r in rows]
+
+    async def remove(self, job_id: str) -> QueuedJob | None:
+        row = await self.pool.fetchrow(
+            f"UPDATE jobs j SET queue_tag = NULL WHERE j.id = $1 AND {_WAITING} "
+            f"RETURNING {_SELECT}, j.prompt_ids_json AS _ids",
+            job_id,
+        )
+        return self._queued(row) if row is not None else None
+
+    async def done(self, owner: str | None) -> None:
+        # The protocol names the owner, not the job. The job normally ended already (its end
+        # is stored first), so an ended job that still holds a place is freed first; else
+        # the owner's place is freed from a claimed or removed job.
+        await self.pool.execute(
+            """
+            UPDATE jobs SET queue_held = false, claimed_by = NULL, leased_until = NULL
+            WHERE id = (
+                SELECT id FROM jobs
+                WHERE queue_held AND owner IS NOT DISTINCT FROM $1
+                ORDER BY status NOT IN ('QUEUED', 'RUNNING') DESC,
+                         (claimed_by IS NOT NULL OR queue_tag IS NULL) DESC, queue_seq
+                LIMIT 1 FOR UPDATE SKIP LOCKED
+            )
+            """,
+            owner,
+        )
+
+    async def position(self, job_id: str) -> int | None:
+        async with self.pool.acquire() as conn:
+            return await self._position(conn, job_id)
+
+    @staticmethod
+    async def _position(conn: asyncpg.Connection, job_id: str) -> int | None:
+        return await conn.fetchval(
+            f"""
+            SELECT (SELECT count(*) FROM jobs j
+                    WHERE {_WAITING} AND (-j.priority, j.queue_tag, j.queue_seq) < (-me.priority, me.queue_tag, me.queue_seq))
+            FROM jobs me
+            WHERE me.id = $1 AND me.status = 'QUEUED' AND me.queue_tag IS NOT NULL AND me.claimed_by IS NULL
+            """,
+            job_id,
+        )
+
+    async def active(self, owner: str | None) -> int:
+        async with self.pool.acquire() as conn:
+            return await self._active(conn, owner)
+
+    @staticmethod
+    async def _active(conn: asyncpg.Connection, owner: str | None) -> int:
+        return await conn.fetchval(
+            f"""
+            SELECT (SELECT count(*) FROM jobs j WHERE j.queue_held AND j.owner IS NOT DISTINCT FROM $1 AND {_LIVE})
+                 + (SELECT coalesce(sum(n), 0) FROM queue_reservations
+                    WHERE owner IS NOT DISTINCT FROM $1 AND expires_at > clock_timestamp())
+            """,
+            owner,
+        )
+
+    async def depth(self) -> int:
+        async with self.pool.acquire() as conn:
+            return await self._depth(conn)
+
+    @staticmethod
+    async def _depth(conn: asyncpg.Connection) -> int:
+        return await conn.fetchval(
+            f"""
+            SELECT (SELECT count(*) FROM jobs j WHERE {_WAITING})
+                 + (SELECT coalesce(sum(n), 0) FROM queue_reservations WHERE expires_at > clock_timestamp())
+            """
+        )
+
+    async def wait_for_work(self) -> None:
+        """Returns on a NOTIFY from any process's put or reap, or after poll_seconds (a
+        notification can be missed while the LISTEN connection reconnects)."""
+        try:
+            await asyncio.wait_for(self._work.wait(), self.poll_seconds)
+        except TimeoutError:
+            pass
+        self._work.clear()
+
+    # ---- leases ---------------------------------------------------------------------------
+
+    async def renew(self, job_ids: Sequence[str]) -> set[str]:
+        """The heartbeat: extends this worker's leases on job_ids. Returns the ids it still
+        holds; a job missing from the answer was reaped (its worker should stop it)."""
+        if not job_ids:
+            return set()
+        rows = await self.pool.fetch(
+            f"UPDATE jobs j SET leased_until = clock_timestamp() + make_interval(secs => $3) "
+            f"WHERE j.id = ANY($1::varchar[]) AND j.claimed_by = $2 AND {_LIVE} RETURNING j.id",
+            list(job_ids), self.worker_id, self.lease_seconds,
+        )
+        return {r["id"] for r in rows}
+
+    async def reap(self, now: datetime | None = None, *, max_attempts: int = 3) -> Reaped:
+        """Takes back what dead processes left (any process may run this, at any time):
+
+        - claimed jobs whose lease ran out wait again, at their old tag (first in line). The
+          lost attempt is counted: a RUNNING job's when it started (mark_running), a job
+          claimed but never started here. One that used max_attempts is taken off the queue
+          and returned in `lost`, for the caller to fail (WORKER_LOST);
+        - waiting jobs past their deadline are taken off the queue, returned in `expired`;
+        - expired reservations are dropped.
+
+        `now` defaults to the database's clock."""
+        reaped = Reaped()
+        async with self.pool.acquire() as conn, conn.transaction():
+            at = now if now is not None else await conn.fetchval("SELECT clock_timestamp()")
+            rows = await conn.fetch(
+                f"""
+                WITH lapsed AS (
+                    SELECT j.id FROM jobs j
+                    WHERE j.claimed_by IS NOT NULL AND j.leased_until < $1 AND {_LIVE}
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE jobs j SET
+                    attempts = CASE WHEN j.status = 'QUEUED' THEN j.attempts + 1 ELSE j.attempts END,
+                    status = 'QUEUED', started_at = NULL, claimed_by = NULL, leased_until = NULL,
+                    queue_tag = CASE WHEN (CASE WHEN j.status = 'QUEUED' THEN j.attempts + 1 ELSE j.attempts END) >= $2
+                                     THEN NULL ELSE j.queue_tag END
+                FROM lapsed WHERE j.id = lapsed.id
+                RETURNING {_SELECT}, j.prompt_ids_json AS _ids
+                """,
+                at, max_attempts,
+            )
+            for row in rows:
+                if row["queue_tag"] is None:
+                    reaped.lost.append(self._queued(row))
+                else:
+                    reaped.requeued.append(row["id"])
+            expired = await conn.fetch(
+                f"""
+                WITH due AS (
+                    SELECT j.id FROM jobs j WHERE {_WAITING} AND j.deadline_at < $1 FOR UPDATE SKIP LOCKED
+                )
+                UPDATE jobs j SET queue_tag = NULL FROM due WHERE j.id = due.id
+                RETURNING {_SELECT}, j.prompt_ids_json AS _ids
+                """,
+                at,
+            )
+            reaped.expired = [self._queued(r) for r in expired]
+            dropped = await conn.execute("DELETE FROM queue_reservations WHERE expires_at < $1", at)
+            reaped.reservations_dropped = int(dropped.rsplit(" ", 1)[-1])
+            if reaped.requeued:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        return reaped
+
+    # ---- rows -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _queued(row: asyncpg.Record) -> QueuedJob:
+        job_row = JobRow(**{c: row[c] for c in _JOB_COLUMNS})
+        ids = json.loads(row["_ids"]) if row["_ids"] else []
+        return QueuedJob(to_job(job_row, with_result=False), ids)
