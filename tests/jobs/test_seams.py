@@ -317,9 +317,48 @@ async def test_pg_reservations_of_a_dead_process_expire(pg_url, pg_store):
 
 # ---- EventBus ------------------------------------------------------------------------------
 
-@pytest.fixture(params=["memory"])
-def bus(request):
-    return MemoryEventBus(keep_ended=2)
+REDIS_URL = os.environ.get("INFERQL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def fresh_redis_prefix() -> str:
+    """A key prefix of this test's own on the test Redis (skips the test when there is none)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    return f"inferql-test:{uuid.uuid4().hex}:"
+
+
+async def drop_redis_prefix(prefix: str) -> None:
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix():
+    prefix = fresh_redis_prefix()
+    yield prefix
+    await drop_redis_prefix(prefix)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def bus(request):
+    if request.param == "memory":
+        yield MemoryEventBus(keep_ended=2)
+        return
+    from app.jobs.redis_events import RedisEventBus
+
+    bus = RedisEventBus(REDIS_URL, prefix=(prefix := fresh_redis_prefix()))
+    yield bus
+    await bus.aclose()
+    await drop_redis_prefix(prefix)
 
 
 def started(job_id: str = "j"):
@@ -364,6 +403,9 @@ async def test_bus_follow_from_the_end_of_an_ended_stream_completes(bus):
 
 
 async def test_bus_forgets_old_ended_streams(bus):
+    if not isinstance(bus, MemoryEventBus):
+        pytest.skip("keep_ended bounds the in-memory bus; Redis streams expire instead "
+                    "(test_redis_bus_expires_ended_streams)")
     for job_id in ("1", "2", "3"):
         await bus.append(JobQueued(job_id, NOW, 0))
         await bus.append(GenerationFailed(job_id, NOW, JobError("X", "x")))
@@ -371,11 +413,132 @@ async def test_bus_forgets_old_ended_streams(bus):
     assert await bus.last_seq("3") == 2
 
 
+# Redis only: what the in-memory bus does by other means (expiry, other replicas).
+
+def full_events(job_id: str) -> list:
+    """One event of each kind, with every nested object filled in."""
+    from app.inference.confidence import Confidence
+    from app.inference.types import FinishReason, ModelInfo, TokenAlternative
+    from app.jobs.domain import GenerationResult, TokenRecord, Timing, Usage
+    from app.jobs.events import GenerationCancelled, GenerationCompleted, TokenGenerated
+
+    model = ModelInfo("m", "v1", 135_000_000, "bfloat16", "cuda:0", 8192, "hf:org/m@abc")
+    tokens = tuple(TokenRecord(i, 100 + i, f" t{i}", -0.1 * (i + 1) / 3,
+                               (TokenAlternative(7, "é", -1.25), TokenAlternative(8, "\n", float("-inf"))),
+                               1767225600.123456 + i, seq=3 + i) for i in range(2))
+    result = GenerationResult(" t0 t1", FinishReason.LENGTH, Confidence(0.9, -0.105, 0.81, 1.11), True, tokens,
+                              model, Usage(3, 2), Timing(1.5, 20.25, 40.0, 61.75, None))
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    return [JobQueued(job_id, at, position=4), GenerationStarted(job_id, at, model=model, prompt_tokens=3),
+            TokenGenerated(job_id, at, token=tokens[0]), GenerationCompleted(job_id, at, result=result),
+            GenerationFailed(job_id, at, error=JobError("ENGINE_ERROR", "boom \u2603")),
+            GenerationCancelled(job_id, at, result=result, status=JobStatus.EXPIRED)]
+
+
+async def test_redis_bus_replays_every_event_kind_faithfully_on_another_replica(redis_prefix):
+    from dataclasses import replace
+
+    from app.jobs.redis_events import RedisEventBus
+
+    one, other = RedisEventBus(REDIS_URL, prefix=redis_prefix), RedisEventBus(REDIS_URL, prefix=redis_prefix)
+    try:
+        for i, event in enumerate(full_events("x")):  # each kind second in a stream of its own
+            job_id = f"j{i}"
+            await one.append(JobQueued(job_id, NOW, 0))
+            appended = await one.append(replace(event, job_id=job_id))
+            assert appended == replace(event, job_id=job_id, seq=2)
+            assert [e async for e in _take(other.follow(job_id, after=1), 1)] == [appended]
+    finally:
+        await one.aclose()
+        await other.aclose()
+
+
+async def test_redis_bus_follows_live_events_appended_by_another_replica(redis_prefix):
+    from app.jobs.redis_events import RedisEventBus
+
+    worker, api = (RedisEventBus(REDIS_URL, prefix=redis_prefix, block_ms=50) for _ in range(2))
+    try:
+        await worker.append(JobQueued("j", NOW, 0))
+        seen = []
+
+        async def consume():
+            async for event in api.follow("j"):
+                seen.append(event.seq)
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)  # the follower waits past a few empty blocking reads
+        assert seen == [1] and not task.done()
+        await worker.append(started())
+        await worker.append(GenerationFailed("j", NOW, JobError("X", "x")))
+        await asyncio.wait_for(task, 2)
+        assert seen == [1, 2, 3]
+        with pytest.raises(RuntimeError):
+            await api.append(started())  # no replica may add after the end
+    finally:
+        await worker.aclose()
+        await api.aclose()
+
+
+async def test_redis_bus_numbers_concurrent_appends_of_one_step(redis_prefix):
+    from app.jobs.events import TokenGenerated
+    from app.jobs.redis_events import RedisEventBus
+
+    bus = RedisEventBus(REDIS_URL, prefix=redis_prefix)
+    token = full_events("x")[2].token
+    try:
+        for job_id in "abc":
+            await bus.append(JobQueued(job_id, NOW, 0))
+        for _ in range(20):  # like the worker: each step, every running job appends its token at once
+            await asyncio.gather(*(bus.append(TokenGenerated(job_id, NOW, token)) for job_id in "abc"))
+        assert [await bus.last_seq(job_id) for job_id in "abc"] == [21, 21, 21]
+        seqs = [e.seq async for e in _take(bus.follow("b"), 21)]
+        assert seqs == list(range(1, 22))
+    finally:
+        await bus.aclose()
+
+
+async def _take(stream, n: int):
+    async for event in stream:
+        yield event
+        n -= 1
+        if n == 0:
+            return
+
+
+async def test_redis_bus_expires_ended_streams(redis_prefix):
+    import redis.asyncio as aredis
+
+    from app.jobs.redis_events import RedisEventBus
+
+    bus = RedisEventBus(REDIS_URL, prefix=redis_prefix, ended_ttl=0.3, live_ttl=3600)
+    client = aredis.Redis.from_url(REDIS_URL)
+    try:
+        await bus.append(JobQueued("j", NOW, 0))
+        assert 3000_000 < await client.pttl(bus.key("j")) <= 3600_000  # a live stream: the long TTL
+        await bus.append(GenerationFailed("j", NOW, JobError("X", "x")))
+        assert 0 < await client.pttl(bus.key("j")) <= 300  # ended: the short one
+        assert await bus.last_seq("j") == 2
+        await asyncio.sleep(0.4)
+        assert await bus.last_seq("j") is None and await bus.ended("j") is None
+        assert bus.follow("j") is None  # the caller replays it from the database
+    finally:
+        await bus.aclose()
+        await client.aclose()
+
+
 # ---- QuotaStore ----------------------------------------------------------------------------
 
-@pytest.fixture(params=["memory"])
-def quotas(request):
-    return MemoryQuotaStore(window_seconds=60)
+@pytest.fixture(params=["memory", "redis"])
+async def quotas(request):
+    if request.param == "memory":
+        yield MemoryQuotaStore(window_seconds=60)
+        return
+    from app.jobs.redis_quotas import RedisQuotaStore
+
+    quotas = RedisQuotaStore(REDIS_URL, prefix=(prefix := fresh_redis_prefix()), window_seconds=60)
+    yield quotas
+    await quotas.aclose()
+    await drop_redis_prefix(prefix)
 
 
 KEY = Caller(key_id="k", name="k", admin=False, rpm=2, tpm=100)
@@ -421,6 +584,82 @@ async def test_quota_leaves_unlimited_callers_alone(quotas):
         await quotas.hit_request(free)
     await quotas.reserve_tokens(free, ["x"], [10**9])
     assert await quotas.state(Caller(key_id=None, name="anon", admin=True)) is None
+
+
+# Redis only: reservations that nobody settles, and one window shared by every replica.
+
+async def test_redis_quota_reservation_expires_when_nobody_settles_it(redis_prefix):
+    from app.jobs.redis_quotas import RedisQuotaStore
+
+    quotas = RedisQuotaStore(REDIS_URL, prefix=redis_prefix, reservation_ttl=0.3)
+    try:
+        await quotas.reserve_tokens(KEY, ["dead"], [80])  # its worker dies: no settle comes
+        with pytest.raises(RateLimited):
+            await quotas.reserve_tokens(KEY, ["next"], [30])
+        await asyncio.sleep(0.4)
+        assert (await quotas.state(KEY))["tokens"]["remaining"] == 100
+        await quotas.reserve_tokens(KEY, ["next"], [30])
+        await quotas.settle("dead", 80)  # too late: it no longer counts, nor is it billed
+        assert (await quotas.state(KEY))["tokens"]["remaining"] == 70
+    finally:
+        await quotas.aclose()
+
+
+async def test_redis_quota_replicas_share_one_window(redis_prefix):
+    from app.jobs.redis_quotas import RedisQuotaStore
+
+    one, other = (RedisQuotaStore(REDIS_URL, prefix=redis_prefix) for _ in range(2))
+    try:
+        await one.hit_request(KEY)
+        await other.hit_request(KEY)
+        with pytest.raises(RateLimited):
+            await one.hit_request(KEY)  # rpm=2 across both
+        await one.reserve_tokens(KEY, ["1"], [60])
+        with pytest.raises(RateLimited):
+            await other.reserve_tokens(KEY, ["2"], [60])
+        await other.settle("1", 25)  # settled by whichever replica ran it
+        assert (await one.state(KEY))["tokens"]["remaining"] == 75
+        await other.reserve_tokens(KEY, ["2"], [60])
+    finally:
+        await one.aclose()
+        await other.aclose()
+
+
+async def test_redis_quota_check_and_reserve_is_atomic_under_contention(redis_prefix):
+    from app.jobs.redis_quotas import RedisQuotaStore
+
+    stores = [RedisQuotaStore(REDIS_URL, prefix=redis_prefix) for _ in range(4)]
+    try:
+        async def try_reserve(i: int) -> bool:
+            try:
+                await stores[i % 4].reserve_tokens(KEY, [f"j{i}"], [10])
+                return True
+            except RateLimited:
+                return False
+
+        granted = await asyncio.gather(*(try_reserve(i) for i in range(40)))
+        assert sum(granted) == 10  # tpm=100: exactly ten of 10, whatever the interleaving
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_redis_quota_window_moves(redis_prefix):
+    from app.jobs.redis_quotas import RedisQuotaStore
+
+    quotas = RedisQuotaStore(REDIS_URL, prefix=redis_prefix, window_seconds=1)
+    try:
+        await quotas.hit_request(KEY)
+        await asyncio.sleep(0.3)
+        await quotas.hit_request(KEY)
+        with pytest.raises(RateLimited) as refused:
+            await quotas.hit_request(KEY)
+        assert 0 < refused.value.extensions["retryAfterMs"] <= 700
+        await asyncio.sleep(refused.value.extensions["retryAfterMs"] / 1000 + 0.05)
+        await quotas.hit_request(KEY)  # the oldest hit left the window
+        assert (await quotas.state(KEY))["requests"]["remaining"] == 0
+    finally:
+        await quotas.aclose()
 
 
 # ---- Canceller (the in-process Worker) -----------------------------------------------------
