@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     fast_path: Literal["auto", "off"] = "auto"  # auto: Llama-family models run the lean forward; off: HF's
     prefill_chunk: int = 128            # prompt tokens fed per step while other generations decode
     prefix_cache_tokens: int = 4096     # KV of recent prompt prefixes kept for reuse; 0 = off
+    int8_small_batch: Literal["auto", "on", "off"] = "auto"  # int8 weight copies for decode steps of few
+    #   rows (bandwidth-bound); auto: timed at load (~1 s), kept for the row counts where they are faster
 
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5

@@ -9,6 +9,10 @@ instead, with the model's own weights:
 * q/k/v and gate/up projections are fused into one matrix each (one GEMM instead of 2-3);
 * weights are kept in the chosen dtype (bfloat16 where the CPU has native support), the
   residual stream, the norms and the final logits in float32;
+* optionally (INFERQL_INT8_SMALL_BATCH, int8.py) the matrices also have an int8 copy with
+  per-output-channel scales, used by decode steps of at most `int8_rows` rows, where a
+  step is bound by the bytes of weights it reads; bigger steps and prefills use the 16-bit
+  weights;
 * the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`.
   Running requests occupy rows 0..B-1; when one ends the last row moves into its place,
   so a decode step reads a view of the cache, never a gathered copy. Each row keeps its
@@ -29,6 +33,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from . import int8
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 EXACT_TOP = 16  # candidates per row whose logits are recomputed in float32
@@ -54,6 +60,11 @@ def supports(model: torch.nn.Module) -> str | None:
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return "unexpected module layout"
     return None
+
+
+def _mm(x: torch.Tensor, w: torch.Tensor, w8: tuple | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias), through the int8 copy w8 = (int8 weights, scales) when given."""
+    return F.linear(x, w, bias) if w8 is None else int8.linear(x, *w8, bias)
 
 
 class FastWeights:
@@ -107,6 +118,52 @@ class FastWeights:
         self.cos = (emb.cos() * scale).contiguous()  # [max_len, head_dim], float32
         self.sin = (emb.sin() * scale).contiguous()
         self.sm_scale = 1.0 / math.sqrt(self.head_dim)
+        self.int8_rows = 0  # steps of at most this many rows use the int8 copies (0: never)
+        self.layers8: list[tuple] = []
+        self.head8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._model = model
+
+    def step_weight_bytes(self, rows: int = 1) -> int:
+        """Bytes of weight matrices a decode step of `rows` rows reads (int8 copies included
+        when that step takes them)."""
+        if self.layers8 and rows <= self.int8_rows:
+            mats = [t for layer in self.layers8 for pair in layer for t in pair]
+            mats += list(self.head8) if self.head8 is not None else [self.head]
+            mats += [b for layer in self.layers for b in (layer[2],) if b is not None]
+        else:
+            mats = [t for layer in self.layers for t in (layer[1], layer[2], layer[3], layer[5], layer[6])
+                    if t is not None] + [self.head]
+        return sum(t.numel() * t.element_size() for t in mats)
+
+    def add_int8(self, rows: int | None = None, head: bool = True) -> dict[int, float]:
+        """Make the int8 copies (from the float32 master weights) and use them for steps of
+        at most `rows` rows; rows None: as many as int8.measure_rows finds faster here (0
+        drops the copies). Returns the measured 16-bit / int8 time ratios ({} when not timed)."""
+        act = self.dtype
+        if not int8.usable(self.device, act, auto=rows is None):
+            self.int8_rows, self.layers8, self.head8 = 0, [], None
+            return {}
+        if not self.layers8:
+            inner = self._model.model
+            for layer in inner.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.layers8.append((
+                    int8.quantize(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), act),
+                    int8.quantize(a.o_proj.weight, act),
+                    int8.quantize(torch.cat([m.gate_proj.weight, m.up_proj.weight]), act),
+                    int8.quantize(m.down_proj.weight, act),
+                ))
+            if head:
+                self.head8 = int8.quantize(self._model.get_output_embeddings().weight, act)
+        ratios: dict[int, float] = {}
+        if rows is None:
+            _, wqkv, _, wo, _, wgu, wd = self.layers[0]
+            mats = [(w, *q8) for w, q8 in zip((wqkv, wo, wgu, wd), self.layers8[0])]
+            rows, ratios = int8.measure_rows(mats, act)
+        self.int8_rows = rows
+        if not rows:
+            self.layers8, self.head8 = [], None
+        return ratios
 
 
 class FastLlama:
@@ -189,9 +246,14 @@ class FastLlama:
         sin = self.sin[positions][:, None]
         dt = self.dtype
         decode = isinstance(write_at, torch.Tensor)
+        # Decode steps only: a prefill (even of one token, after a cached prefix) keeps the
+        # 16-bit weights, so a prompt's first token does not depend on the prefix cache.
+        small = decode and B <= self.w.int8_rows
+        none8 = (None, None, None, None)
         for li, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            qkv8, o8, gu8, d8 = self.w.layers8[li] if small else none8  # int8 copies (see add_int8)
             x = self._rms(h, ln1).to(dt)
-            qkv = F.linear(x, wqkv, bqkv)
+            qkv = _mm(x, wqkv, qkv8, bqkv)
             q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
             q = self._rope(q.view(B, T, H, D).transpose(1, 2).float(), cos, sin).to(dt)
             k = self._rope(k.view(B, T, KV, D).transpose(1, 2).float(), cos, sin).to(dt)
@@ -209,19 +271,24 @@ class FastLlama:
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.sm_scale,
                                                  enable_gqa=KV != H)
             att = att.transpose(1, 2).reshape(B, T, H * D)
-            h = h + F.linear(att, wo).float()
+            h = h + _mm(att, wo, o8).float()
             x = self._rms(h, ln2).to(dt)
-            gate, up = F.linear(x, wgu).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, wd).float()
+            gate, up = _mm(x, wgu, gu8).chunk(2, dim=-1)
+            h = h + _mm(F.silu(gate) * up, wd, d8).float()
         return h
 
-    def _final(self, h: torch.Tensor) -> torch.Tensor:
+    def _final(self, h: torch.Tensor, decode: bool = False) -> torch.Tensor:
         """h: [B, hidden] float32 -> logits [B, vocab] float32."""
         h = self._rms(h, self.norm)
-        if self.head32 is self.head:
+        head8 = self.w.head8 if decode and h.shape[0] <= self.w.int8_rows else None
+        if head8 is not None:
+            logits = int8.linear(h.to(self.dtype), *head8).float()
+        elif self.head32 is self.head:
             return F.linear(h, self.head)
-        logits = F.linear(h.to(self.dtype), self.head).float()
-        # bfloat16 keeps 8 bits of mantissa: a logit of 20 carries an error up to ~0.08. The
+        else:
+            logits = F.linear(h.to(self.dtype), self.head).float()
+        # bfloat16 keeps 8 bits of mantissa: a logit of 20 carries an error up to ~0.08 (int8
+        # weights, a comparable one). The
         # candidates that matter (the argmax, the top alternatives, the bulk of the softmax
         # mass) are recomputed in float32 from the float32 weights.
         top = logits.topk(EXACT_TOP, dim=-1).indices  # [B, k]
@@ -256,4 +323,4 @@ class FastLlama:
         h = self._layers(h, positions[:, None], slice(0, B), width, mask, positions)
         for i in range(B):
             self.lengths[i] += 1
-        return self._final(h[:, 0])
+        return self._final(h[:, 0], decode=True)

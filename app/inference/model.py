@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastllama
+from . import fastllama, int8
 from .types import ModelInfo
 from .weights import read_marker, weights_version
 
@@ -27,6 +27,7 @@ class EngineOptions:
     fast_path: str = "auto"            # auto: Llama-family models through fastllama.py; off: HF forward
     prefill_chunk: int = 128           # prompt tokens fed per step while other requests decode
     prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
+    int8_small_batch: str = "auto"     # auto | on | off: int8 weight copies for decode steps of few rows (int8.py)
 
     @classmethod
     def from_settings(cls, settings) -> EngineOptions:
@@ -103,6 +104,12 @@ class LoadedModel:
             return None
         if self._fast is None:
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device)
+            setting = self.options.int8_small_batch
+            if setting != "off":
+                ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)
+                log.info("int8 weights for decode steps of up to %d rows (%s; 16-bit/int8 time at load: %s)",
+                         self._fast.int8_rows, setting,
+                         ", ".join(f"{m} rows {r:.2f}x" for m, r in ratios.items()) or "not timed")
         return self._fast
 
     def token_text(self, token_id: int) -> str:

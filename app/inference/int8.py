@@ -1,0 +1,151 @@
+"""Weight-only int8 matrices for small decode batches (INFERQL_INT8_SMALL_BATCH).
+
+A decode step with one or a few rows is a matrix-vector product: it reads every weight
+once and does little arithmetic with it, so its time is the bytes it reads. int8 weights
+with one float scale per output channel read half the bytes of bfloat16 ones;
+`torch.ops.aten._weight_int8pack_mm` multiplies 16-bit activations by them directly (on a
+CPU with AVX512-BF16 it ran 1.5-2.5x faster than a bfloat16 `F.linear` at 1 row). With more
+rows the step becomes compute-bound and the bfloat16 GEMM wins, so the fast path keeps both
+copies and picks by the number of rows (fastllama.py).
+
+Scales are rounded to the activations' dtype (the op wants them so) before the weights are
+divided by them, so the rounding of a scale does not bias its whole channel.
+
+`auto` times the model's own matrices at load (about a second) at 1, 2 and 4 rows and
+keeps the int8 copy for the row counts where it is clearly faster; where it is slower
+(float32 activations, which this op runs slowly, or a GPU) nothing is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ROWS_TRIED = (1, 2, 4)   # row counts `auto` times
+ON_ROWS = 4              # `on`: int8 for decode steps of up to this many rows
+MIN_GAIN = 1.1           # `auto` keeps a row count where int8 is at least this much faster
+
+
+def quantize(w: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] (float32 master weights) -> (int8 [N, K], scales [N] in act_dtype)."""
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(act_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, q * scales[:, None], bias) for x [..., K] in the scales' dtype."""
+    lead = x.shape[:-1]
+    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scales)
+    if bias is not None:
+        out = out + bias
+    return out.view(*lead, q.shape[0])
+
+
+def usable(device: torch.device, act_dtype: torch.dtype, auto: bool = False) -> bool:
+    """The op runs on CPU with float32/bfloat16/float16 activations. `auto` tries 16-bit
+    activations only: with float32 ones the op measured 5-20x slower than a float32 GEMV
+    here, and a timing at load should not have to be trusted to see that."""
+    if device.type != "cpu":
+        return False
+    return act_dtype in ((torch.bfloat16, torch.float16) if auto else (torch.bfloat16, torch.float16, torch.float32))
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+@torch.inference_mode()
+def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], act_dtype: torch.dtype,
+                 rows: tuple[int, ...] = ROWS_TRIED, budget_s: float = 1.0) -> tuple[int, dict[int, float]]:
+    """mats: (16-bit weight, int8 weight, scales) of one layer. Returns (the largest row count
+    up to which int8 is at least MIN_GAIN x faster at every count tried, 0 if not even at 1;
+    {rows: 16-bit time / int8 time})."""
+    t_end = time.perf_counter() + budget_s
+    ratios: dict[int, float] = {}
+    keep = 0
+    for m in rows:
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=act_dtype) for w, _, _ in mats}
+        dense = lambda: [F.linear(xs[w.shape[1]], w) for w, _, _ in mats]  # noqa: E731
+        small = lambda: [linear(xs[w.shape[1]], q, s) for w, q, s in mats]  # noqa: E731
+        # alternate the two, keep each one's best of several rounds
+        a = b = float("inf")
+        for _ in range(5):
+            a = min(a, _best(dense, 8))
+            b = min(b, _best(small, 8))
+        ratios[m] = a / b
+        if ratios[m] < MIN_GAIN:
+            break
+        keep = m
+        if time.perf_counter() > t_end:
+            break
+    return keep, ratios
+
+
+def _compare_steps(model_dir, repeats: int) -> None:
+    """Decode-step time at 1, 2 and 4 rows, 16-bit against int8 weights, alternating in one
+    process (a shared machine drifts; only ratios measured side by side mean anything)."""
+    import statistics
+
+    from .fastllama import FastLlama
+    from .model import EngineOptions, load_model
+
+    lm = load_model(model_dir, options=EngineOptions(int8_small_batch="on"))
+    w = lm.fast_weights()
+    print(f"weights {str(w.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads;"
+          f" auto here: int8 up to {_auto_rows(w)} rows")
+    fast = FastLlama(w, rows=max(ROWS_TRIED))
+    prompt = lm.encode_chat([{"role": "user", "content": "Explain why the sky is blue."}])
+    times: dict[tuple[int, str], list[float]] = {}
+    with torch.inference_mode():
+        for r in range(fast.rows):
+            fast.prefill(r, prompt, 0, logits=False)
+        n = len(prompt)
+        for _ in range(repeats):
+            for rows in ROWS_TRIED:
+                toks, pos = torch.full((rows,), 42), torch.full((rows,), n)
+                for mode, limit in (("16-bit", 0), ("int8", ON_ROWS)):
+                    w.int8_rows = limit
+                    steps = []
+                    for _ in range(8):
+                        fast.lengths[:rows] = [n] * rows  # every step writes the same column
+                        t = time.perf_counter()
+                        fast.decode(toks, pos)
+                        steps.append(time.perf_counter() - t)
+                    times.setdefault((rows, mode), []).append(statistics.median(steps[2:]))
+    for rows in ROWS_TRIED:
+        a, b = times[(rows, "16-bit")], times[(rows, "int8")]
+        ratios = sorted(x / y for x, y in zip(a, b))
+        print(f"{rows} rows: 16-bit {statistics.median(a) * 1e3:.1f} ms, int8 {statistics.median(b) * 1e3:.1f} ms;"
+              f" 16-bit/int8 {statistics.median(ratios):.2f}x (repeats {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
+def _auto_rows(w) -> int:
+    _, wqkv, _, wo, _, wgu, wd = w.layers[0]
+    return measure_rows([(m, *q8) for m, q8 in zip((wqkv, wo, wgu, wd), w.layers8[0])], w.dtype)[0]
+
+
+if __name__ == "__main__":
+    import argparse
+    from pathlib import Path
+
+    from .weights import default_model_dir
+
+    ap = argparse.ArgumentParser(description=_compare_steps.__doc__)
+    ap.add_argument("--model", type=Path, default=default_model_dir(Path.home() / ".cache" / "inferql"))
+    ap.add_argument("--repeats", type=int, default=6)
+    args = ap.parse_args()
+    _compare_steps(args.model, args.repeats)

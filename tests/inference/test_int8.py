@@ -1,0 +1,85 @@
+"""Weight-only int8 for small decode batches (int8.py, INFERQL_INT8_SMALL_BATCH).
+
+The tiny model checks the plumbing: which steps take the int8 copies, shapes, that the
+setting forces the path on and off. The real model checks fidelity against the float32
+eager reference (the bench's tolerance: agreement >= 97 %, mean |d logprob| <= 0.05).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.inference import int8
+from app.inference.fastllama import FastLlama
+from app.inference.fidelity import measure
+from app.inference.model import EngineOptions, load_model
+from app.settings import Settings
+
+from .test_fastpath import REAL_PROMPTS
+
+
+def test_quantize_rounds_each_channel_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64) * torch.linspace(0.1, 3.0, 48)[:, None]
+    for act in (torch.float32, torch.bfloat16):
+        q, s = int8.quantize(w, act)
+        assert q.dtype == torch.int8 and q.shape == w.shape and s.dtype == act and s.shape == (48,)
+        err = (q.float() * s.float()[:, None] - w).abs()
+        assert (err <= s.float()[:, None] * 0.5 + 1e-6).all()
+        x = torch.randn(3, 64).to(act)
+        assert int8.linear(x, q, s).shape == (3, 48)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_setting_forces_the_path_on_and_off(tiny_model_dir, dtype):
+    off = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off"))
+    on = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="on"))
+    assert off.fast_weights().int8_rows == 0 and not off.fast_weights().layers8
+    w = on.fast_weights()
+    assert w.int8_rows == int8.ON_ROWS and len(w.layers8) == w.n_layers and w.head8 is not None
+    assert w.step_weight_bytes(1) < off.fast_weights().step_weight_bytes(1) == w.step_weight_bytes(int8.ON_ROWS + 1)
+    ids = on.encode_raw("The quick brown fox jumps over the lazy dog")
+    rows = int8.ON_ROWS + 1
+    with torch.inference_mode():
+        a, b = FastLlama(off.fast_weights(), rows), FastLlama(w, rows)
+        for fast in (a, b):
+            for r in range(rows):
+                fast.prefill(r, ids[:5 + r], 0, logits=False)
+        for batch in (1, int8.ON_ROWS, rows):
+            toks = torch.tensor(ids[-batch:])
+            pos = torch.tensor([5 + r for r in range(batch)])
+            for fast in (a, b):
+                fast.lengths[:rows] = [5 + r for r in range(rows)]
+            ref, got = a.decode(toks, pos), b.decode(toks, pos)
+            assert got.shape == ref.shape == (batch, w.vocab) and got.dtype == torch.float32
+            if batch > int8.ON_ROWS:  # a bigger step runs the 16-bit weights (prefills always
+                assert torch.equal(got, ref)  # do, so both caches hold the same keys)
+            else:
+                assert not torch.equal(got, ref)
+                assert torch.allclose(got, ref, atol=0.05)
+                assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+def test_auto_keeps_float32_weights_without_int8(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", int8_small_batch="auto"))
+    assert lm.fast_weights().int8_rows == 0 and not lm.fast_weights().layers8
+
+
+def test_the_setting_reaches_engine_options(monkeypatch):
+    monkeypatch.setenv("INFERQL_INT8_SMALL_BATCH", "off")
+    assert EngineOptions.from_settings(Settings(_env_file=None)).int8_small_batch == "off"
+    monkeypatch.setenv("INFERQL_INT8_SMALL_BATCH", "on")
+    assert EngineOptions.from_settings(Settings(_env_file=None)).int8_small_batch == "on"
+    monkeypatch.delenv("INFERQL_INT8_SMALL_BATCH")
+    assert Settings(_env_file=None).int8_small_batch == EngineOptions().int8_small_batch
+
+
+def test_int8_matches_float32_eager_on_the_real_model(real_model_dir):
+    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype="bfloat16", int8_small_batch="on"))
+    assert lm.fast_weights().int8_rows >= 1  # measure() decodes one row: every step runs int8
+    prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
+    fid = measure(lm, prompts, tokens=12)
+    assert fid.positions == 48
+    assert fid.agreement >= 0.97
+    assert fid.mean_abs_dlogprob <= 0.05
