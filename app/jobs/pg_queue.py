@@ -83,7 +83,8 @@ def _owner_key(owner: str | None) -> str:
 @dataclass
 class Reaped:
     """What `reap` did. The caller ends `lost` (WORKER_LOST) and `expired` (EXPIRED) jobs,
-    then calls `done` for each, as for a removed job."""
+    as for a removed job: each still holds its owner's place until `done`, which
+    JobRecorder.end calls once the end is stored."""
 
     requeued: list[str] = field(default_factory=list)
     lost: list[QueuedJob] = field(default_factory=list)
