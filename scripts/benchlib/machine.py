@@ -42,7 +42,8 @@ def weight_bytes_per_token(lm) -> tuple[int, int]:
         return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
     tensors = [t for layer in fast.layers for t in layer if t is not None] + [fast.norm, fast.head]
     macs = sum(t.numel() for t in tensors if t.dim() == 2)
-    return sum(t.numel() * t.element_size() for t in tensors), macs
+    # A 1-row step may read int8 copies of the matrices (INFERQL_INT8_SMALL_BATCH): count what it reads.
+    return fast.step_weight_bytes(1), macs
 
 
 def probe(settings, quick: bool) -> dict[str, float]:
