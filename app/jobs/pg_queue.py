@@ -45,28 +45,17 @@ import asyncio
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
 from .domain import Job
 from .errors import Overloaded, RateLimited
-from .persistence.rows import to_job
-from .persistence.tables import JobRow
+from .pg_leases import CHANNEL, JOB_COLUMNS_SQL, LIVE, WAITING, Reaped, queued_job, reap, renew
 from .queue import QueuedJob
 
-CHANNEL = "inferql_jobs"
 # pg_advisory_xact_lock key for reserve: any constant shared by every process.
 _RESERVE_LOCK = 0x1F0E_5E_27
-
-_JOB_COLUMNS = [name for name in JobRow.model_fields if name != "result_json"]
-_SELECT = ", ".join(f"j.{c}" for c in _JOB_COLUMNS)
-
-# Waiting = on the queue, not claimed, still QUEUED. The claim order is (priority desc, tag, arrival).
-_WAITING = "j.status = 'QUEUED' AND j.queue_tag IS NOT NULL AND j.claimed_by IS NULL"
-_LIVE = "j.status IN ('QUEUED', 'RUNNING')"
-
 
 def dsn(url: str) -> str:
     """A SQLAlchemy-style URL (postgresql+asyncpg://...) as asyncpg takes it."""
@@ -78,18 +67,6 @@ def dsn(url: str) -> str:
 
 def _owner_key(owner: str | None) -> str:
     return owner or ""  # queue_owner_tags.owner is part of its primary key: no NULL there
-
-
-@dataclass
-class Reaped:
-    """What `reap` did. The caller ends `lost` (WORKER_LOST) and `expired` (EXPIRED) jobs,
-    as for a removed job: each still holds its owner's place until `done`, which
-    JobRecorder.end calls once the end is stored."""
-
-    requeued: list[str] = field(default_factory=list)
-    lost: list[QueuedJob] = field(default_factory=list)
-    expired: list[QueuedJob] = field(default_factory=list)
-    reservations_dropped: int = 0
 
 
 class PostgresJobQueue:
@@ -215,14 +192,14 @@ class PostgresJobQueue:
         rows = await self.pool.fetch(
             f"""
             WITH picked AS (
-                SELECT j.id FROM jobs j WHERE {_WAITING}
+                SELECT j.id FROM jobs j WHERE {WAITING}
                 ORDER BY j.priority DESC, j.queue_tag, j.queue_seq
                 LIMIT $1 FOR UPDATE SKIP LOCKED
             ),
             claimed AS (
                 UPDATE jobs j SET claimed_by = $2, leased_until = clock_timestamp() + make_interval(secs => $3)
                 FROM picked WHERE j.id = picked.id
-                RETURNING {_SELECT}, j.prompt_ids_json AS _ids
+                RETURNING {JOB_COLUMNS_SQL}, j.prompt_ids_json AS _ids
             ),
             clock AS (
                 INSERT INTO queue_clock (priority, vtime)
@@ -233,15 +210,15 @@ class PostgresJobQueue:
             """,
             n, self.worker_id, self.lease_seconds,
         )
-        return [self._queued(r) for r in rows]
+        return [queued_job(r) for r in rows]
 
     async def remove(self, job_id: str) -> QueuedJob | None:
         row = await self.pool.fetchrow(
-            f"UPDATE jobs j SET queue_tag = NULL WHERE j.id = $1 AND {_WAITING} "
-            f"RETURNING {_SELECT}, j.prompt_ids_json AS _ids",
+            f"UPDATE jobs j SET queue_tag = NULL WHERE j.id = $1 AND {WAITING} "
+            f"RETURNING {JOB_COLUMNS_SQL}, j.prompt_ids_json AS _ids",
             job_id,
         )
-        return self._queued(row) if row is not None else None
+        return queued_job(row) if row is not None else None
 
     async def done(self, owner: str | None) -> None:
         # The protocol names the owner, not the job. The job normally ended already (its end
@@ -270,7 +247,7 @@ class PostgresJobQueue:
         return await conn.fetchval(
             f"""
             SELECT (SELECT count(*) FROM jobs j
-                    WHERE {_WAITING} AND (-j.priority, j.queue_tag, j.queue_seq) < (-me.priority, me.queue_tag, me.queue_seq))
+                    WHERE {WAITING} AND (-j.priority, j.queue_tag, j.queue_seq) < (-me.priority, me.queue_tag, me.queue_seq))
             FROM jobs me
             WHERE me.id = $1 AND me.status = 'QUEUED' AND me.queue_tag IS NOT NULL AND me.claimed_by IS NULL
             """,
@@ -285,7 +262,7 @@ class PostgresJobQueue:
     async def _active(conn: asyncpg.Connection, owner: str | None) -> int:
         return await conn.fetchval(
             f"""
-            SELECT (SELECT count(*) FROM jobs j WHERE j.queue_held AND j.owner IS NOT DISTINCT FROM $1 AND {_LIVE})
+            SELECT (SELECT count(*) FROM jobs j WHERE j.queue_held AND j.owner IS NOT DISTINCT FROM $1 AND {LIVE})
                  + (SELECT coalesce(sum(n), 0) FROM queue_reservations
                     WHERE owner IS NOT DISTINCT FROM $1 AND expires_at > clock_timestamp())
             """,
@@ -300,7 +277,7 @@ class PostgresJobQueue:
     async def _depth(conn: asyncpg.Connection) -> int:
         return await conn.fetchval(
             f"""
-            SELECT (SELECT count(*) FROM jobs j WHERE {_WAITING})
+            SELECT (SELECT count(*) FROM jobs j WHERE {WAITING})
                  + (SELECT coalesce(sum(n), 0) FROM queue_reservations WHERE expires_at > clock_timestamp())
             """
         )
@@ -317,74 +294,9 @@ class PostgresJobQueue:
     # ---- leases ---------------------------------------------------------------------------
 
     async def renew(self, job_ids: Sequence[str]) -> set[str]:
-        """The heartbeat: extends this worker's leases on job_ids. Returns the ids it still
-        holds; a job missing from the answer was reaped (its worker should stop it)."""
-        if not job_ids:
-            return set()
-        rows = await self.pool.fetch(
-            f"UPDATE jobs j SET leased_until = clock_timestamp() + make_interval(secs => $3) "
-            f"WHERE j.id = ANY($1::varchar[]) AND j.claimed_by = $2 AND {_LIVE} RETURNING j.id",
-            list(job_ids), self.worker_id, self.lease_seconds,
-        )
-        return {r["id"] for r in rows}
+        """The heartbeat: see pg_leases.renew."""
+        return await renew(self.pool, self.worker_id, self.lease_seconds, job_ids)
 
     async def reap(self, now: datetime | None = None, *, max_attempts: int = 3) -> Reaped:
-        """Takes back what dead processes left (any process may run this, at any time):
-
-        - claimed jobs whose lease ran out wait again, at their old tag (first in line). The
-          lost attempt is counted: a RUNNING job's when it started (mark_running), a job
-          claimed but never started here. One that used max_attempts is taken off the queue
-          and returned in `lost`, for the caller to fail (WORKER_LOST);
-        - waiting jobs past their deadline are taken off the queue, returned in `expired`;
-        - expired reservations are dropped.
-
-        `now` defaults to the database's clock."""
-        reaped = Reaped()
-        async with self.pool.acquire() as conn, conn.transaction():
-            at = now if now is not None else await conn.fetchval("SELECT clock_timestamp()")
-            rows = await conn.fetch(
-                f"""
-                WITH lapsed AS (
-                    SELECT j.id FROM jobs j
-                    WHERE j.claimed_by IS NOT NULL AND j.leased_until < $1 AND {_LIVE}
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE jobs j SET
-                    attempts = CASE WHEN j.status = 'QUEUED' THEN j.attempts + 1 ELSE j.attempts END,
-                    status = 'QUEUED', started_at = NULL, claimed_by = NULL, leased_until = NULL,
-                    queue_tag = CASE WHEN (CASE WHEN j.status = 'QUEUED' THEN j.attempts + 1 ELSE j.attempts END) >= $2
-                                     THEN NULL ELSE j.queue_tag END
-                FROM lapsed WHERE j.id = lapsed.id
-                RETURNING {_SELECT}, j.prompt_ids_json AS _ids
-                """,
-                at, max_attempts,
-            )
-            for row in rows:
-                if row["queue_tag"] is None:
-                    reaped.lost.append(self._queued(row))
-                else:
-                    reaped.requeued.append(row["id"])
-            expired = await conn.fetch(
-                f"""
-                WITH due AS (
-                    SELECT j.id FROM jobs j WHERE {_WAITING} AND j.deadline_at < $1 FOR UPDATE SKIP LOCKED
-                )
-                UPDATE jobs j SET queue_tag = NULL FROM due WHERE j.id = due.id
-                RETURNING {_SELECT}, j.prompt_ids_json AS _ids
-                """,
-                at,
-            )
-            reaped.expired = [self._queued(r) for r in expired]
-            dropped = await conn.execute("DELETE FROM queue_reservations WHERE expires_at < $1", at)
-            reaped.reservations_dropped = int(dropped.rsplit(" ", 1)[-1])
-            if reaped.requeued:
-                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
-        return reaped
-
-    # ---- rows -----------------------------------------------------------------------------
-
-    @staticmethod
-    def _queued(row: asyncpg.Record) -> QueuedJob:
-        job_row = JobRow(**{c: row[c] for c in _JOB_COLUMNS})
-        ids = json.loads(row["_ids"]) if row["_ids"] else []
-        return QueuedJob(to_job(job_row, with_result=False), ids)
+        """Takes back what dead processes left: see pg_leases.reap."""
+        return await reap(self.pool, now, max_attempts=max_attempts)
