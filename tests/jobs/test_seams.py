@@ -1,8 +1,9 @@
 """The job lifecycle's seams, tested against their protocols.
 
-Each fixture yields one implementation per backend; today only the in-process ones.
-A shared-store implementation (PostgreSQL queue, Redis bus and quotas) joins by adding
-a parameter, and must pass the same tests.
+Each fixture yields one implementation per backend: in process (memory), PostgreSQL for
+the queue, Redis for the event bus and the quotas. Every implementation passes the same
+protocol tests; tests named test_pg_* / test_redis_* check what only a shared store can
+show (several instances at once, leases, expiry).
 """
 
 from __future__ import annotations
