@@ -20,7 +20,7 @@ from app.jobs.access import Access
 from app.jobs.classification import Classifier
 from app.jobs.persistence.db import Database, private_dir
 from app.jobs.events import MemoryEventBus
-from app.jobs.keys import Defaults, KeyStore
+from app.jobs.keys import FIRST_KEY_FILE, Defaults, KeyStore
 from app.jobs.persistence.migrate import upgrade
 from app.jobs.queue import JobQueue, MemoryJobQueue
 from app.jobs.quotas import MemoryQuotaStore
@@ -40,9 +40,6 @@ from app.jobs.persistence.writer import Writer
 from app.settings import Settings
 
 log = logging.getLogger("inferql")
-
-FIRST_KEY_FILE = "first-admin-key.txt"
-
 
 def resolve_model_path(settings: Settings) -> Path:
     """The folder to serve: INFERQL_MODEL_PATH, or the default model (fetched on first use)."""

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import httpx
 
+from app.jobs.keys import FIRST_KEY_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = Path(os.environ.get("INFERQL_CACHE_DIR", Path.home() / ".cache" / "inferql"))
-FIRST_KEY_FILE = "first-admin-key.txt"
 
 # Tests poll fast and the bench never waits on a quota; limits are tested with keys (or
 # servers) that set their own.

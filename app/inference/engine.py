@@ -116,17 +116,6 @@ class Engine:
             self._thread = None
 
     @property
-    def backend(self) -> str:
-        """"fast" (the lean Llama forward, per-row cache) or "hf" (the Hugging Face forward)."""
-        return "fast" if isinstance(self._backend, SlotBackend) else "hf"
-
-    @property
-    def ready(self) -> bool:
-        """Whether the engine serves at full speed. There is no warm-up to wait for: torch.compile
-        did not pay on CPU (see README, Performance), so the engine is ready once started."""
-        return self._thread is not None and not self._stopping
-
-    @property
     def running(self) -> int:
         return self._batch.running
 

@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from .persistence.db import Database
 from .domain import Caller
 from .persistence.tables import ApiKeyRow
 
 KEY_PREFIX = "iq_"
+FIRST_KEY_FILE = "first-admin-key.txt"  # in the data dir: the first admin key, when no terminal shows it
 
 
 class KeyNameTaken(ValueError):
@@ -116,10 +117,6 @@ class KeyStore:
                     r.max_priority)
             for r in session.exec(query)
         ])
-
-    async def count_active(self) -> int:
-        query = select(func.count()).select_from(ApiKeyRow).where(col(ApiKeyRow.revoked_at).is_(None))
-        return await self._db.read(lambda session: session.exec(query).one())
 
     async def authenticate(self, key: str) -> Caller | None:
         """The caller a key belongs to; None for an unknown or revoked key."""

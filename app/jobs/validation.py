@@ -9,7 +9,6 @@ import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from urllib.parse import urlsplit
 
 import httpx
@@ -107,7 +106,7 @@ def validate_classification(text: str, labels: list[str], instruction: str | Non
         raise _bad("`labels` must not repeat a label", "labels")
 
 
-def validate_options(options: JobOptions, *, allow_private_webhooks: bool | None = None) -> None:
+def validate_options(options: JobOptions, *, allow_private_webhooks: bool = False) -> None:
     if not -100 <= options.priority <= 100:
         raise _bad("`priority` must be between -100 and 100", "priority")
     if options.deadline_seconds is not None and not (
@@ -121,9 +120,9 @@ def validate_options(options: JobOptions, *, allow_private_webhooks: bool | None
         validate_webhook_url(options.webhook_url, allow_private=allow_private_webhooks)
 
 
-def validate_webhook_url(url: str, *, allow_private: bool | None = None) -> None:
+def validate_webhook_url(url: str, *, allow_private: bool = False) -> None:
     """Refuses what can never be delivered, and a literal address that is not public (unless
-    `allow_private`; None = INFERQL_WEBHOOK_ALLOW_PRIVATE). A host name is checked when the
+    `allow_private`: INFERQL_WEBHOOK_ALLOW_PRIVATE). A host name is checked when the
     webhook is sent, on the address it resolves to then: that check is the real defence."""
     if len(url) > MAX_URL:
         raise _bad(f"`webhookUrl` is over {MAX_URL} characters", "webhookUrl")
@@ -142,8 +141,6 @@ def validate_webhook_url(url: str, *, allow_private: bool | None = None) -> None
         httpx.Request("POST", url)
     except Exception:
         raise _bad("`webhookUrl` is not a URL that can be called", "webhookUrl") from None
-    if allow_private is None:
-        allow_private = private_webhooks_allowed()
     address = ip_literal(parts.hostname)
     if address is not None and not allow_private and not is_public_address(address):
         raise _bad("`webhookUrl` must point to a public address (not loopback, private, link-local or "
@@ -205,14 +202,6 @@ def is_public_address(ip: IPAddress) -> bool:
         return False
     return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified or ip.is_loopback
                                  or ip.is_link_local or ip.is_site_local or ip.is_private)
-
-
-@lru_cache(maxsize=1)
-def private_webhooks_allowed() -> bool:
-    """INFERQL_WEBHOOK_ALLOW_PRIVATE, read once: for callers that are not handed the setting."""
-    from app.settings import Settings
-
-    return Settings().webhook_allow_private
 
 
 def check_page(first: int) -> None:

@@ -48,7 +48,6 @@ from .persistence.db import Database
 from .persistence.rows import utc
 from .persistence.tables import WebhookAttemptRow, WebhookRow
 from .persistence.writer import Writer
-from .validation import private_webhooks_allowed
 from .webhook_secrets import secret_value
 from .webhook_targets import (
     Resolver,
@@ -82,7 +81,7 @@ class WebhookDispatcher:
         max_parallel: int = 8,
         writer: Writer | None = None,
         *,
-        allow_private: bool | None = None,
+        allow_private: bool = False,
         max_per_owner: int = MAX_PER_OWNER,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         resolver: Resolver = system_resolver,
@@ -94,7 +93,7 @@ class WebhookDispatcher:
         self._signers: dict[str, Webhook] = {}  # per key id
         self._delays = retry_delays
         self._timeout = timeout
-        self._allow_private = private_webhooks_allowed() if allow_private is None else allow_private
+        self._allow_private = allow_private
         self._max_parallel = max_parallel
         self._max_per_owner = max(1, min(max_per_owner, max_parallel))
         self._max_response_bytes = max_response_bytes

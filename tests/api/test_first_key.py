@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.jobs.keys import FIRST_KEY_FILE
 from tests.conftest import ROOT, ServerProcess
 
 
@@ -17,7 +18,7 @@ def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess:
 
 def test_first_key_goes_to_a_private_file_and_is_not_made_again(tmp_path, tiny_model_dir):
     server = ServerProcess(tmp_path, {"INFERQL_MODEL_PATH": str(tiny_model_dir)}).start()
-    key_file = Path(server.env["INFERQL_DATA_DIR"]) / "first-admin-key.txt"
+    key_file = Path(server.env["INFERQL_DATA_DIR"]) / FIRST_KEY_FILE
     try:
         key = server.key  # read from the file by the harness, which also checks the log holds no key
         assert key.startswith("iq_")

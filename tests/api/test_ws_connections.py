@@ -139,24 +139,9 @@ async def test_revoked_key_loses_its_open_websockets(server):
 class FactoryServer(ServerProcess):
     """`uvicorn --factory app.main:create_app`, without `inferql serve`'s ws_max_size."""
 
-    def start(self, timeout: float = 180) -> FactoryServer:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(self.port),
-             "--log-level", "warning"],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=self._log,
-        )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()}")
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(self.port),
+                "--log-level", "warning"]
 
 
 async def test_message_cap_holds_under_uvicorn_factory(tmp_path, tiny_model_dir):
