@@ -96,7 +96,7 @@ class EventBus(Protocol):
     async def ended(self, job_id: str) -> bool | None:
         """Whether the job's stream holds its terminal event; None when the bus has no stream."""
 
-    def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
         """Events with seq > after, then live ones up to the terminal event; None when the
         bus has no stream for the job."""
 
@@ -158,7 +158,7 @@ class MemoryEventBus:
         stream = self._streams.get(job_id)
         return stream.ended if stream is not None else None
 
-    def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
         stream = self._streams.get(job_id)
         return stream.follow(after) if stream is not None else None
 

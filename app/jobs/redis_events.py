@@ -10,9 +10,8 @@ died does not stay forever.
 Appends made in the same turn of the event loop (one engine step's tokens for every running
 job) go to Redis in one pipeline: one round trip per step, not one per token.
 
-`follow` is synchronous in the EventBus protocol, and must say at once whether the bus
-knows the job (None sends the caller to the database); here that is one blocking EXISTS
-on a separate synchronous connection, bounded by `socket_timeout`.
+`follow` first asks whether the stream exists (one EXISTS): None sends the caller to the
+database.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 
-import redis
 import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
@@ -124,10 +122,8 @@ class RedisEventBus:
     """EventBus on Redis Streams (see the module doc)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "inferql:",
-                 ended_ttl: float = 3600, live_ttl: float = 86_400, block_ms: int = 5000,
-                 socket_timeout: float = 5.0) -> None:
+                 ended_ttl: float = 3600, live_ttl: float = 86_400, block_ms: int = 5000) -> None:
         self._redis = aredis.Redis.from_url(url)
-        self._sync = redis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
         self._prefix = prefix
         self.ended_ttl, self.live_ttl, self._block_ms = ended_ttl, live_ttl, block_ms  # TTLs in seconds
         self._ttl_ms = (max(1, int(ended_ttl * 1000)), max(1, int(live_ttl * 1000)))
@@ -142,7 +138,6 @@ class RedisEventBus:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self._redis.aclose()
-        self._sync.close()
 
     # ---- append: batched per turn of the event loop ---------------------------------------
 
@@ -196,8 +191,8 @@ class RedisEventBus:
         last = await self._last(job_id)
         return last[1] if last is not None else None
 
-    def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
-        if not self._sync.exists(self.key(job_id)):
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+        if not await self._redis.exists(self.key(job_id)):
             return None
         return self._follow(job_id, after)
 

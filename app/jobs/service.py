@@ -139,7 +139,7 @@ class JobService:
                 log.warning("job %s: cancel not settled within %.1fs", job.id, CANCEL_WAIT_SECONDS)
 
     async def _until_ended(self, job_id: str, after: int) -> None:
-        stream = self._bus.follow(job_id, after)
+        stream = await self._bus.follow(job_id, after)
         if stream is not None:
             async for _ in stream:
                 pass
@@ -163,7 +163,7 @@ class JobService:
         return self._follow(job, after)
 
     async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
-        stream = self._bus.follow(job.id, after)
+        stream = await self._bus.follow(job.id, after)
         if stream is not None:
             async for event in stream:
                 yield event

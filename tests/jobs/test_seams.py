@@ -374,7 +374,7 @@ async def test_bus_numbers_events_whatever_they_came_with(bus):
     assert (first.seq, second.seq) == (1, 2)
     assert await bus.last_seq("j") == 2 and await bus.ended("j") is False
     assert await bus.last_seq("other") is None and await bus.ended("other") is None
-    assert bus.follow("other") is None
+    assert await bus.follow("other") is None
 
 
 async def test_bus_replays_after_seq_then_follows_live_to_the_end(bus):
@@ -383,7 +383,7 @@ async def test_bus_replays_after_seq_then_follows_live_to_the_end(bus):
     seen = []
 
     async def consume():
-        async for event in bus.follow("j", after=1):
+        async for event in await bus.follow("j", after=1):
             seen.append(event.seq)
 
     task = asyncio.ensure_future(consume())
@@ -398,7 +398,7 @@ async def test_bus_replays_after_seq_then_follows_live_to_the_end(bus):
 async def test_bus_follow_from_the_end_of_an_ended_stream_completes(bus):
     await bus.append(JobQueued("j", NOW, 0))
     await bus.append(GenerationFailed("j", NOW, JobError("X", "x")))
-    assert [e.seq async for e in bus.follow("j", after=2)] == []
+    assert [e.seq async for e in await bus.follow("j", after=2)] == []
     with pytest.raises(RuntimeError):
         await bus.append(started())
 
@@ -448,7 +448,7 @@ async def test_redis_bus_replays_every_event_kind_faithfully_on_another_replica(
             await one.append(JobQueued(job_id, NOW, 0))
             appended = await one.append(replace(event, job_id=job_id))
             assert appended == replace(event, job_id=job_id, seq=2)
-            assert [e async for e in _take(other.follow(job_id, after=1), 1)] == [appended]
+            assert [e async for e in _take(await other.follow(job_id, after=1), 1)] == [appended]
     finally:
         await one.aclose()
         await other.aclose()
@@ -463,7 +463,7 @@ async def test_redis_bus_follows_live_events_appended_by_another_replica(redis_p
         seen = []
 
         async def consume():
-            async for event in api.follow("j"):
+            async for event in await api.follow("j"):
                 seen.append(event.seq)
 
         task = asyncio.ensure_future(consume())
@@ -492,7 +492,7 @@ async def test_redis_bus_numbers_concurrent_appends_of_one_step(redis_prefix):
         for _ in range(20):  # like the worker: each step, every running job appends its token at once
             await asyncio.gather(*(bus.append(TokenGenerated(job_id, NOW, token)) for job_id in "abc"))
         assert [await bus.last_seq(job_id) for job_id in "abc"] == [21, 21, 21]
-        seqs = [e.seq async for e in _take(bus.follow("b"), 21)]
+        seqs = [e.seq async for e in _take(await bus.follow("b"), 21)]
         assert seqs == list(range(1, 22))
     finally:
         await bus.aclose()
@@ -521,7 +521,7 @@ async def test_redis_bus_expires_ended_streams(redis_prefix):
         assert await bus.last_seq("j") == 2
         await asyncio.sleep(0.4)
         assert await bus.last_seq("j") is None and await bus.ended("j") is None
-        assert bus.follow("j") is None  # the caller replays it from the database
+        assert await bus.follow("j") is None  # the caller replays it from the database
     finally:
         await bus.aclose()
         await client.aclose()
@@ -691,7 +691,7 @@ async def test_worker_cancels_only_jobs_it_runs(tmp_path, tiny_model_dir):
         await store.insert(long)
         await recorder.queued(long, await queue.put(long, lm.encode_raw("hi"), reserved=False))
         worker.start()
-        events = bus.follow("long")
+        events = await bus.follow("long")
         kinds = []
         async for event in events:
             kinds.append(type(event).__name__)
