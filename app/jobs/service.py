@@ -168,7 +168,9 @@ class JobService:
             async for event in stream:
                 yield event
             return
-        for event in replay_finished(await self._store.get(job.id)):
+        if not job.status.terminal:  # it ended (and left the bus) after it was read: read its end
+            job = await self._store.get(job.id)
+        for event in replay_finished(job):
             if event.seq > after:
                 yield event
                 if isinstance(event, TERMINAL):
