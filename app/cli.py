@@ -23,19 +23,34 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(webhooks_app, name="webhooks")
 
 
+def _settings_or_exit(**overrides) -> Settings:
+    """Settings with the topology checked: a misconfiguration stops here, with its message."""
+    from app.wiring import ConfigError, check_topology
+
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_topology(settings)
+    except ConfigError as exc:
+        typer.echo(f"inferql: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return settings
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Overrides INFERQL_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Overrides INFERQL_PORT.")] = None,
+    api_only: Annotated[bool, typer.Option(
+        "--api-only", help="Run the API without the model's weights (INFERQL_ROLE=api); "
+                           "`inferql worker` processes run the jobs.")] = False,
 ) -> None:
     """Start the GraphQL server (GraphiQL at /graphql)."""
     import uvicorn
 
     from app.main import create_app
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings_or_exit(host=host, port=port, role="api" if api_only else None)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -43,6 +58,21 @@ def serve(
         log_level=settings.log_level,
         ws_max_size=settings.max_body_bytes,  # websocket frames: the same cap as HTTP bodies
     )
+
+
+@app.command()
+def worker(
+    port: Annotated[int | None, typer.Option(help="Overrides INFERQL_WORKER_PORT (/metrics, /readyz).")] = None,
+) -> None:
+    """Run the engine and claim jobs from the shared queue (no GraphQL API). Needs a
+    PostgreSQL INFERQL_DATABASE_URL and INFERQL_REDIS_URL, shared with the API replicas."""
+    import uvicorn
+
+    from app.worker_app import create_worker_app
+
+    settings = _settings_or_exit(worker_port=port, role="worker")
+    uvicorn.run(create_worker_app(settings), host=settings.host, port=settings.worker_port,
+                log_level=settings.log_level)
 
 
 @model_app.command("pull")

@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         sweeper = asyncio.get_running_loop().create_task(
             graphql.connections.sweep_forever(uncached_keys.authenticate, interval))
         registry = CollectorRegistry()
-        registry.register(EngineCollector(engine))
+        if engine is not None:  # an API-only replica runs none
+            registry.register(EngineCollector(engine))
         registry.register(DocumentCollector())
         app.state.services, app.state.db, app.state.engine, app.state.registry = services, db, engine, registry
         # Startup left ~500k long-lived objects (torch, transformers, the schema). A full
@@ -80,7 +81,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def readyz(request: Request) -> JSONResponse:
         state = request.app.state
         checks = {
-            "model": getattr(state, "engine", None) is not None,
+            "model": getattr(state, "engine", None) is not None or settings.role == "api",
             "database": getattr(state, "db", None) is not None and await state.db.ping(),
         }
         ok = all(checks.values())

@@ -60,6 +60,18 @@ class Settings(BaseSettings):
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5
 
+    # Scaling out (README "Scaling out"). The defaults are one process with everything in it.
+    role: Literal["all", "api", "worker"] = "all"  # api: no model weights (`serve --api-only`);
+    #   worker: the engine and the claim loop (`inferql worker`)
+    # Live job events, cancel messages and the rpm/tpm windows across processes. With a
+    # PostgreSQL database_url it also makes the database the job queue (claims and leases).
+    redis_url: str | None = None
+    redis_prefix: str = "inferql:"  # every key and channel of this deployment starts with it
+    lease_seconds: float = 30.0   # a worker's claim on a job, renewed every third of it; a worker
+    #   silent this long has its jobs re-queued by any process
+    worker_port: int = 9100       # `inferql worker`: /metrics and /readyz only
+    worker_id: str | None = None  # names this process in claims and logs; default: host-pid-random
+
     # Jobs
     max_attempts: int = 3         # a job whose worker died this many times ends FAILED (WORKER_LOST)
     retention_days: float = 30.0  # finished jobs older than this are removed by `inferql jobs purge`

@@ -1,35 +1,45 @@
 """All wiring in one place: builds every part of a running InferQL once, and stops it.
 
-The in-process parts (queue, event bus, quota store, the worker as canceller) are chosen
-here; every other module receives what it uses.
+The stateful parts of a job (queue, event bus, quota store, canceller) are chosen here,
+by the topology (README "Scaling out"):
+
+- embedded (the default): one process, everything in its memory, any database;
+- shared: a PostgreSQL database and INFERQL_REDIS_URL. The queue is the database's
+  `jobs` table (claims with leases), events, cancel messages and rate windows are in
+  Redis, and a process runs as `all`, `api` (no weights) or `worker` (no HTTP API).
+
+Every other module receives what it uses.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.inference.engine import Engine
-from app.inference.model import EngineOptions, LoadedModel, load_model
+from app.inference.model import EngineOptions, LoadedModel, load_for_counting, load_model
 from app.inference.types import ModelInfo
 from app.inference.weights import pull_default_model
 from app.jobs.access import Access
 from app.jobs.classification import Classifier
 from app.jobs.persistence.db import Database, private_dir
-from app.jobs.events import MemoryEventBus
+from app.jobs.events import EventBus, MemoryEventBus
 from app.jobs.keys import FIRST_KEY_FILE, Defaults, KeyStore
 from app.jobs.persistence.migrate import upgrade
 from app.jobs.queue import JobQueue, MemoryJobQueue
-from app.jobs.quotas import MemoryQuotaStore
+from app.jobs.quotas import MemoryQuotaStore, QuotaStore
+from app.jobs.reaper import Reaper
 from app.jobs.recorder import JobRecorder
 from app.jobs.recovery import recover
 from app.jobs.review import Reviews
 from app.jobs.admission import Admission, encode_prompt
 from app.jobs.batches import Batches
-from app.jobs.service import JobService
+from app.jobs.service import Canceller, JobService
 from app.jobs.persistence.reports import ReportStore
 from app.jobs.persistence.store import JobStore
 from app.jobs.validation import Limits
@@ -40,6 +50,42 @@ from app.jobs.persistence.writer import Writer
 from app.settings import Settings
 
 log = logging.getLogger("inferql")
+
+
+class ConfigError(Exception):
+    """A topology that cannot work; the message says what to change."""
+
+
+def is_shared(settings: Settings) -> bool:
+    """Shared topology: several processes over one PostgreSQL database and Redis."""
+    return settings.redis_url is not None
+
+
+def check_topology(settings: Settings) -> None:
+    """Fails fast, before anything loads, on a combination that cannot work."""
+    postgres = settings.database_url.startswith("postgres")
+    if settings.redis_url is not None and not postgres:
+        raise ConfigError("INFERQL_REDIS_URL is for several processes sharing one database, which must be "
+                          "PostgreSQL (INFERQL_DATABASE_URL=postgresql://...); with SQLite leave it unset")
+    if settings.role != "all" and settings.redis_url is None:
+        what = "an API-only replica" if settings.role == "api" else "a separate worker"
+        raise ConfigError(f"{what} needs the shared topology: a PostgreSQL INFERQL_DATABASE_URL and "
+                          "INFERQL_REDIS_URL, shared with the other processes")
+    if settings.redis_url is not None:
+        import redis
+
+        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise ConfigError(f"cannot reach Redis at INFERQL_REDIS_URL ({type(exc).__name__}: {exc})") from None
+        finally:
+            client.close()
+
+
+def process_name(settings: Settings) -> str:
+    return settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
 
 def resolve_model_path(settings: Settings) -> Path:
     """The folder to serve: INFERQL_MODEL_PATH, or the default model (fetched on first use)."""
@@ -54,8 +100,39 @@ def key_defaults(settings: Settings) -> Defaults:
 
 
 @dataclass
+class Parts:
+    """The stateful parts of a job, in process or shared."""
+
+    queue: JobQueue
+    bus: EventBus
+    quotas: QuotaStore
+    canceller: Canceller | None = None  # None: the local Worker
+    closers: list = field(default_factory=list)
+
+
+async def make_parts(settings: Settings) -> Parts:
+    if not is_shared(settings):
+        return Parts(MemoryJobQueue(settings.max_queued_jobs), MemoryEventBus(),
+                     MemoryQuotaStore(settings.rate_window_seconds))
+    from app.jobs.pg_queue import PostgresJobQueue
+    from app.jobs.redis_cancel import RedisCanceller
+    from app.jobs.redis_events import RedisEventBus
+    from app.jobs.redis_quotas import RedisQuotaStore
+
+    url, prefix = settings.redis_url, settings.redis_prefix
+    queue = PostgresJobQueue(settings.database_url, settings.max_queued_jobs, worker_id=process_name(settings),
+                             lease_seconds=settings.lease_seconds)
+    await queue.start()
+    bus = RedisEventBus(url, prefix=prefix)
+    quotas = RedisQuotaStore(url, prefix=prefix, window_seconds=settings.rate_window_seconds)
+    canceller = RedisCanceller(url, prefix=prefix)
+    return Parts(queue, bus, quotas, canceller, closers=[canceller.aclose, bus.aclose, quotas.aclose, queue.close])
+
+
+@dataclass
 class Services:
-    """What the API layer calls, and what the process runs."""
+    """What the API layer calls, and what the process runs. A worker-only process has the
+    API's services too (unused); an API-only one has no engine and no worker."""
 
     access: Access
     jobs: JobService
@@ -64,42 +141,73 @@ class Services:
     classifier: Classifier
     model: ModelInfo
     db: Database
-    engine: Engine
+    engine: Engine | None
     keys: KeyStore
     queue: JobQueue
     recorder: JobRecorder
-    worker: Worker
+    worker: Worker | None
     webhooks: WebhookDispatcher
+    reaper: Reaper | None = None
+    closers: list = field(default_factory=list)
 
     async def stop(self) -> None:
-        await self.worker.stop()
+        if self.reaper is not None:
+            await self.reaper.stop()
+        if self.worker is not None:
+            await self.worker.stop()
         await self.webhooks.stop()
-        await self.engine.stop()
+        if self.engine is not None:
+            await self.engine.stop()
+        for close in self.closers:
+            await close()
         await self.db.dispose()
 
 
 async def start_services(settings: Settings) -> Services:
-    lm = load_model(resolve_model_path(settings), device=settings.device, threads=settings.torch_threads,
-                    options=EngineOptions.from_settings(settings))
+    check_topology(settings)
+    path = resolve_model_path(settings)
+    options = EngineOptions.from_settings(settings)
     db = Database(settings.database_url)
-    await upgrade(db.engine)
+    await upgrade(db.engine)  # under a lock: replicas starting together on a fresh database
     keys = KeyStore(db, key_defaults(settings), cache_seconds=settings.key_cache_seconds)
-    if settings.auth == "on":
-        await bootstrap_key(keys, settings.data_dir)
+    if settings.role != "worker":
+        if settings.auth == "on":
+            await bootstrap_key(keys, settings.data_dir)
+        else:
+            log.warning("INFERQL_AUTH=off: every caller is an anonymous admin without limits")
+    engine = None
+    if settings.role == "api":
+        lm = load_for_counting(path, options)
     else:
-        log.warning("INFERQL_AUTH=off: every caller is an anonymous admin without limits")
-    engine = Engine(lm, max_batch_size=settings.max_batch_size)
-    engine.start()
-    services = build_services(settings, db=db, lm=lm, engine=engine, keys=keys)
-    services.worker.start()
-    await recover(services.recorder, services.queue, lambda spec: encode_prompt(lm, spec),
-                  settings.max_attempts)
-    services.webhooks.start()
+        lm = load_model(path, device=settings.device, threads=settings.torch_threads, options=options)
+        engine = Engine(lm, max_batch_size=settings.max_batch_size)
+        engine.start()
+    parts = await make_parts(settings)
+    services = build_services(settings, db=db, lm=lm, engine=engine, keys=keys, parts=parts)
+    if services.worker is not None:
+        services.worker.start()
+        if parts.canceller is not None:
+            await parts.canceller.listen(services.worker.cancel)
+    if is_shared(settings):
+        # What dead processes left; never a job whose lease is live (another process runs it).
+        services.reaper = Reaper(parts.queue, services.recorder, max_attempts=settings.max_attempts,
+                                 interval=max(settings.lease_seconds / 3, 0.2))
+        await services.reaper.run_once()
+        services.reaper.start()
+    else:
+        await recover(services.recorder, services.queue, lambda spec: encode_prompt(lm, spec),
+                      settings.max_attempts)
+    if settings.role != "worker":
+        services.webhooks.start()
     return services
 
 
-def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine: Engine,
-                   keys: KeyStore) -> Services:
+def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine: Engine | None,
+                   keys: KeyStore, parts: Parts | None = None) -> Services:
+    """parts: the in-process ones when None (tests build services around their own engine)."""
+    if parts is None:
+        parts = Parts(MemoryJobQueue(settings.max_queued_jobs), MemoryEventBus(),
+                      MemoryQuotaStore(settings.rate_window_seconds))
     writer = Writer(db)  # one per process: it groups the writes of the store and the webhooks
     store = JobStore(db, writer)
     reports = ReportStore(db, writer)
@@ -117,14 +225,15 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
         context_length=lm.info.context_length,
         allow_private_webhooks=settings.webhook_allow_private,
     )
-    queue = MemoryJobQueue(settings.max_queued_jobs)
-    bus = MemoryEventBus()
-    quotas = MemoryQuotaStore(settings.rate_window_seconds)
+    queue, bus, quotas = parts.queue, parts.bus, parts.quotas
     recorder = JobRecorder(store=store, queue=queue, bus=bus, quotas=quotas, model=lm.info,
                            review_threshold=settings.review_threshold, on_webhook_queued=webhooks.wake)
-    worker = Worker(queue, engine, recorder)
+    worker = Worker(queue, engine, recorder) if engine is not None else None
+    canceller = parts.canceller or worker
+    if canceller is None:
+        raise ConfigError("a process without an engine needs a shared canceller (INFERQL_REDIS_URL)")
     admission = Admission(queue=queue, quotas=quotas, lm=lm, limits=limits)
-    jobs = JobService(store=store, queue=queue, bus=bus, quotas=quotas, recorder=recorder, canceller=worker,
+    jobs = JobService(store=store, queue=queue, bus=bus, quotas=quotas, recorder=recorder, canceller=canceller,
                       admission=admission)
     return Services(
         access=Access(keys=keys, quotas=quotas, queue=queue),
@@ -135,7 +244,7 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
                               review_threshold=settings.review_threshold,
                               max_waiting=settings.max_queued_classifications),
         model=lm.info, db=db, engine=engine, keys=keys, queue=queue, recorder=recorder, worker=worker,
-        webhooks=webhooks,
+        webhooks=webhooks, closers=list(parts.closers),
     )
 
 

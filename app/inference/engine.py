@@ -125,7 +125,11 @@ class Engine:
 
     def has_capacity(self) -> bool:
         """True when a new request would start within a step instead of waiting."""
-        return self.running + len(self._waiting) < self.max_batch_size
+        return self.free_slots() > 0
+
+    def free_slots(self) -> int:
+        """How many new requests would start within a step instead of waiting."""
+        return max(0, self.max_batch_size - self.running - len(self._waiting))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
         if self._thread is None or self._stopping:

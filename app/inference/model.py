@@ -216,10 +216,7 @@ def load_model(path: Path, device: str = "auto", threads: int = 0, dtype: str | 
     model.to(dev)
     model.eval()
     cfg = model.config
-    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-    eos_ids = {i for i in eos if i is not None}
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
+    eos_ids = _eos_ids(cfg, tokenizer)
     if fast and fastllama.supports(model) is not None:  # not a Llama-family model: the HF forward
         log.info("fast path off for this model (%s)", fastllama.supports(model))
         if dev.type != "cpu" and compute != torch.float32:
@@ -244,3 +241,36 @@ def load_model(path: Path, device: str = "auto", threads: int = 0, dtype: str | 
                      options=options, dtype=compute)
     lm.fast_weights()  # convert now, not on the first request
     return lm
+
+
+def _eos_ids(cfg, tokenizer) -> set[int]:
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    ids = {i for i in eos if i is not None}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def load_for_counting(path: Path, options: EngineOptions | None = None) -> LoadedModel:
+    """What an API replica that runs no engine needs of the model: its tokenizer and chat
+    template (prompt checks, token counts) and its description. The weights stay on disk:
+    the module is built on the meta device, which allocates nothing."""
+    from transformers import AutoConfig
+
+    options = options or EngineOptions()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    marker = read_marker(path)
+    info = ModelInfo(
+        id=marker.get("name") or path.name,
+        version=weights_version(path),
+        parameters=sum(p.numel() for p in model.parameters()),
+        dtype=options.dtype,   # the workers decide ("auto": by their hardware)
+        device="worker",
+        context_length=int(getattr(cfg, "max_position_embeddings", 2048)),
+        source=marker.get("source") or "local",
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, eos_ids=frozenset(_eos_ids(cfg, tokenizer)),
+                       device=torch.device("meta"), options=options)

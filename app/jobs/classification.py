@@ -19,7 +19,7 @@ from app.inference.model import LoadedModel
 from app.inference.types import ModelInfo
 
 from .domain import Caller, Timing, Usage
-from .errors import InvalidInput, Overloaded
+from .errors import InvalidInput, Overloaded, Unavailable
 from .queue import JobQueue
 from .quotas import QuotaStore
 from .persistence.reports import ReportStore
@@ -38,7 +38,7 @@ class Classification:
 
 
 class Classifier:
-    def __init__(self, *, reports: ReportStore, engine: Engine, lm: LoadedModel, queue: JobQueue, quotas: QuotaStore,
+    def __init__(self, *, reports: ReportStore, engine: Engine | None, lm: LoadedModel, queue: JobQueue, quotas: QuotaStore,
                  limits: Limits, review_threshold: float, max_waiting: int = 16) -> None:
         self._reports = reports
         self._engine = engine
@@ -51,6 +51,8 @@ class Classifier:
         self._waiting: Counter[str | None] = Counter()  # owner -> classifications waiting or running
 
     async def classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller) -> Classification:
+        if self._engine is None:
+            raise Unavailable("classify runs where the model runs; this API-only replica has none")
         validate_classification(text, labels, instruction, self.limits)
         width = classification_length(self._lm, text, labels, instruction)
         if width > self.limits.context_length:

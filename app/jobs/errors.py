@@ -32,3 +32,7 @@ class Forbidden(ServiceError):
 
 class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
+
+
+class Unavailable(ServiceError):
+    code = "UNAVAILABLE"

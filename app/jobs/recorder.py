@@ -48,10 +48,12 @@ class JobRecorder:
                             review_threshold=self.review_threshold)
 
     async def end(self, job: Job, status: JobStatus, at: datetime, *, result: GenerationResult | None = None,
-                  error: JobError | None = None) -> bool:
+                  error: JobError | None = None, claimed_by: str | None = None) -> bool:
         """Stores the job's end (once); True when this call ended it. Frees its owner's
-        place and settles its tokens; announcing the terminal event is the caller's."""
-        ended = await self.store.finish(job.id, Ending(status, at, result=result, error=error))
+        place and settles its tokens; announcing the terminal event is the caller's.
+        claimed_by: a worker ends a job only while it holds its lease (JobStore.finish)."""
+        ended = await self.store.finish(job.id, Ending(status, at, result=result, error=error),
+                                        claimed_by=claimed_by)
         if ended.webhooks_queued:
             self._on_webhook_queued()
         if not ended.changed:
@@ -68,7 +70,7 @@ class JobRecorder:
         if await self.end(job, status, at, result=result):
             await self.bus.append(GenerationCancelled(job.id, at, result, status))
 
-    async def fail(self, job: Job, error: JobError) -> None:
+    async def fail(self, job: Job, error: JobError, *, claimed_by: str | None = None) -> None:
         at = datetime.now(UTC)
-        if await self.end(job, JobStatus.FAILED, at, error=error):
+        if await self.end(job, JobStatus.FAILED, at, error=error, claimed_by=claimed_by):
             await self.bus.append(GenerationFailed(job.id, at, error))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -18,11 +19,22 @@ def alembic_config(connection=None) -> Config:
     return cfg
 
 
+# pg_advisory_xact_lock key: one migrator at a time on a PostgreSQL database.
+_MIGRATION_LOCK = 0x1F0E_0DB0
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    """Applies pending migrations in one transaction. On PostgreSQL it first takes an
+    advisory lock, held to the commit: replicas starting together on a fresh database wait
+    for the first one's migration, then find nothing to do (without it, all but one fail
+    on alembic_version's primary key)."""
+
     def run(connection) -> None:
         command.upgrade(alembic_config(connection), revision)
 
     async with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         await conn.run_sync(run)
 
 

@@ -75,11 +75,15 @@ class JobStore:
 
         await self.writer.write(op)
 
-    async def mark_running(self, job_id: str, started_at: datetime) -> None:
-        await self._execute(
+    async def mark_running(self, job_id: str, started_at: datetime, *, claimed_by: str | None = None) -> None:
+        """claimed_by: only while this worker holds the job's lease (the shared queue)."""
+        statement = (
             update(JobRow).where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.QUEUED.value)
             .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
         )
+        if claimed_by is not None:
+            statement = statement.where(col(JobRow.claimed_by) == claimed_by)
+        await self._execute(statement)
 
     async def requeue(self, job_id: str) -> None:
         """A job whose worker died goes back to QUEUED, keeping its attempt count."""
@@ -87,14 +91,21 @@ class JobStore:
             update(JobRow).where(col(JobRow.id) == job_id).values(status=JobStatus.QUEUED.value, started_at=None)
         )
 
-    async def finish(self, job_id: str, ending: Ending) -> Ended:
+    async def finish(self, job_id: str, ending: Ending, *, claimed_by: str | None = None) -> Ended:
         """Ends a job (once: a job already terminal is left alone) and writes what its end
         brings, as `ending` decides: review flag, usage record, webhook messages, the
-        batch's end. All in one transaction."""
+        batch's end. All in one transaction.
+
+        The row is locked while it is read (PostgreSQL): two processes ending the same job
+        at once cannot both see it live. claimed_by: only while this worker holds the job's
+        lease (a worker whose job was re-queued to another after its lease lapsed writes
+        nothing)."""
 
         def op(session: Session) -> Ended:
-            row = session.get(JobRow, job_id)
+            row = session.get(JobRow, job_id, with_for_update=True)
             if row is None or JobStatus(row.status).terminal:
+                return Ended(False, False)
+            if claimed_by is not None and row.claimed_by != claimed_by:
                 return Ended(False, False)
             result, error = ending.result, ending.error
             row.status = ending.status.value
