@@ -107,6 +107,7 @@ class Parts:
     bus: EventBus
     quotas: QuotaStore
     canceller: Canceller | None = None  # None: the local Worker
+    webhook_wakeups: object | None = None  # a RedisChannel: webhook messages stored by any process
     closers: list = field(default_factory=list)
 
 
@@ -115,7 +116,7 @@ async def make_parts(settings: Settings) -> Parts:
         return Parts(MemoryJobQueue(settings.max_queued_jobs), MemoryEventBus(),
                      MemoryQuotaStore(settings.rate_window_seconds))
     from app.jobs.pg_queue import PostgresJobQueue
-    from app.jobs.redis_cancel import RedisCanceller
+    from app.jobs.redis_signals import RedisCanceller, RedisChannel
     from app.jobs.redis_events import RedisEventBus
     from app.jobs.redis_quotas import RedisQuotaStore
 
@@ -126,7 +127,9 @@ async def make_parts(settings: Settings) -> Parts:
     bus = RedisEventBus(url, prefix=prefix)
     quotas = RedisQuotaStore(url, prefix=prefix, window_seconds=settings.rate_window_seconds)
     canceller = RedisCanceller(url, prefix=prefix)
-    return Parts(queue, bus, quotas, canceller, closers=[canceller.aclose, bus.aclose, quotas.aclose, queue.close])
+    wakeups = RedisChannel(url, f"{prefix}webhooks")
+    return Parts(queue, bus, quotas, canceller, wakeups,
+                 closers=[canceller.aclose, wakeups.aclose, bus.aclose, quotas.aclose, queue.close])
 
 
 @dataclass
@@ -197,7 +200,9 @@ async def start_services(settings: Settings) -> Services:
     else:
         await recover(services.recorder, services.queue, lambda spec: encode_prompt(lm, spec),
                       settings.max_attempts)
-    if settings.role != "worker":
+    if settings.role != "worker":  # API processes deliver webhooks; a worker's are announced to them
+        if parts.webhook_wakeups is not None:
+            await parts.webhook_wakeups.listen(lambda _: services.webhooks.wake())
         services.webhooks.start()
     return services
 
@@ -226,8 +231,9 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
         allow_private_webhooks=settings.webhook_allow_private,
     )
     queue, bus, quotas = parts.queue, parts.bus, parts.quotas
+    wake = webhooks.wake if parts.webhook_wakeups is None else parts.webhook_wakeups.notify
     recorder = JobRecorder(store=store, queue=queue, bus=bus, quotas=quotas, model=lm.info,
-                           review_threshold=settings.review_threshold, on_webhook_queued=webhooks.wake)
+                           review_threshold=settings.review_threshold, on_webhook_queued=wake)
     worker = Worker(queue, engine, recorder) if engine is not None else None
     canceller = parts.canceller or worker
     if canceller is None:

@@ -21,6 +21,7 @@ import pytest
 
 from app.client import GraphQLErrors
 from tests.harness import ServerProcess, stop_process, wait_until
+from tests.jobs.test_webhooks import Receiver, wait_hits
 from tests.jobs.test_store import POSTGRES
 
 REDIS_URL = os.environ.get("INFERQL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -108,6 +109,7 @@ async def cluster(tmp_path_factory, real_model_dir, pg_url):
         "INFERQL_MAX_BATCH_SIZE": "2",            # two slots per worker: 8 jobs need both
         "INFERQL_TORCH_THREADS": "1",
         "INFERQL_WEBHOOK_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "INFERQL_WEBHOOK_ALLOW_PRIVATE": "true",  # the test's receiver is on loopback
     }
     c = Cluster(tmp, env)
     try:
@@ -218,6 +220,28 @@ async def test_cancel_on_another_replica(cluster):
             await cb.execute(CANCEL, {"id": job_id})
         await asyncio.sleep(0.5)
         assert (await job(ca, queued))["status"] == "CANCELLED"  # and it stayed so
+
+
+async def test_webhook_of_a_job_a_worker_ran_is_sent_at_once(cluster):
+    """The worker stores the end with its webhook message; an API replica delivers it, woken
+    through Redis (its fallback is a pass a minute)."""
+    receiver = Receiver().start()
+    try:
+        url = receiver.route("done", [200])
+        async with cluster.apis[1].client() as cb:
+            data = await cb.execute(
+                """mutation($input: GenerationInput!, $options: JobOptions) {
+                     submitGeneration(input: $input, options: $options) { id } }""",
+                {"input": {"prompt": "Say yes.", "maxTokens": 4}, "options": {"webhookUrl": url}})
+            job_id = data["submitGeneration"]["id"]
+            await until_status(cb, job_id, "SUCCEEDED")
+            ended = time.monotonic()
+            hits = await wait_hits(receiver, url, 1, timeout=30)
+            print(f"webhook sent {time.monotonic() - ended:.2f} s after the job's end was seen")
+            assert time.monotonic() - ended < 20
+            assert job_id.encode() in hits[0].body and b"SUCCEEDED" in hits[0].body
+    finally:
+        receiver.stop()
 
 
 async def test_rpm_is_one_window_across_replicas(cluster):
