@@ -13,6 +13,7 @@ Every other module receives what it uses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ from app.jobs.reaper import Reaper
 from app.jobs.recorder import JobRecorder
 from app.jobs.recovery import recover
 from app.jobs.review import Reviews
+from app.jobs.scoring import LocalScorer, Scorer, serve_scoring
 from app.jobs.admission import Admission, encode_prompt
 from app.jobs.batches import Batches
 from app.jobs.service import Canceller, JobService
@@ -108,6 +110,7 @@ class Parts:
     quotas: QuotaStore
     canceller: Canceller | None = None  # None: the local Worker
     webhook_wakeups: object | None = None  # a RedisChannel: webhook messages stored by any process
+    remote_scorer: Scorer | None = None    # classify without an engine here: a worker's
     closers: list = field(default_factory=list)
 
 
@@ -117,6 +120,7 @@ async def make_parts(settings: Settings) -> Parts:
                      MemoryQuotaStore(settings.rate_window_seconds))
     from app.jobs.pg_queue import PostgresJobQueue
     from app.jobs.redis_signals import RedisCanceller, RedisChannel
+    from app.jobs.scoring import RedisScorer
     from app.jobs.redis_events import RedisEventBus
     from app.jobs.redis_quotas import RedisQuotaStore
 
@@ -128,8 +132,9 @@ async def make_parts(settings: Settings) -> Parts:
     quotas = RedisQuotaStore(url, prefix=prefix, window_seconds=settings.rate_window_seconds)
     canceller = RedisCanceller(url, prefix=prefix)
     wakeups = RedisChannel(url, f"{prefix}webhooks")
-    return Parts(queue, bus, quotas, canceller, wakeups,
-                 closers=[canceller.aclose, wakeups.aclose, bus.aclose, quotas.aclose, queue.close])
+    scorer = RedisScorer(url, prefix=prefix)
+    return Parts(queue, bus, quotas, canceller, wakeups, scorer,
+                 closers=[canceller.aclose, wakeups.aclose, scorer.aclose, bus.aclose, quotas.aclose, queue.close])
 
 
 @dataclass
@@ -152,8 +157,12 @@ class Services:
     webhooks: WebhookDispatcher
     reaper: Reaper | None = None
     closers: list = field(default_factory=list)
+    background: list[asyncio.Task] = field(default_factory=list)
 
     async def stop(self) -> None:
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
         if self.reaper is not None:
             await self.reaper.stop()
         if self.worker is not None:
@@ -191,6 +200,9 @@ async def start_services(settings: Settings) -> Services:
         services.worker.start()
         if parts.canceller is not None:
             await parts.canceller.listen(services.worker.cancel)
+            # API-only replicas' classifications, beside the job queue.
+            services.background.append(asyncio.create_task(serve_scoring(
+                settings.redis_url, LocalScorer(engine, lm), prefix=settings.redis_prefix), name="scoring"))
     if is_shared(settings):
         # What dead processes left; never a job whose lease is live (another process runs it).
         services.reaper = Reaper(parts.queue, services.recorder, max_attempts=settings.max_attempts,
@@ -246,7 +258,8 @@ def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine:
         jobs=jobs,
         batches=Batches(store=store, queue=queue, recorder=recorder, admission=admission, jobs=jobs),
         reviews=Reviews(store=store, reports=reports, keys=keys, max_text_chars=settings.max_prompt_chars),
-        classifier=Classifier(reports=reports, engine=engine, lm=lm, queue=queue, quotas=quotas, limits=limits,
+        classifier=Classifier(reports=reports, scorer=LocalScorer(engine, lm) if engine else parts.remote_scorer,
+                              lm=lm, queue=queue, quotas=quotas, limits=limits,
                               review_threshold=settings.review_threshold,
                               max_waiting=settings.max_queued_classifications),
         model=lm.info, db=db, engine=engine, keys=keys, queue=queue, recorder=recorder, worker=worker,

@@ -1,7 +1,8 @@
 """Classifier: zero-shot classification, held to the same limits as generations.
 
-A classification runs right away on the engine thread (between two decode steps), not
-through the job queue, but it counts against the caller's concurrency and tokens like a
+A classification runs right away on the engine thread (between two decode steps): this
+process's, or on an API-only replica a worker's (scoring.py). It does not go through the
+job queue, but it counts against the caller's concurrency and tokens like a
 job, and the classifications waiting for the engine are bounded (OVERLOADED past it).
 """
 
@@ -13,16 +14,16 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app.inference.classify import LabelScore, classification_length, score_labels
-from app.inference.engine import Engine
+from app.inference.classify import LabelScore, classification_length
 from app.inference.model import LoadedModel
 from app.inference.types import ModelInfo
 
 from .domain import Caller, Timing, Usage
-from .errors import InvalidInput, Overloaded, Unavailable
+from .errors import InvalidInput, Overloaded
 from .queue import JobQueue
 from .quotas import QuotaStore
 from .persistence.reports import ReportStore
+from .scoring import Scorer
 from .validation import Limits, validate_classification
 
 
@@ -38,10 +39,10 @@ class Classification:
 
 
 class Classifier:
-    def __init__(self, *, reports: ReportStore, engine: Engine | None, lm: LoadedModel, queue: JobQueue, quotas: QuotaStore,
+    def __init__(self, *, reports: ReportStore, scorer: Scorer, lm: LoadedModel, queue: JobQueue, quotas: QuotaStore,
                  limits: Limits, review_threshold: float, max_waiting: int = 16) -> None:
         self._reports = reports
-        self._engine = engine
+        self._scorer = scorer
         self._lm = lm
         self._queue = queue
         self._quotas = quotas
@@ -51,8 +52,6 @@ class Classifier:
         self._waiting: Counter[str | None] = Counter()  # owner -> classifications waiting or running
 
     async def classify(self, text: str, labels: list[str], instruction: str | None, caller: Caller) -> Classification:
-        if self._engine is None:
-            raise Unavailable("classify runs where the model runs; this API-only replica has none")
         validate_classification(text, labels, instruction, self.limits)
         width = classification_length(self._lm, text, labels, instruction)
         if width > self.limits.context_length:
@@ -79,31 +78,25 @@ class Classifier:
     async def _run(self, text: str, labels: list[str], instruction: str | None, caller: Caller,
                    billed: int) -> Classification:
         created = time.time()
-        timings: dict[str, float] = {}
-
-        def run():
-            timings["started"] = time.time()
-            return score_labels(self._lm, text, labels, instruction)
-
         reservation = f"classify-{uuid.uuid4()}"
         await self._quotas.reserve_tokens(caller, [reservation], [billed])
         scored = None
         try:
-            scored = await self._engine.call(run)
+            scoring = await self._scorer.score(text, labels, instruction)
+            scored, started = scoring.scored, scoring.started
         finally:
             await self._quotas.settle(reservation, billed if scored else 0)
         finished = time.time()
         best = max(scored.scores, key=lambda s: s.probability)
-        started = timings["started"]
         usage = Usage(prompt_tokens=billed, completion_tokens=0)
-        await self._reports.record_usage(caller.owner, "classification", self._lm.info.version, usage,
+        await self._reports.record_usage(caller.owner, "classification", scoring.model.version, usage,
                                        datetime.now(UTC))
         return Classification(
             label=best.label,
             confidence=best.probability,
             scores=scored.scores,
             needs_review=best.probability < self._review_threshold,
-            model=self._lm.info,
+            model=scoring.model,
             usage=usage,
             timing=Timing(
                 queued_ms=(started - created) * 1000,

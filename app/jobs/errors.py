@@ -32,7 +32,3 @@ class Forbidden(ServiceError):
 
 class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
-
-
-class Unavailable(ServiceError):
-    code = "UNAVAILABLE"

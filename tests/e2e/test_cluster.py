@@ -193,6 +193,19 @@ async def test_job_events_on_another_replica_stream_live_and_match(cluster):
         assert (await job(ca, stream[0]["jobId"]))["result"]["text"] == text
 
 
+async def test_classify_on_an_api_only_replica_runs_on_a_worker(cluster):
+    async with cluster.apis[1].client() as cb:
+        data = await cb.execute(
+            """mutation($input: ClassificationInput!) { classify(input: $input) {
+                 label scores { label probability } model { version device } usage { promptTokens } } }""",
+            {"input": {"text": "I love this phone, it is wonderful!", "labels": ["positive", "negative"]}})
+    result = data["classify"]
+    assert result["label"] in ("positive", "negative")
+    assert abs(sum(s["probability"] for s in result["scores"]) - 1) < 1e-4
+    assert result["model"]["device"] == "cpu"  # the worker's model answered, not the replica's description
+    assert result["usage"]["promptTokens"] > 0
+
+
 async def test_cancel_on_another_replica(cluster):
     a, b = cluster.apis[:2]
     async with a.client() as ca, b.client() as cb:
