@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs-client", choices=("lean", "httpx"), default="lean",
                     help="the job section's load generator: a lean keep-alive HTTP/1.1 client (default), or the"
                     "\nbundled httpx client, whose own CPU per request competes with the server on a small machine")
+    ap.add_argument("--cluster", action="store_true",
+                    help="only the scale-out section: an API-only replica and 2 workers on PostgreSQL + Redis\n"
+                    "against the embedded server and the direct engine (benchlib/cluster.py): a few minutes")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds: 1 round, concurrency 1,2, max-tokens 8, 4 generations per phase,"
                     " 1 torch thread")
@@ -92,6 +95,8 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"rounds {args.rounds}, concurrency {','.join(map(str, args.concurrency))}, maxTokens {args.max_tokens},"
           f" temperature 0, generations per phase max(c, {args.requests})", flush=True)
 
+    if args.cluster:
+        return await cluster_only(args, settings)
     machine = None if args.jobs_only else probe(settings, quick=args.smoke)
 
     def default_model() -> Path:
@@ -170,6 +175,21 @@ async def bench(args: argparse.Namespace) -> int:
         if peer is not None:
             peer.stop()
         tmp.cleanup()
+
+
+async def cluster_only(args: argparse.Namespace, settings) -> int:
+    from app.inference.model import load_model
+    from app.inference.weights import pull_default_model
+
+    from .cluster import cluster_section
+
+    model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
+    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
+    with tempfile.TemporaryDirectory(prefix="inferql-bench-") as tmp:
+        await cluster_section(Path(tmp), model_path, lm, args.threads, rounds=args.rounds,
+                              max_tokens=args.max_tokens if args.max_tokens != 128 or args.smoke else 64,
+                              smoke=args.smoke)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
