@@ -205,7 +205,8 @@ async def start_services(settings: Settings) -> Services:
                 settings.redis_url, LocalScorer(engine, lm), prefix=settings.redis_prefix), name="scoring"))
     if is_shared(settings):
         # What dead processes left; never a job whose lease is live (another process runs it).
-        services.reaper = Reaper(parts.queue, services.recorder, max_attempts=settings.max_attempts,
+        services.reaper = Reaper(parts.queue, services.recorder, lambda spec: encode_prompt(lm, spec),
+                                 max_attempts=settings.max_attempts,
                                  interval=max(settings.lease_seconds / 3, 0.2))
         await services.reaper.run_once()
         services.reaper.start()

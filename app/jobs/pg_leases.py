@@ -33,6 +33,7 @@ class Reaped:
     requeued: list[str] = field(default_factory=list)
     lost: list[QueuedJob] = field(default_factory=list)
     expired: list[QueuedJob] = field(default_factory=list)
+    orphans: list[QueuedJob] = field(default_factory=list)  # stored but never put: the caller puts them
     reservations_dropped: int = 0
 
 
@@ -55,7 +56,8 @@ async def renew(pool: asyncpg.Pool, worker_id: str, lease_seconds: float, job_id
     return {r["id"] for r in rows}
 
 
-async def reap(pool: asyncpg.Pool, now: datetime | None = None, *, max_attempts: int = 3) -> Reaped:
+async def reap(pool: asyncpg.Pool, now: datetime | None = None, *, max_attempts: int = 3,
+               orphan_seconds: float = 120.0) -> Reaped:
     """Takes back what dead processes left (any process may run this, at any time):
 
     - claimed jobs whose lease ran out wait again, at their old tag (first in line). The
@@ -63,7 +65,10 @@ async def reap(pool: asyncpg.Pool, now: datetime | None = None, *, max_attempts:
       claimed but never started here. One that used max_attempts is taken off the queue
       and returned in `lost`, for the caller to fail (WORKER_LOST);
     - waiting jobs past their deadline are taken off the queue, returned in `expired`;
-    - expired reservations are dropped.
+    - expired reservations are dropped;
+    - jobs stored QUEUED but never put on the queue (their process died between the insert
+      and the put) for orphan_seconds are returned in `orphans`, marked as holding their
+      owner's place, for the caller to put (they have no prompt ids yet).
 
     `now` defaults to the database's clock."""
     reaped = Reaped()
@@ -102,6 +107,20 @@ async def reap(pool: asyncpg.Pool, now: datetime | None = None, *, max_attempts:
             at,
         )
         reaped.expired = [queued_job(r) for r in expired]
+        orphans = await conn.fetch(
+            f"""
+            WITH never_put AS (
+                SELECT j.id FROM jobs j
+                WHERE j.status = 'QUEUED' AND j.queue_tag IS NULL AND j.claimed_by IS NULL AND NOT j.queue_held
+                  AND j.created_at < $1::timestamptz - make_interval(secs => $2)
+                FOR UPDATE SKIP LOCKED
+            )
+            UPDATE jobs j SET queue_held = true FROM never_put WHERE j.id = never_put.id
+            RETURNING {JOB_COLUMNS_SQL}, j.prompt_ids_json AS _ids
+            """,
+            at, orphan_seconds,
+        )
+        reaped.orphans = [queued_job(r) for r in orphans]
         dropped = await conn.execute("DELETE FROM queue_reservations WHERE expires_at < $1", at)
         reaped.reservations_dropped = int(dropped.rsplit(" ", 1)[-1])
         if reaped.requeued:

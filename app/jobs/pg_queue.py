@@ -297,6 +297,6 @@ class PostgresJobQueue:
         """The heartbeat: see pg_leases.renew."""
         return await renew(self.pool, self.worker_id, self.lease_seconds, job_ids)
 
-    async def reap(self, now: datetime | None = None, *, max_attempts: int = 3) -> Reaped:
+    async def reap(self, now: datetime | None = None, *, max_attempts: int = 3, orphan_seconds: float = 120.0) -> Reaped:
         """Takes back what dead processes left: see pg_leases.reap."""
-        return await reap(self.pool, now, max_attempts=max_attempts)
+        return await reap(self.pool, now, max_attempts=max_attempts, orphan_seconds=orphan_seconds)

@@ -3,7 +3,8 @@
 Every process (API replica or worker) runs one, each a few times per lease; the queue's
 `reap` locks what it takes (SKIP LOCKED), so two reapers never take the same job. Jobs
 whose lease lapsed wait again (announced with a new JobQueued event), or fail WORKER_LOST
-once they used every attempt; waiting jobs past their deadline end EXPIRED. A starting
+once they used every attempt; waiting jobs past their deadline end EXPIRED; jobs stored
+but never queued (their process died in between) are queued. A starting
 process runs it once instead of the in-process crash recovery: it never touches a job
 whose lease is live.
 """
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from app.inference.types import FinishReason
 
-from .domain import JobError, JobStatus
+from .domain import GenerationSpec, JobError, JobStatus
 from .events import JobQueued
 from .pg_leases import Reaped
 from .pg_queue import PostgresJobQueue
@@ -26,9 +28,10 @@ log = logging.getLogger(__name__)
 
 
 class Reaper:
-    def __init__(self, queue: PostgresJobQueue, recorder: JobRecorder, *, max_attempts: int,
-                 interval: float) -> None:
+    def __init__(self, queue: PostgresJobQueue, recorder: JobRecorder, encode: Callable[[GenerationSpec], list[int]],
+                 *, max_attempts: int, interval: float) -> None:
         self._queue = queue
+        self._encode = encode
         self._recorder = recorder
         self._max_attempts = max_attempts
         self._interval = interval
@@ -63,4 +66,8 @@ class Reaper:
                                                     "attempts"))
         for expired in reaped.expired:
             await self._recorder.end_unstarted(expired.job, JobStatus.EXPIRED, FinishReason.DEADLINE)
+        for orphan in reaped.orphans:
+            log.warning("job %s was stored but never queued (its process stopped); queueing it", orphan.job.id)
+            position = await self._queue.put(orphan.job, self._encode(orphan.job.spec), reserved=False)
+            await self._recorder.queued(orphan.job, position)
         return reaped
