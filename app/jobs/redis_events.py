@@ -23,11 +23,11 @@ from dataclasses import asdict, replace
 from datetime import datetime
 from typing import Any
 
-import redis.asyncio as aredis
 from redis.exceptions import ResponseError
 
 from app.inference.types import ModelInfo
 
+from .redis_client import redis_client
 from .domain import GenerationResult, JobError, JobStatus, TokenRecord
 from .events import (
     TERMINAL,
@@ -123,7 +123,7 @@ class RedisEventBus:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "inferql:",
                  ended_ttl: float = 3600, live_ttl: float = 86_400, block_ms: int = 5000) -> None:
-        self._redis = aredis.Redis.from_url(url)
+        self._redis = redis_client(url, longest_wait=block_ms / 1000)
         self._prefix = prefix
         self.ended_ttl, self.live_ttl, self._block_ms = ended_ttl, live_ttl, block_ms  # TTLs in seconds
         self._ttl_ms = (max(1, int(ended_ttl * 1000)), max(1, int(live_ttl * 1000)))

@@ -14,9 +14,9 @@ reach keys they derive from the owner (standalone Redis, or one cluster slot per
 
 from __future__ import annotations
 
-import redis.asyncio as aredis
 
 from .domain import Caller
+from .redis_client import redis_client
 from .errors import RateLimited
 
 __all__ = ["RedisQuotaStore"]
@@ -164,7 +164,7 @@ class RedisQuotaStore:
                  window_seconds: int = 60, reservation_ttl: float = 600) -> None:
         self.window_seconds = window_seconds
         self.reservation_ttl = reservation_ttl
-        self._redis = aredis.Redis.from_url(url)
+        self._redis = redis_client(url)
         self._prefix = prefix
         self._win_us = window_seconds * 1_000_000
         self._ttl_us = int(reservation_ttl * 1_000_000)

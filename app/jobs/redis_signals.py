@@ -26,6 +26,8 @@ import redis.asyncio as aredis
 
 from app.inference.types import FinishReason
 
+from .redis_client import redis_client
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str], Awaitable[object] | object]
@@ -33,7 +35,7 @@ Handler = Callable[[str], Awaitable[object] | object]
 
 class RedisChannel:
     def __init__(self, url: str, name: str) -> None:
-        self._redis = aredis.Redis.from_url(url)
+        self._redis = redis_client(url, longest_wait=5.0)
         self.name = name
         self._listener: asyncio.Task | None = None
         self._sends: set[asyncio.Task] = set()
@@ -70,7 +72,7 @@ class RedisChannel:
                     result = handler(message["data"].decode())
                     if inspect.isawaitable(result):
                         await result
-                except aredis.ConnectionError:
+                except aredis.RedisError:
                     log.warning("Redis channel %s lost; subscribing again", self.name, exc_info=True)
                     await asyncio.sleep(1.0)
                     with contextlib.suppress(aredis.RedisError):

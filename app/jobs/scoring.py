@@ -26,6 +26,7 @@ from app.inference.model import LoadedModel
 from app.inference.types import ModelInfo
 
 from .errors import Overloaded
+from .redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class RedisScorer:
     """The API side: one request on `<prefix>classify:requests`, the answer on a reply key."""
 
     def __init__(self, url: str, *, prefix: str = "inferql:", timeout: float = 60.0) -> None:
-        self._redis = aredis.Redis.from_url(url)
+        self._redis = redis_client(url, longest_wait=timeout)
         self._requests = f"{prefix}classify:requests"
         self._prefix = prefix
         self.timeout = timeout
@@ -96,7 +97,7 @@ async def serve_scoring(url: str, scorer: LocalScorer, *, prefix: str = "inferql
     """The worker side, until cancelled: takes requests off the list (up to `parallel` at
     once) and answers each on its reply key. A request past its deadline (its caller gave
     up) is dropped unanswered."""
-    client = aredis.Redis.from_url(url)
+    client = redis_client(url, longest_wait=5.0)
     requests = f"{prefix}classify:requests"
     slots = asyncio.Semaphore(parallel)
     tasks: set[asyncio.Task] = set()
@@ -120,7 +121,7 @@ async def serve_scoring(url: str, scorer: LocalScorer, *, prefix: str = "inferql
             await slots.acquire()
             try:
                 item = await client.blpop([requests], timeout=5)
-            except aredis.ConnectionError:
+            except aredis.RedisError:
                 slots.release()
                 log.warning("classification list unreachable; retrying", exc_info=True)
                 await asyncio.sleep(1.0)
@@ -128,8 +129,13 @@ async def serve_scoring(url: str, scorer: LocalScorer, *, prefix: str = "inferql
             if item is None:
                 slots.release()
                 continue
-            request = json.loads(item[1])
-            if request["deadline"] < time.time():
+            try:
+                request = json.loads(item[1])
+                late = request["deadline"] < time.time()
+            except (ValueError, KeyError, TypeError):
+                log.warning("dropping a malformed classification request")
+                late = True
+            if late:
                 slots.release()
                 continue
             task = asyncio.create_task(answer(request))

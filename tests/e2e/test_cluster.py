@@ -105,7 +105,7 @@ async def cluster(tmp_path_factory, real_model_dir, pg_url):
         "INFERQL_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}:",
         "INFERQL_DATA_DIR": str(tmp / "data"),   # one first-key file for the deployment
         "INFERQL_MODEL_PATH": str(real_model_dir),
-        "INFERQL_LEASE_SECONDS": "3",
+        "INFERQL_LEASE_SECONDS": "8",            # short, so the SIGKILL test is quick; long enough for a loaded CI
         "INFERQL_MAX_BATCH_SIZE": "2",            # two slots per worker: 8 jobs need both
         "INFERQL_TORCH_THREADS": "1",
         "INFERQL_WEBHOOK_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",

@@ -414,6 +414,25 @@ async def test_bus_forgets_old_ended_streams(bus):
     assert await bus.last_seq("3") == 2
 
 
+async def test_redis_follow_waits_past_the_clients_default_socket_timeout(redis_prefix):
+    """redis-py's default 5 s socket timeout once cut XREAD BLOCK 5000 short: a subscriber of a
+    job queued for longer got a TimeoutError instead of its next event."""
+    from app.jobs.redis_events import RedisEventBus
+
+    bus = RedisEventBus(REDIS_URL, prefix=redis_prefix)  # the default 5 s block, as deployed
+    try:
+        await bus.append(JobQueued("idle", NOW, 0))
+        stream = await bus.follow("idle", 1)
+        nxt = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(6.5)
+        assert not nxt.done()
+        await bus.append(GenerationFailed("idle", NOW, JobError("INTERNAL", "x")))
+        event = await asyncio.wait_for(nxt, 5)
+        assert isinstance(event, GenerationFailed) and event.seq == 2
+    finally:
+        await bus.aclose()
+
+
 # Redis only: what the in-memory bus does by other means (expiry, other replicas).
 
 def full_events(job_id: str) -> list:
