@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from app.logs import configure as configure_logging
 from app.settings import Settings
 
 app = typer.Typer(help="InferQL: a GraphQL API for AI inference.", no_args_is_help=True)
@@ -35,12 +35,13 @@ def serve(
 
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through the handler configure_logging set up
         ws_max_size=settings.max_body_bytes,  # websocket frames: the same cap as HTTP bodies
     )
 

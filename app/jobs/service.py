@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from app.inference.types import FinishReason
+from app.logs import bind_job
 
 from .admission import Admission
 from .domain import Caller, GenerationSpec, Job, JobOptions, JobProgress, JobStatus, Page
@@ -67,6 +68,7 @@ class JobService:
         self._admission.check_options(options, caller)
         prompt_ids = self._admission.check(spec)
         job = self._admission.new_job(spec, options, caller, datetime.now(UTC))
+        bind_job(job.id)
         await self._admission.reserve(caller, [job], [prompt_ids])
         try:
             # Shielded: a caller that goes away (a dropped websocket) must not leave a stored
@@ -147,6 +149,7 @@ class JobService:
         """A queued job ends at once; a running one stops within a decode step, and this
         waits (a few seconds at most) until its end is stored."""
         job = await self._get_or_404(job_id, caller)
+        bind_job(job.id)
         if not job.status.terminal:
             await self.cancel_active(job)
         return await self.get(job_id, caller)
@@ -179,6 +182,7 @@ class JobService:
         if after < 0:
             raise InvalidInput("`after` must be 0 or more", field="after")
         job = await self._get_or_404(job_id, caller)
+        bind_job(job.id)
         # An ended job's last seq is known, and an `after` past it can never be reached.
         ended = await self._bus.ended(job.id)
         last = None
