@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 import uuid
@@ -79,6 +80,9 @@ class TextFormatter(logging.Formatter):
 def configure(level: str = "info", fmt: str = "text", stream=None) -> logging.Handler:
     """Sends every logger (uvicorn's too, when it is started with log_config=None) through
     one handler on stderr in the chosen format. Returns the handler."""
+    if fmt == "json":
+        # Progress bars (the model's weights loading) are not log lines: keep stderr JSON only.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextIds())
