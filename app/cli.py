@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from app.logs import configure as configure_logging
 from app.settings import Settings
 
 app = typer.Typer(help="InferQL: a GraphQL API for AI inference.", no_args_is_help=True)
@@ -28,7 +28,7 @@ def _settings_or_exit(**overrides) -> Settings:
     from app.wiring import ConfigError, check_topology
 
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     try:
         check_topology(settings)
     except ConfigError as exc:
@@ -56,6 +56,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers go through the handler configure_logging set up
         ws_max_size=settings.max_body_bytes,  # websocket frames: the same cap as HTTP bodies
     )
 
@@ -72,7 +73,7 @@ def worker(
 
     settings = _settings_or_exit(worker_port=port, role="worker")
     uvicorn.run(create_worker_app(settings), host=settings.host, port=settings.worker_port,
-                log_level=settings.log_level)
+                log_level=settings.log_level, log_config=None)
 
 
 @model_app.command("pull")

@@ -17,7 +17,8 @@ from starlette.routing import Route, WebSocketRoute
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
 
 from app.api.body_limit import BodySizeLimit, WebSocketMessageLimit
-from app.api.metrics import DocumentCollector, EngineCollector, metrics_endpoint
+from app.api.metrics import DocumentCollector, EngineCollector, metrics_endpoint, register_api_metrics
+from app.api.request_ids import RequestIds
 from app.api.schema import build_schema
 from app.api.view import InferQLGraphQL
 from app.api.websockets import Connections
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         if engine is not None:  # an API-only replica runs none
             registry.register(EngineCollector(engine))
         registry.register(DocumentCollector())
+        register_api_metrics(registry)
         app.state.services, app.state.db, app.state.engine, app.state.registry = services, db, engine, registry
         # Startup left ~500k long-lived objects (torch, transformers, the schema). A full
         # collection walks them all, stalling every request for ~250 ms; frozen, they are
@@ -99,7 +101,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             WebSocketRoute("/graphql", graphql),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
+        middleware=[Middleware(RequestIds), Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
                     Middleware(WebSocketMessageLimit, max_bytes=settings.max_body_bytes)],
     )
 

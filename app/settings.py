@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object a line, with request_id and job_id
 
     database_url: str = "sqlite:///./data/inferql.db"
 

@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from app.api.metrics import EngineCollector, metrics_endpoint
+from app.api.metrics import QUEUE_DEPTH, EngineCollector, metrics_endpoint
+from app.jobs import metrics as job_metrics
 from app.settings import Settings
 from app.wiring import start_services
 
@@ -41,6 +42,8 @@ def create_worker_app(settings: Settings | None = None) -> Starlette:
         registry = CollectorRegistry()
         registry.register(EngineCollector(services.engine))
         registry.register(WorkerCollector(services.worker))
+        for metric in (*job_metrics.ALL, QUEUE_DEPTH):  # the jobs this worker ran; the shared queue's depth
+            registry.register(metric)
         app.state.services, app.state.registry = services, registry
         log.info("InferQL worker %s ready (metrics on port %s)", services.worker.worker_id, settings.worker_port)
         try:

@@ -10,6 +10,7 @@ from app.jobs.errors import RateLimited, Unauthenticated
 from app.jobs.access import Access
 
 from .context import Info
+from .metrics import SUBSCRIPTIONS_OPEN
 
 HOW_TO = 'send "Authorization: Bearer <key>" (websockets: in the connection_init payload)'
 
@@ -54,7 +55,10 @@ async def subscription_slot(info: Info) -> AsyncIterator[None]:
         raise RateLimited(f"{limit} subscriptions are already open on this connection",
                           limit="subscriptionsPerConnection", retryAfterMs=1000)
     ctx.open_subscriptions += 1
+    gauge = SUBSCRIPTIONS_OPEN.labels(info.field_name)
+    gauge.inc()
     try:
         yield
     finally:
         ctx.open_subscriptions -= 1
+        gauge.dec()

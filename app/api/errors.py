@@ -3,23 +3,20 @@
 - Errors the services raise on purpose (ServiceError) keep their message and code.
 - Errors graphql-core raises about the document or variables (syntax, unknown field,
   wrong type) are the client's: BAD_USER_INPUT, message kept (it names only the query).
-- Anything else is a bug: logged with its traceback here, sent as INTERNAL with a
-  generic message.
+- Anything else is a bug: sent as INTERNAL with a generic message (and logged with its
+  traceback by the schema, app/api/observe.py).
 - In production, graphql-core's suggestions ("Did you mean 'models'?") are cut from every
   message: they would spell out the schema that disabled introspection hides.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 
 from graphql.error import GraphQLError
 from strawberry.extensions import MaskErrors
 
 from app.jobs.errors import ServiceError
-
-log = logging.getLogger("inferql.api")
 
 INTERNAL_MESSAGE = "internal error; it has been logged"
 # graphql-core writes its suggestions in this one form (graphql.pyutils.did_you_mean), whether
@@ -38,7 +35,7 @@ def coded_error(error: GraphQLError) -> GraphQLError:
         # Raised by graphql-core while parsing, validating or coercing the request.
         return GraphQLError(error.message, error.nodes, error.source, error.positions, error.path, None,
                             {"code": "BAD_USER_INPUT"})
-    log.error("unexpected error in %s", error.path, exc_info=original)
+    # A bug: the schema's process_errors logs it with its traceback (app/api/observe.py).
     return GraphQLError(INTERNAL_MESSAGE, error.nodes, error.source, error.positions, error.path, None,
                         {"code": "INTERNAL"})
 

@@ -1,13 +1,20 @@
-"""Prometheus metrics: the engine's own counters, read at scrape time."""
+"""Prometheus metrics: the engine's own counters, read at scrape time; the API's requests
+and subscriptions; the job layer's (app/jobs/metrics.py); the queue's depth, read at scrape
+time."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.inference.engine import Engine
+from app.jobs import metrics as job_metrics
+
+if TYPE_CHECKING:  # the engine module pulls torch, which the schema export does not need
+    from app.inference.engine import Engine
 
 from .limits import STATS
 
@@ -48,8 +55,34 @@ class DocumentCollector:
         )
 
 
+# operation: query | mutation | subscription | unknown (not parsed: no key, bad JSON, syntax error).
+# code: OK, or the `extensions.code` of the operation's first error (BAD_USER_INPUT, NOT_FOUND, ...).
+REQUESTS = Counter("inferql_graphql_requests", "GraphQL operations, by operation type and outcome code",
+                   ["operation", "code"], registry=None)
+OPERATION_SECONDS = Histogram(
+    "inferql_graphql_operation_seconds", "Time to answer a query or mutation (parse to result)", ["operation"],
+    registry=None, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SUBSCRIPTIONS_OPEN = Gauge("inferql_subscriptions_open", "Subscriptions streaming now, by field", ["field"],
+                           registry=None)
+QUEUE_DEPTH = Gauge("inferql_queue_depth", "Jobs waiting in the queue (read at scrape time)", registry=None)
+
+for _field in ("generate", "jobEvents"):
+    SUBSCRIPTIONS_OPEN.labels(_field)
+
+API_METRICS = (REQUESTS, OPERATION_SECONDS, SUBSCRIPTIONS_OPEN, QUEUE_DEPTH, *job_metrics.ALL)
+
+
+def register_api_metrics(registry: CollectorRegistry) -> None:
+    for metric in API_METRICS:
+        registry.register(metric)
+
+
 def metrics_endpoint(registry: CollectorRegistry):
-    async def metrics(_: Request) -> Response:
+    async def metrics(request: Request) -> Response:
+        services = getattr(request.app.state, "services", None)
+        if services is not None:
+            QUEUE_DEPTH.set(await services.queue.depth())
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
     return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import Annotated
 
 import strawberry
 
@@ -16,13 +17,15 @@ from .types.events import GenerationEvent, event_of
 _background: set[asyncio.Task] = set()
 
 
-@strawberry.type
+@strawberry.type(description="Live streams of job events.")
 class Subscription:
     @strawberry.subscription(
         description="Run a generation and stream its events. Leaving early cancels it (CANCELLED, partial result)."
     )
     async def generate(
-        self, info: Info, input: GenerationInput, options: JobOptions | None = None
+        self, info: Info, input: Annotated[GenerationInput, strawberry.argument(description="What to generate.")],
+        options: Annotated[JobOptions | None, strawberry.argument(
+            description="Priority, idempotency key, webhook and deadline.")] = None,
     ) -> AsyncGenerator[GenerationEvent, None]:
         jobs, caller = info.context.jobs, await admitted(info)
         finished = False
@@ -39,7 +42,11 @@ class Subscription:
                     task.add_done_callback(_background.discard)
 
     @strawberry.subscription(description="Replay a job's events with seq > after, then follow it live to the end.")
-    async def job_events(self, info: Info, id: strawberry.ID, after: int = 0) -> AsyncGenerator[GenerationEvent, None]:
+    async def job_events(
+        self, info: Info, id: Annotated[strawberry.ID, strawberry.argument(description="The job's id.")],
+        after: Annotated[int, strawberry.argument(
+            description="Replay only events with a greater seq (the last seq you saw; 0 = from the start).")] = 0,
+    ) -> AsyncGenerator[GenerationEvent, None]:
         caller = await admitted(info)
         async with subscription_slot(info):
             async for event in await info.context.jobs.events(str(id), after, caller):

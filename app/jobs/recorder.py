@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from app.inference.types import FinishReason, ModelInfo
 
+from . import metrics
 from .domain import GenerationResult, Job, JobError, JobStatus
 from .ending import Ending
 from .events import EventBus, GenerationCancelled, GenerationFailed, JobQueued, epoch_to_dt
@@ -39,6 +40,7 @@ class JobRecorder:
         self._on_webhook_queued = on_webhook_queued
 
     async def queued(self, job: Job, position: int) -> None:
+        metrics.JOBS_SUBMITTED.inc()
         await self.bus.append(JobQueued(job.id, job.created_at, position))
 
     def result(self, job: Job, *, tokens, reason: FinishReason, prompt_tokens: int, started: float | None,
@@ -58,6 +60,7 @@ class JobRecorder:
             self._on_webhook_queued()
         if not ended.changed:
             return False
+        metrics.job_ended(status, result)
         await self._queue.done(job.owner)
         await self._quotas.settle(job.id, result.usage.total_tokens if result else 0)
         return True

@@ -8,6 +8,7 @@ their events come from the EventBus (or, long after they ended, from the databas
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,11 +16,12 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from app.inference.types import FinishReason
+from app.logs import bind_job
 
 from .admission import Admission
-from .domain import Caller, GenerationSpec, Job, JobOptions, JobStatus, Page
+from .domain import Caller, GenerationSpec, Job, JobOptions, JobProgress, JobStatus, Page
 from .errors import InvalidInput, NotFound
-from .events import TERMINAL, EventBus, JobEvent, replay_finished
+from .events import TERMINAL, EventBus, JobEvent, JobQueued, TokenGenerated, replay_finished
 from .persistence.store import IdempotentReplay, JobStore
 from .queue import JobQueue
 from .quotas import QuotaStore
@@ -29,6 +31,7 @@ from .validation import check_page, valid_cursor
 log = logging.getLogger(__name__)
 
 CANCEL_WAIT_SECONDS = 5.0  # how long cancelJob waits for a running job's end to be stored
+POSITION_INTERVAL_SECONDS = 1.0  # how often a follower of a queued job looks whether its place changed
 
 
 class Canceller(Protocol):
@@ -43,7 +46,8 @@ def visible(item_owner: str | None, caller: Caller) -> bool:
 
 class JobService:
     def __init__(self, *, store: JobStore, queue: JobQueue, bus: EventBus, quotas: QuotaStore,
-                 recorder: JobRecorder, canceller: Canceller, admission: Admission) -> None:
+                 recorder: JobRecorder, canceller: Canceller, admission: Admission,
+                 position_interval: float = POSITION_INTERVAL_SECONDS) -> None:
         self._store = store
         self._queue = queue
         self._bus = bus
@@ -51,6 +55,7 @@ class JobService:
         self._recorder = recorder
         self._canceller = canceller
         self._admission = admission
+        self._position_interval = position_interval
 
     # ---- submitting -----------------------------------------------------------------------
 
@@ -63,6 +68,7 @@ class JobService:
         self._admission.check_options(options, caller)
         prompt_ids = self._admission.check(spec)
         job = self._admission.new_job(spec, options, caller, datetime.now(UTC))
+        bind_job(job.id)
         await self._admission.reserve(caller, [job], [prompt_ids])
         try:
             # Shielded: a caller that goes away (a dropped websocket) must not leave a stored
@@ -105,13 +111,37 @@ class JobService:
         return job
 
     async def list_jobs(self, caller: Caller, *, status: JobStatus | None = None, batch_id: str | None = None,
-                        first: int = 20, after: str | None = None, with_results: bool = True) -> Page:
-        """with_results=False: every job's `result` is None (not read), for lists that do not show it."""
+                        first: int = 20, after: str | None = None, with_results: bool = True,
+                        input_order: bool = False) -> Page:
+        """with_results=False: every job's `result` is None (not read), for lists that do not show it.
+        input_order (with batch_id): the batch's jobs in the order of its inputs, not newest first."""
         check_page(first)
         with valid_cursor():
             page = await self._store.list_jobs(owner=caller.owner, all_owners=caller.admin, status=status,
-                                               batch_id=batch_id, first=first, after=after, with_results=with_results)
+                                               batch_id=batch_id, first=first, after=after, with_results=with_results,
+                                               input_order=input_order)
         return replace(page, items=[await self._with_position(j) for j in page.items])
+
+    async def progress(self, job: Job) -> JobProgress:
+        """What `job` (as the caller read it) has produced so far. A running job's tokens
+        come from its event log (the same stream `jobEvents` replays), so this works with
+        any EventBus; an ended job's from its result."""
+        max_tokens = job.spec.sampling.max_tokens
+        if job.result is not None:
+            return JobProgress(job.result.text, job.result.usage.completion_tokens, max_tokens)
+        if job.status is not JobStatus.RUNNING:
+            return JobProgress("", 0, max_tokens)
+        last = await self._bus.last_seq(job.id)
+        stream = await self._bus.follow(job.id, 0) if last else None
+        texts: list[str] = []
+        if stream is not None:
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    if isinstance(event, TokenGenerated):
+                        texts.append(event.token.text)
+                    if event.seq >= last:  # what was there when asked; do not wait for more
+                        break
+        return JobProgress("".join(texts), len(texts), max_tokens)
 
     # ---- cancelling -----------------------------------------------------------------------
 
@@ -119,6 +149,7 @@ class JobService:
         """A queued job ends at once; a running one stops within a decode step, and this
         waits (a few seconds at most) until its end is stored."""
         job = await self._get_or_404(job_id, caller)
+        bind_job(job.id)
         if not job.status.terminal:
             await self.cancel_active(job)
         return await self.get(job_id, caller)
@@ -151,6 +182,7 @@ class JobService:
         if after < 0:
             raise InvalidInput("`after` must be 0 or more", field="after")
         job = await self._get_or_404(job_id, caller)
+        bind_job(job.id)
         # An ended job's last seq is known, and an `after` past it can never be reached.
         ended = await self._bus.ended(job.id)
         last = None
@@ -165,7 +197,7 @@ class JobService:
     async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
         stream = await self._bus.follow(job.id, after)
         if stream is not None:
-            async for event in stream:
+            async for event in self._with_positions(job.id, stream):
                 yield event
             return
         if not job.status.terminal:  # it ended (and left the bus) after it was read: read its end
@@ -175,3 +207,44 @@ class JobService:
                 yield event
                 if isinstance(event, TERMINAL):
                     return
+
+    async def _with_positions(self, job_id: str, stream: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
+        """The stream's events, and while the job waits in the queue (its last event is
+        JobQueued), that JobQueued again with the new `position` each time its place
+        changes. These updates are not stored in the log (they would shift every later
+        seq): they repeat the seq of the JobQueued they update, and a replay shows only the
+        stored one. The queue is asked, so this works with any JobQueue and EventBus."""
+        queued: JobQueued | None = None
+        pending: asyncio.Future | None = None
+        try:
+            while True:
+                if queued is None:  # the common path: no task per event
+                    try:
+                        event = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                else:
+                    if pending is None:
+                        pending = asyncio.ensure_future(anext(stream))
+                    done, _ = await asyncio.wait({pending}, timeout=self._position_interval)
+                    if not done:
+                        position = await self._queue.position(job_id)
+                        if position is not None and position != queued.position:
+                            queued = replace(queued, position=position, at=datetime.now(UTC))
+                            yield queued
+                        continue
+                    finished, pending = pending, None
+                    try:
+                        event = finished.result()
+                    except StopAsyncIteration:
+                        return
+                queued = event if isinstance(event, JobQueued) else None
+                yield event
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            if (aclose := getattr(stream, "aclose", None)) is not None:
+                with contextlib.suppress(RuntimeError):
+                    await aclose()

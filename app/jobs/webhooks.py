@@ -42,6 +42,9 @@ from sqlalchemy import update
 from sqlmodel import Session, col, func, select
 from standardwebhooks import Webhook
 
+from app.logs import bind_job
+
+from . import metrics
 from .domain import DeliveryOutcome
 from .keys import ensure_webhook_secret
 from .persistence.db import Database
@@ -260,6 +263,8 @@ class WebhookDispatcher:
         if row is None:
             return
         attempt = row.attempts
+        if row.subject_type == "job":
+            bind_job(row.subject_id)
         at = datetime.now(UTC)
         signer = await self._signer(row.owner)
         headers = {
@@ -269,6 +274,7 @@ class WebhookDispatcher:
             "webhook-signature": signer.sign(row.id, at, row.payload_json),
         }
         outcome, status = await self._send(row.url, row.payload_json.encode(), headers)
+        metrics.WEBHOOK_ATTEMPTS.labels(outcome.value).inc()
         delivered = outcome is DeliveryOutcome.HTTP_2XX
         error = outcome_text(outcome, status)
         next_at = None

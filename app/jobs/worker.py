@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from app.inference.engine import Engine, RequestHandle
 from app.inference.types import Finished, FinishReason, Started, TokenStep
 
+from app.logs import bind_job
+
 from .domain import Job, JobError, JobStatus, TokenRecord
 from .events import GenerationCompleted, GenerationStarted, GenerationCancelled, TokenGenerated, epoch_to_dt
 from .queue import JobQueue, QueuedJob
@@ -139,6 +141,7 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def _follow(self, job: Job, handle: RequestHandle, prompt_tokens: int) -> None:
+        bind_job(job.id)  # this task's log lines name the job
         bus, store = self._recorder.bus, self._recorder.store
         tokens: list[TokenRecord] = []
         started: float | None = None

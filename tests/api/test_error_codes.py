@@ -5,6 +5,7 @@ import logging
 from graphql.error import GraphQLError
 
 from app.api.errors import INTERNAL_MESSAGE, coded_error
+from app.api.observe import log_errors
 from app.jobs.errors import InvalidInput, NotFound, Overloaded
 
 
@@ -30,6 +31,7 @@ def test_unexpected_exceptions_are_masked_and_logged(caplog):
     secret = RuntimeError("connection to /var/lib/secret.db failed in app/jobs/store.py")
     with caplog.at_level(logging.ERROR, logger="inferql.api"):
         err = coded_error(wrap(secret))
+        log_errors([wrap(secret)])  # what the schema's process_errors does with every error
     assert err.message == INTERNAL_MESSAGE and err.extensions == {"code": "INTERNAL"}
     assert err.original_error is None  # nothing of the exception travels with the error
     assert "secret.db" not in str(err.formatted)

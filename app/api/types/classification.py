@@ -9,22 +9,24 @@ from app.jobs.classification import Classification
 from .common import ModelInfo, Timing, Usage
 
 
-@strawberry.type
+@strawberry.type(description="One label's score.")
 class LabelScore:
-    label: str
-    probability: float
-    logprob: float
+    label: str = strawberry.field(description="The label.")
+    probability: float = strawberry.field(description="The softmax of the labels' logprobs: they add up to 1.")
+    logprob: float = strawberry.field(description="The sum of the label's token logprobs as the whole answer.")
 
 
-@strawberry.type
+@strawberry.type(description="Which label the model picked for the text, and how sure it was.")
 class ClassificationResult:
-    label: str
-    confidence: float
-    scores: list[LabelScore]
-    needs_review: bool
-    model: ModelInfo
-    usage: Usage
-    timing: Timing
+    label: str = strawberry.field(description="The most probable label.")
+    confidence: float = strawberry.field(description="That label's probability.")
+    scores: list[LabelScore] = strawberry.field(description="Every label's score, in the order given.")
+    needs_review: bool = strawberry.field(description="confidence is below the server's review threshold.")
+    model: ModelInfo = strawberry.field(description="The model that scored it.")
+    usage: Usage = strawberry.field(
+        description="promptTokens counts one row per label (the prompt plus the longest label); "
+                    "completionTokens is 0.")
+    timing: Timing = strawberry.field(description="How long it took (no per-token figures).")
 
     @classmethod
     def of(cls, c: Classification) -> ClassificationResult:

@@ -12,17 +12,18 @@ from app.inference.types import TokenAlternative as AlternativeData
 from app.jobs import events as ev
 from app.jobs.domain import GenerationResult as ResultData
 from app.jobs.domain import JobError as JobErrorData
+from app.jobs.domain import JobErrorCode as JobErrorCodeData
 from app.jobs.domain import TokenRecord
 
-from .common import FinishReason, ModelInfo, Timing, Usage
+from .common import FinishReason, ModelInfo, Timing, Usage, described_enum
 
 
 @strawberry.type(description="A token the model also considered at this position, with its own probability.")
 class TokenAlternative:
-    text: str
-    token_id: int
-    logprob: float
-    probability: float
+    text: str = strawberry.field(description="The token's text.")
+    token_id: int = strawberry.field(description="The token's id in the model's vocabulary.")
+    logprob: float = strawberry.field(description="Its log-probability under the model's own distribution.")
+    probability: float = strawberry.field(description="exp(logprob).")
 
     @classmethod
     def of(cls, a: AlternativeData) -> TokenAlternative:
@@ -31,30 +32,36 @@ class TokenAlternative:
 
 @strawberry.interface(description="Fields every job event has. `seq` runs 1, 2, 3 ... per job.")
 class JobEvent:
-    job_id: strawberry.ID
-    seq: int
-    at: datetime
+    job_id: strawberry.ID = strawberry.field(description="The job this event belongs to.")
+    seq: int = strawberry.field(
+        description="1, 2, 3 ... per job; pass the last one seen as jobEvents' `after` to resume. A JobQueued "
+                    "sent again with a new position keeps the seq of the JobQueued it updates.")
+    at: datetime = strawberry.field(description="When it happened.")
 
 
-@strawberry.type(description="The job is accepted and waiting; `position` 0 is next.")
+@strawberry.type(description="The job is accepted and waiting; `position` 0 is next. While it waits, a live "
+                             "stream sends it again (same seq) whenever its position changes; a replay of a job "
+                             "that already started shows only the first.")
 class JobQueued(JobEvent):
-    position: int
+    position: int = strawberry.field(description="How many jobs run before this one; 0 = next.")
 
 
 @strawberry.type(description="The model started on the job.")
 class GenerationStarted(JobEvent):
-    model: ModelInfo
-    prompt_tokens: int
+    model: ModelInfo = strawberry.field(description="The model that runs it.")
+    prompt_tokens: int = strawberry.field(description="The prompt's tokens, after the chat template.")
 
 
 @strawberry.type(description="One generated token. Probabilities are the model's own, before sampling warps them.")
 class TokenGenerated(JobEvent):
-    index: int
-    text: str
-    token_id: int
-    logprob: float
-    probability: float
-    alternatives: list[TokenAlternative]
+    index: int = strawberry.field(description="0 for the first generated token, then 1, 2 ...")
+    text: str = strawberry.field(description="The text this token adds to the answer.")
+    token_id: int = strawberry.field(description="The token's id in the model's vocabulary.")
+    logprob: float = strawberry.field(description="Its log-probability under the model's own distribution "
+                                                  "(softmax of the raw logits, before temperature or topP).")
+    probability: float = strawberry.field(description="exp(logprob).")
+    alternatives: list[TokenAlternative] = strawberry.field(
+        description="The `alternatives` most likely tokens at this step (empty unless asked for).")
 
     @classmethod
     def of(cls, job_id: str, seq: int, t: TokenRecord) -> TokenGenerated:
@@ -68,26 +75,26 @@ class TokenGenerated(JobEvent):
 @strawberry.type(description="Confidence of the whole answer, from its tokens' logprobs.")
 class Confidence:
     score: float = strawberry.field(description="exp(mean token logprob): geometric-mean probability, in (0, 1].")
-    mean_logprob: float
-    min_probability: float
-    perplexity: float
+    mean_logprob: float = strawberry.field(description="The mean of the answer's token logprobs.")
+    min_probability: float = strawberry.field(description="The probability of the least likely token.")
+    perplexity: float = strawberry.field(description="exp(-meanLogprob).")
 
 
-@strawberry.type
+@strawberry.type(description="A generation's answer, with its confidence, model, usage and timing.")
 class GenerationResult:
-    text: str
-    finish_reason: FinishReason
-    confidence: Confidence
+    text: str = strawberry.field(description="The answer (a stop string that ended it is cut).")
+    finish_reason: FinishReason = strawberry.field(description="Why generation stopped.")
+    confidence: Confidence = strawberry.field(description="How sure the model was of the whole answer.")
     needs_review: bool = strawberry.field(
         description="confidence.score is below the server's review threshold, or the answer is empty."
     )
-    model: ModelInfo
-    usage: Usage
-    timing: Timing
+    model: ModelInfo = strawberry.field(description="The model that produced it.")
+    usage: Usage = strawberry.field(description="Its token counts.")
+    timing: Timing = strawberry.field(description="How long it took.")
     job_id: strawberry.Private[str]
     token_records: strawberry.Private[tuple[TokenRecord, ...]]
 
-    @strawberry.field
+    @strawberry.field(description="Every generated token, in order, with its probability and alternatives.")
     def tokens(self) -> list[TokenGenerated]:
         return [TokenGenerated.of(self.job_id, t.seq, t) for t in self.token_records]
 
@@ -108,34 +115,46 @@ class GenerationResult:
         )
 
 
-@strawberry.type
+JobErrorCode = described_enum(JobErrorCodeData, "JobErrorCode", "Why a job failed.", {
+    "ENGINE_ERROR": "The model failed while generating; trying again may work.",
+    "WORKER_LOST": "The worker running it stopped more often than the server's maximum attempts allow.",
+    "INTERNAL": "The job could not be recorded, or something unexpected happened (the server log says more).",
+})
+
+
+@strawberry.type(description="Why a job failed. This is job data, not a GraphQL error.")
 class JobError:
-    code: str
-    message: str
+    code: JobErrorCode = strawberry.field(description="What kind of failure.")
+    message: str = strawberry.field(description="A short text for people.")
 
     @classmethod
     def of(cls, e: JobErrorData) -> JobError:
-        return cls(code=e.code, message=e.message)
+        try:
+            code = JobErrorCodeData(e.code)
+        except ValueError:  # a code this API version does not know
+            code = JobErrorCodeData.INTERNAL
+        return cls(code=code, message=e.message)
 
 
 @strawberry.type(description="The job finished; `result` holds the answer and its metadata.")
 class GenerationCompleted(JobEvent):
-    result: GenerationResult
+    result: GenerationResult = strawberry.field(description="The answer.")
 
 
 @strawberry.type(description="The job failed; nothing was produced.")
 class GenerationFailed(JobEvent):
-    error: JobError
+    error: JobError = strawberry.field(description="Why it failed.")
 
 
 @strawberry.type(description="The job was cancelled or hit its deadline; `result` is the partial output.")
 class GenerationCancelled(JobEvent):
-    result: GenerationResult
+    result: GenerationResult = strawberry.field(description="The partial answer (may be empty).")
 
 
 GenerationEvent = Annotated[
     JobQueued | GenerationStarted | TokenGenerated | GenerationCompleted | GenerationFailed | GenerationCancelled,
-    strawberry.union("GenerationEvent"),
+    strawberry.union("GenerationEvent", description="One event of a job's stream; every member implements "
+                                                    "JobEvent (jobId, seq, at)."),
 ]
 
 

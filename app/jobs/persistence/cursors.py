@@ -1,4 +1,4 @@
-"""Page cursors: opaque to clients, (created_at, id) inside."""
+"""Page cursors: opaque to clients, (created_at, id) inside; a batch's jobs in input order: its index."""
 
 from __future__ import annotations
 
@@ -20,5 +20,22 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         at, item_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
         return utc(datetime.fromisoformat(at)), item_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadCursor(cursor) from exc
+
+
+_INDEX = "#"
+
+
+def encode_index_cursor(index: int) -> str:
+    return base64.urlsafe_b64encode(f"{_INDEX}{index}".encode()).decode()
+
+
+def decode_index_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor.encode()).decode()
+        if not text.startswith(_INDEX):
+            raise ValueError(cursor)
+        return int(text[len(_INDEX):])
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadCursor(cursor) from exc

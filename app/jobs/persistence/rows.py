@@ -53,6 +53,7 @@ def to_job(row: JobRow, with_result: bool = True) -> Job:
         error=JobError(row.error_code, row.error_message or "") if row.error_code else None,
         batch_id=row.batch_id,
         review=review,
+        batch_index=row.batch_index,
     )
 
 

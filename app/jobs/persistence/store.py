@@ -17,7 +17,7 @@ from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from ..domain import Batch, BatchCounts, Job, JobStatus, Page, ReviewVerdict, Usage
-from .cursors import decode_cursor, encode_cursor
+from .cursors import decode_cursor, decode_index_cursor, encode_cursor, encode_index_cursor
 from .db import Database
 from .rows import TERMINAL, idempotency_scope, new_row, to_batch, to_job, utc
 from .tables import BatchRow, JobRow, UsageRow, WebhookAttemptRow, WebhookRow
@@ -205,8 +205,10 @@ class JobStore:
         after: str | None = None,
         review_queue: bool = False,
         with_results: bool = True,
+        input_order: bool = False,
     ) -> Page:
-        """Newest first, keyset-paginated on (created_at, id).
+        """Newest first, keyset-paginated on (created_at, id); with `batch_id` and
+        `input_order`, in the batch's input order instead, keyset-paginated on the index.
 
         with_results=False leaves every job's `result` None without reading or parsing it:
         a list that shows only ids and statuses must not parse 100 results on the loop.
@@ -222,15 +224,22 @@ class JobStore:
             query = query.where(col(JobRow.batch_id) == batch_id)
         if review_queue:
             query = query.where(col(JobRow.needs_review).is_(True), col(JobRow.review_verdict).is_(None))
-        if after:
-            at, last_id = decode_cursor(after)
-            query = query.where(or_(col(JobRow.created_at) < at,
-                                    and_(col(JobRow.created_at) == at, col(JobRow.id) < last_id)))
-        query = query.order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(first + 1)
+        by_index = input_order and batch_id is not None
+        if by_index:
+            if after:
+                query = query.where(col(JobRow.batch_index) > decode_index_cursor(after))
+            query = query.order_by(col(JobRow.batch_index)).limit(first + 1)
+        else:
+            if after:
+                at, last_id = decode_cursor(after)
+                query = query.where(or_(col(JobRow.created_at) < at,
+                                        and_(col(JobRow.created_at) == at, col(JobRow.id) < last_id)))
+            query = query.order_by(col(JobRow.created_at).desc(), col(JobRow.id).desc()).limit(first + 1)
         rows = await self._db.read(lambda session: list(session.exec(query)))
         has_next = len(rows) > first
         rows = rows[:first]
-        cursors = [encode_cursor(utc(r.created_at), r.id) for r in rows]
+        cursors = [encode_index_cursor(r.batch_index or 0) if by_index else encode_cursor(utc(r.created_at), r.id)
+                   for r in rows]
         return Page(items=[to_job(r, with_results) for r in rows], cursors=cursors,
                     end_cursor=cursors[-1] if cursors else None, has_next_page=has_next)
 
