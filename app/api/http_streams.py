@@ -13,10 +13,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from strawberry.http.streaming import SSETransport
+
 
 from app.jobs.domain import Caller
 
 GRAPHQL_RESPONSE = "application/graphql-response+json"
+
+
+class LineFeedSSE(SSETransport):
+    """GraphQL over SSE with LF line ends. CRLF is valid SSE too, but some clients split
+    events on a blank line of LFs only (urql's fetchSubscriptions never sees an event end)."""
+
+    def encode_event(self, event: str, data: str | None = None) -> str:
+        return super().encode_event(event, data).replace("\r\n", "\n")
+
+    def encode_comment(self, comment: str) -> str:
+        return super().encode_comment(comment).replace("\r\n", "\n")
 
 
 def _media_ranges(accept: str) -> dict[str, float]:

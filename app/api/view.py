@@ -12,11 +12,14 @@ import json
 from pathlib import Path
 
 from cross_web import HTTPException
-from graphql import GraphQLError
+from graphql import GraphQLError, get_operation_ast, parse
+from graphql.language import OperationType as OperationTypeNode
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
+from strawberry.http import GraphQLRequestData
+from strawberry.subscriptions import GRAPHQL_SSE_PROTOCOL
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
@@ -25,7 +28,7 @@ from strawberry.types.unset import UNSET
 
 from .auth import HOW_TO, identify, key_from
 from .context import Context
-from .http_streams import HttpStreams, wants_graphql_response
+from .http_streams import HttpStreams, LineFeedSSE, wants_graphql_response
 from .websockets import Connections, LegacyWSHandler, TransportWSHandler, WebSocketAdapter, refuse_crowded
 
 
@@ -47,6 +50,8 @@ class InferQLGraphQL(GraphQL):
     """
 
     websocket_adapter_class = WebSocketAdapter
+    stream_transport_classes_by_protocol = {**GraphQL.stream_transport_classes_by_protocol,
+                                            GRAPHQL_SSE_PROTOCOL: LineFeedSSE}
     graphql_transport_ws_handler_class = TransportWSHandler
     graphql_ws_handler_class = LegacyWSHandler
 
@@ -82,14 +87,25 @@ class InferQLGraphQL(GraphQL):
                 return JSONResponse({"data": None, **body})
         if streaming:
             # Subscriptions over SSE or multipart HTTP: each open stream counts against the key.
-            return await self.http_streams.run(caller, lambda: super(InferQLGraphQL, self).run(
+            response = await self.http_streams.run(caller, lambda: super(InferQLGraphQL, self).run(
                 request, context, root_value))
-        response = await super().run(request, context, root_value)
+        else:
+            response = await super().run(request, context, root_value)
         if graphql_response and type(response) is Response and response.media_type == "application/json":
             response.headers["content-type"] = GRAPHQL_RESPONSE_JSON
             if getattr(request.state, "request_error", False):
                 response.status_code = 400
         return response
+
+    async def parse_http_body(self, request):
+        """A client that accepts both a stream and JSON (urql lists text/event-stream and
+        multipart/mixed after the JSON types) gets JSON for a query or mutation; only a
+        subscription is streamed."""
+        data = await super().parse_http_body(request)
+        if isinstance(data, GraphQLRequestData) and data.protocol != "http" and _accepts_json(request.headers):
+            if _operation_type(data.query, data.operation_name) not in (None, OperationTypeNode.SUBSCRIPTION):
+                data.protocol = "http"
+        return data
 
     async def render_graphql_ide(self, request):
         """Our own GraphiQL page: every asset it loads is served by this app (app/api/static)."""
@@ -199,3 +215,20 @@ def _is_request_error(result: ExecutionResult) -> bool:
         return True
     # graphql-core reports bad variables as an ExecutionResult without data whose errors have no path.
     return result.data is None and bool(result.errors) and all(e.path is None for e in result.errors)
+
+
+def _accepts_json(headers) -> bool:
+    accept = (headers.get("accept") or "").lower()
+    return "application/json" in accept or "application/graphql-response+json" in accept
+
+
+def _operation_type(query: str | None, operation_name: str | None) -> OperationTypeNode | None:
+    """The type of the operation a request runs; None when the document does not parse
+    (then it is streamed as sent, and the stream reports the syntax error)."""
+    if not query:
+        return None
+    try:  # bounded: a longer document is refused by the schema's own token limit anyway
+        operation = get_operation_ast(parse(query, no_location=True, max_tokens=20_000), operation_name)
+    except GraphQLError:
+        return None
+    return operation.operation if operation is not None else None
