@@ -82,20 +82,7 @@ class HttpStreams:
         if not isinstance(response, StreamingResponse):
             self._release(key_id)
             return response
-        body = response.body_iterator
-
-        async def counted():
-            try:
-                async for chunk in body:
-                    yield chunk
-            finally:
-                self._release(key_id)
-                close = getattr(body, "aclose", None)
-                if close is not None:
-                    await close()
-
-        response.body_iterator = counted()
-        return response
+        return _CountedStream(response, lambda: self._release(key_id))
 
     def _take(self, key_id: str | None) -> None:
         if key_id is not None:
@@ -109,3 +96,20 @@ class HttpStreams:
             self.open[key_id] = left
         else:
             self.open.pop(key_id, None)
+
+
+class _CountedStream(StreamingResponse):
+    """The stream as it was, and its key's slot freed once it has been sent or abandoned
+    (a client that leaves before the first event included)."""
+
+    def __init__(self, inner: StreamingResponse, release: Callable[[], None]) -> None:
+        self.__dict__.update(inner.__dict__)
+        self._release_slot = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release, self._release_slot = self._release_slot, None
+            if release is not None:
+                release()

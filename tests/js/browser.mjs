@@ -124,7 +124,9 @@ await step("jobs", async (page) => {
   await page.click("#jobs-tab");
   await page.waitForSelector("#jobs tbody tr", { timeout: 30000 });
   const rows = await page.$$eval("#jobs tbody tr", (trs) => trs.map((tr) => [...tr.cells].map((c) => c.textContent)));
-  await page.click("#jobs tbody tr:last-child button.reattach");
+  // Re-attach to the answer the playground step finished (newest first: the first SUCCEEDED row).
+  const succeeded = rows.findIndex((cells) => cells[1] === "SUCCEEDED");
+  await page.click(`#jobs tbody tr:nth-child(${succeeded + 1}) button.reattach`);
   await page.waitForFunction(() => document.querySelector("#finish-reason").textContent !== "", null, { timeout: 30000 });
   const replayed = await page.evaluate(() => ({
     tokens: document.querySelectorAll("span.token").length,
