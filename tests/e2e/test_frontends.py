@@ -235,7 +235,7 @@ def test_browser(server):
     assert all(0 < t["probability"] <= 1 for t in play["tokens"])
     backgrounds = {t["background"] for t in play["tokens"]}
     assert len(backgrounds) > 1 and "rgba(0, 0, 0, 0)" not in backgrounds  # coloured, by probability
-    assert "alternatives:" in play["tokens"][0]["title"]
+    assert "alternatives:" in play["tokens"][0]["tip"]
     assert 0 < float(play["confidence"]) <= 1 and play["needsReview"] in ("true", "false")
     assert play["model"].startswith("SmolLM2-135M-Instruct ") and play["finishReason"] == "STOP"
     assert "total" in play["timing"] and "completion" in play["usage"]

@@ -61,6 +61,7 @@ async function graphiqlRun(page, query, until) {
 await step("graphiql", async (page) => {
   await page.goto(base + "/graphql", { waitUntil: "load" });
   await page.waitForSelector(".graphiql-query-editor .CodeMirror", { timeout: 30000 });
+  await page.screenshot({ path: join(artifacts, "graphiql-welcome.png") });
   const welcome = await page.evaluate(() => document.querySelector(".graphiql-query-editor .CodeMirror").CodeMirror.getValue());
   const headersPlaceholder = await page.evaluate(`(${HEADERS_EDITOR})()?.CodeMirror.getValue()`);
   const playgroundLink = await page.getAttribute("#playground-link", "href");
@@ -81,11 +82,11 @@ await step("playground", async (page) => {
   await page.fill("#alternatives", "2");
   await page.click("#run");
   await page.waitForFunction(() => document.querySelector("#confidence").textContent !== "", null, { timeout: 60000 });
-  await page.hover("span.token");
+  await page.hover("span.token:nth-child(1)"); // its tooltip shows in the screenshot
   return page.evaluate(() => ({
     tokens: [...document.querySelectorAll("span.token")].map((s) => ({
       text: s.textContent, probability: Number(s.dataset.probability), background: getComputedStyle(s).backgroundColor,
-      title: s.title,
+      tip: s.dataset.tip,
     })),
     confidence: document.querySelector("#confidence").textContent,
     needsReview: document.querySelector("#needs-review").textContent,

@@ -56,8 +56,10 @@ function addToken(event) {
   span.dataset.index = String(event.index);
   span.style.background = colour(event.probability);
   const alternatives = (event.alternatives || []).map((a) => `${JSON.stringify(a.text)} ${percent(a.probability)}`);
-  span.title = `${JSON.stringify(event.text)}: ${percent(event.probability)}` +
+  // Shown on hover by playground.css (a tooltip that also appears in screenshots).
+  span.dataset.tip = `${JSON.stringify(event.text)}: ${percent(event.probability)}` +
     (alternatives.length ? `\nalternatives:\n${alternatives.join("\n")}` : "");
+  span.setAttribute("aria-label", span.dataset.tip);
   $("#output").append(span);
 }
 
