@@ -105,6 +105,9 @@ class InferQLGraphQL(GraphQL):
         if isinstance(data, GraphQLRequestData) and data.protocol != "http" and _accepts_json(request.headers):
             if _operation_type(data.query, data.operation_name) not in (None, OperationTypeNode.SUBSCRIPTION):
                 data.protocol = "http"
+                starlette_request = getattr(request, "_request", None)  # the adapter's request
+                if starlette_request is not None:  # one JSON answer: it carries the rateLimit state again
+                    starlette_request.state.streaming = False
         return data
 
     async def render_graphql_ide(self, request):

@@ -156,6 +156,17 @@ def test_graphql_response_status_codes(server):
         assert legacy.headers["content-type"].startswith("application/json")
 
 
+def test_a_query_from_a_client_that_also_accepts_streams_gets_json(server):
+    """urql's Accept for a query lists the JSON types, then text/event-stream and multipart."""
+    accept = ("application/graphql-response+json, application/graphql+json, application/json, "
+              "text/event-stream, multipart/mixed")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        response = http.post("/graphql", json={"query": "{ models { id } }"}, headers=headers(server, Accept=accept))
+    assert response.headers["content-type"].startswith("application/graphql-response+json")
+    body = response.json()
+    assert body["data"]["models"][0]["id"] == "SmolLM2-135M-Instruct" and "rateLimit" in body["extensions"]
+
+
 def test_a_subscription_where_it_cannot_stream_is_bad_user_input(server):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         for response in [
