@@ -68,3 +68,17 @@ def test_possible_types_command():
     events = ["GenerationCancelled", "GenerationCompleted", "GenerationFailed", "GenerationStarted",
               "JobQueued", "TokenGenerated"]
     assert types["GenerationEvent"] == events and types["JobEvent"] == events
+
+
+def test_pages_are_served_where_graphiql_is():
+    from starlette.testclient import TestClient
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    dev = TestClient(create_app(Settings()))  # no `with`: no lifespan, no model
+    assert 'id="api-key"' in dev.get("/playground").text
+    assert dev.get("/static/vendor/graphiql.min.js").status_code == 200
+    prod = TestClient(create_app(Settings(env="production")))
+    assert prod.get("/playground").status_code == 404
+    assert prod.get("/static/vendor/graphiql.min.js").status_code == 404
