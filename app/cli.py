@@ -107,11 +107,20 @@ def model_path() -> None:
 
 
 @app.command()
-def schema(out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None) -> None:
+def schema(out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+           possible_types: Annotated[bool, typer.Option(
+               help="Print the unions' and interfaces' possible types (JSON, for Apollo Client's cache).")] = False,
+           ) -> None:
     """Print the GraphQL SDL the code exports."""
     from app.api.schema import schema as gql_schema
 
     sdl = gql_schema.as_str() + "\n"
+    if possible_types:
+        import json
+
+        from app.api.possible_types import possible_types as of
+
+        sdl = json.dumps(of(gql_schema._schema), indent=2) + "\n"
     if out:
         out.write_text(sdl)
     else:

@@ -11,12 +11,15 @@ import sys
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
-from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL
+from strawberry.subscriptions import (GRAPHQL_SSE_PROTOCOL, GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL,
+                                      MULTIPART_SUBSCRIPTION_PROTOCOL)
 
 from app.api.body_limit import BodySizeLimit, WebSocketMessageLimit
+from app.api.frontend import frontend_routes
 from app.api.metrics import DocumentCollector, EngineCollector, metrics_endpoint, register_api_metrics
 from app.api.request_ids import RequestIds
 from app.api.schema import build_schema
@@ -68,7 +71,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     graphql = InferQLGraphQL(
         build_schema(settings),
         graphql_ide="graphiql" if settings.graphiql_enabled else None,
-        subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL],
+        subscription_protocols=[GRAPHQL_TRANSPORT_WS_PROTOCOL, GRAPHQL_WS_PROTOCOL,
+                                GRAPHQL_SSE_PROTOCOL, MULTIPART_SUBSCRIPTION_PROTOCOL],
         connection_init_wait_timeout=_timedelta(settings.connection_init_wait_timeout),
         allowed_origins=settings.allowed_origins,
         auth_on=settings.auth == "on",
@@ -99,9 +103,16 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/metrics", metrics),
             Route("/graphql", graphql, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", graphql),
+            *(frontend_routes() if settings.graphiql_enabled else []),
         ],
         lifespan=lifespan,
-        middleware=[Middleware(RequestIds), Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
+        # CORS for browsers on the origins the websockets accept too (INFERQL_ALLOWED_ORIGINS);
+        # outermost, so preflights and refusals (413...) carry its headers. Request ids next.
+        middleware=[Middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                               allow_methods=["GET", "POST"], allow_headers=["*"], expose_headers=["X-Request-ID"],
+                               max_age=600),
+                    Middleware(RequestIds),
+                    Middleware(BodySizeLimit, max_bytes=settings.max_body_bytes),
                     Middleware(WebSocketMessageLimit, max_bytes=settings.max_body_bytes)],
     )
 
