@@ -56,6 +56,17 @@ async def renew(pool: asyncpg.Pool, worker_id: str, lease_seconds: float, job_id
     return {r["id"] for r in rows}
 
 
+async def release(pool: asyncpg.Pool, worker_id: str, job_ids: Sequence[str]) -> None:
+    """A worker stopping on purpose lets its leases lapse now: the next reaper pass (any
+    process) queues its jobs again, instead of after a whole lease."""
+    if job_ids:
+        await pool.execute(
+            f"UPDATE jobs j SET leased_until = clock_timestamp() - interval '1 second' "
+            f"WHERE j.id = ANY($1::varchar[]) AND j.claimed_by = $2 AND {LIVE}",
+            list(job_ids), worker_id,
+        )
+
+
 async def reap(pool: asyncpg.Pool, now: datetime | None = None, *, max_attempts: int = 3,
                orphan_seconds: float = 120.0) -> Reaped:
     """Takes back what dead processes left (any process may run this, at any time):

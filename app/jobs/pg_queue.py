@@ -51,7 +51,7 @@ import asyncpg
 
 from .domain import Job
 from .errors import Overloaded, RateLimited
-from .pg_leases import CHANNEL, JOB_COLUMNS_SQL, LIVE, WAITING, Reaped, queued_job, reap, renew
+from .pg_leases import CHANNEL, JOB_COLUMNS_SQL, LIVE, WAITING, Reaped, queued_job, reap, release, renew
 from .queue import QueuedJob
 
 # pg_advisory_xact_lock key for reserve: any constant shared by every process.
@@ -296,6 +296,10 @@ class PostgresJobQueue:
     async def renew(self, job_ids: Sequence[str]) -> set[str]:
         """The heartbeat: see pg_leases.renew."""
         return await renew(self.pool, self.worker_id, self.lease_seconds, job_ids)
+
+    async def release(self, job_ids: Sequence[str]) -> None:
+        """Ends this worker's leases on job_ids now: see pg_leases.release."""
+        await release(self.pool, self.worker_id, job_ids)
 
     async def reap(self, now: datetime | None = None, *, max_attempts: int = 3, orphan_seconds: float = 120.0) -> Reaped:
         """Takes back what dead processes left: see pg_leases.reap."""

@@ -70,9 +70,17 @@ class Worker:
     async def stop(self) -> None:
         for task in self._loops:
             task.cancel()
+        running = list(self._running)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if running and hasattr(self._queue, "release"):
+            # A shared queue: the jobs cut short here run again elsewhere, from the next reaper
+            # pass rather than after a whole lease.
+            try:
+                await self._queue.release(running)
+            except Exception:
+                log.warning("could not release the leases of %d jobs; they lapse by themselves", len(running))
 
     async def cancel(self, job_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Canceller: asks the engine to stop a job running here, within a decode step.

@@ -216,3 +216,19 @@ async def test_a_starting_process_reaps_nothing_with_a_live_lease(migrated):
         assert (await store.get("j1")).status is JobStatus.RUNNING
     finally:
         await queue.close()
+
+
+async def test_a_worker_stopping_on_purpose_releases_its_leases_at_once(migrated):
+    url, db = migrated
+    store, queue, bus, recorder = await reaper_parts(url, db, lease=30)
+    try:
+        await store.insert(job("j1"))
+        await queue.put(job("j1"), [1], reserved=False)
+        await queue.claim(1)
+        await store.mark_running("j1", datetime.now(UTC), claimed_by="w1")
+        await queue.release(["j1"])
+        reaped = await Reaper(queue, recorder, lambda spec: [1], max_attempts=3, interval=60).run_once()
+        assert reaped.requeued == ["j1"]  # not after 30 s: now
+        assert await queue.position("j1") == 0
+    finally:
+        await queue.close()
