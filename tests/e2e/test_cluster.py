@@ -234,6 +234,15 @@ async def test_cancel_on_another_replica(cluster):
         await asyncio.sleep(0.5)
         assert (await job(ca, queued))["status"] == "CANCELLED"  # and it stayed so
 
+        # A client that drops a `generate` on B cancels its job on the worker the same way.
+        seen = []
+        async for data in cb.subscribe(GENERATE, {"input": {"prompt": "Tell a very long story.", "maxTokens": 300}}):
+            seen.append(data["generate"])
+            if sum(e["__typename"] == "TokenGenerated" for e in seen) >= 3:
+                break
+        dropped = await until_status(ca, seen[0]["jobId"], "CANCELLED", "SUCCEEDED", timeout=30)
+        assert dropped["status"] == "CANCELLED" and dropped["result"]["usage"]["completionTokens"] < 300
+
 
 async def test_webhook_of_a_job_a_worker_ran_is_sent_at_once(cluster):
     """The worker stores the end with its webhook message; an API replica delivers it, woken
