@@ -92,11 +92,10 @@ async def bench(args: argparse.Namespace) -> int:
     print(f"load average before the run: {load1:.2f} (1 min), {load5:.2f} (5 min) on {os.cpu_count()} cores"
           + ("  -- the machine is busy: absolute figures will be low and noisy" if load1 > 0.5 * (os.cpu_count() or 1)
              else ""))
-    print(f"rounds {args.rounds}, concurrency {','.join(map(str, args.concurrency))}, maxTokens {args.max_tokens},"
-          f" temperature 0, generations per phase max(c, {args.requests})", flush=True)
-
     if args.cluster:
         return await cluster_only(args, settings)
+    print(f"rounds {args.rounds}, concurrency {','.join(map(str, args.concurrency))}, maxTokens {args.max_tokens},"
+          f" temperature 0, generations per phase max(c, {args.requests})", flush=True)
     machine = None if args.jobs_only else probe(settings, quick=args.smoke)
 
     def default_model() -> Path:
