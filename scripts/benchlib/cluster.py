@@ -16,21 +16,19 @@ figure is a ratio of two measured in the same minutes:
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
 import uuid
 from pathlib import Path
 
+from tests.databases import REDIS, fresh_postgres
 from tests.harness import ServerProcess
 
 from .report import percentile
 from .server import BENCH_ENV
 from .streams import Direct, api_stream, phase_prompts, run_phase
 
-POSTGRES = os.environ.get("INFERQL_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS = os.environ.get("INFERQL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SUBMIT = "mutation($input: GenerationInput!) { submitGeneration(input: $input) { id } }"
 JOB = "query($id: ID!) { job(id: $id) { status finishedAt result { usage { completionTokens } } } }"
 
@@ -53,28 +51,6 @@ class Worker(ServerProcess):
 
     def resume(self) -> None:
         self.proc.send_signal(signal.SIGCONT)
-
-
-async def fresh_database() -> tuple[str, str]:
-    import asyncpg
-
-    name = f"inferql_bench_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return POSTGRES.rsplit("/", 1)[0] + "/" + name, name
-
-
-async def drop_database(name: str) -> None:
-    import asyncpg
-
-    admin = await asyncpg.connect(POSTGRES)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def stream_tok_s(client, concurrency: int, max_tokens: int) -> float:
@@ -119,7 +95,12 @@ async def jobs_tok_s(client, jobs: int, max_tokens: int) -> float:
 
 async def cluster_section(workdir: Path, model_path: Path, lm, threads: int, *, rounds: int, max_tokens: int,
                           smoke: bool) -> None:
-    url, db_name = await fresh_database()
+    async with fresh_postgres("inferql_bench") as url:
+        await _cluster_section(url, workdir, model_path, lm, threads, rounds=rounds, max_tokens=max_tokens, smoke=smoke)
+
+
+async def _cluster_section(url: str, workdir: Path, model_path: Path, lm, threads: int, *, rounds: int,
+                           max_tokens: int, smoke: bool) -> None:
     env = {**BENCH_ENV, "INFERQL_DATABASE_URL": url, "INFERQL_REDIS_URL": REDIS,
            "INFERQL_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}:", "INFERQL_DATA_DIR": str(workdir / "cluster")}
     api = ApiReplica(workdir, env, model_path=model_path, threads=threads, stop_grace=30)
@@ -184,4 +165,3 @@ async def cluster_section(workdir: Path, model_path: Path, lm, threads: int, *, 
                 w.resume()
         for p in procs:
             p.stop()
-        await drop_database(db_name)

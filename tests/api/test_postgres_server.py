@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 
 import asyncpg
 import pytest
@@ -10,17 +9,13 @@ import pytest
 from tests.conftest import ServerProcess
 from tests.gql import GENERATE, JOB, collect
 from app.jobs.persistence.migrate import head
-from tests.jobs.test_store import POSTGRES
+from tests.databases import fresh_postgres
 
 
 @pytest.fixture
 async def pg_url():
-    name = f"inferql_srv_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
+    async with fresh_postgres("inferql_srv") as url:
+        yield url
 
 
 async def test_server_on_postgresql(tmp_path, tiny_model_dir, pg_url):

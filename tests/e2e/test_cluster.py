@@ -8,7 +8,6 @@ The module's tests share one cluster and run in file order; the SIGKILL test is 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -22,9 +21,8 @@ import pytest
 from app.client import GraphQLErrors
 from tests.harness import ServerProcess, stop_process, wait_until
 from tests.jobs.test_webhooks import Receiver, wait_hits
-from tests.jobs.test_store import POSTGRES
+from tests.databases import REDIS as REDIS_URL, fresh_postgres
 
-REDIS_URL = os.environ.get("INFERQL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 SUBMIT = """mutation($input: GenerationInput!) { submitGeneration(input: $input) { id status queuePosition } }"""
 JOB = """query($id: ID!) { job(id: $id) { id status attempts queuePosition
@@ -82,12 +80,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 async def pg_url():
-    name = f"inferql_cluster_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
+    async with fresh_postgres("inferql_cluster") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ processes with the real model: tests/e2e/test_cluster.py.)"""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,21 +27,17 @@ from app.jobs.reaper import Reaper
 from app.jobs.recorder import JobRecorder
 from app.settings import Settings
 from app.wiring import ConfigError, check_topology
-from tests.jobs.test_seams import POSTGRES, job
+from tests.databases import POSTGRES, REDIS, fresh_postgres
+from tests.jobs.test_seams import job
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS = "redis://127.0.0.1:6379/0"
 MODEL = ModelInfo(id="m", version="v", parameters=1, dtype="float32", device="cpu", context_length=64, source="t")
 
 
 @pytest.fixture
 async def fresh_pg():
-    name = f"inferql_scale_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    yield POSTGRES.rsplit("/", 1)[0] + "/" + name
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
+    async with fresh_postgres("inferql_scale") as url:
+        yield url
 
 
 # ---- topology checks ----------------------------------------------------------------------
@@ -154,6 +149,14 @@ async def first_events(bus, job_id: str, n: int) -> list:
     return out
 
 
+async def running_on_w1(store: JobStore, queue: PostgresJobQueue, job_id: str) -> None:
+    """A job stored, queued, claimed by worker w1 (the queue's worker id) and started there."""
+    await store.insert(job(job_id))
+    await queue.put(job(job_id), [1], reserved=False)
+    await queue.claim(1)
+    await store.mark_running(job_id, datetime.now(UTC), claimed_by="w1")
+
+
 async def reaper_parts(url: str, db: Database, lease: float = 30.0):
     store = JobStore(db)
     queue = PostgresJobQueue(url, 10, worker_id="w1", lease_seconds=lease)
@@ -168,10 +171,7 @@ async def test_the_reaper_fails_a_job_whose_worker_died_at_its_last_attempt(migr
     url, db = migrated
     store, queue, bus, recorder = await reaper_parts(url, db, lease=0.2)
     try:
-        await store.insert(job("j1"))
-        await queue.put(job("j1"), [1], reserved=False)
-        await queue.claim(1)
-        await store.mark_running("j1", datetime.now(UTC), claimed_by="w1")
+        await running_on_w1(store, queue, "j1")
         await asyncio.sleep(0.4)  # the worker "died": no heartbeat
         reaper = Reaper(queue, recorder, lambda spec: [1], max_attempts=1, interval=60)
         reaped = await reaper.run_once()
@@ -207,10 +207,7 @@ async def test_a_starting_process_reaps_nothing_with_a_live_lease(migrated):
     url, db = migrated
     store, queue, bus, recorder = await reaper_parts(url, db, lease=30)
     try:
-        await store.insert(job("j1"))
-        await queue.put(job("j1"), [1], reserved=False)
-        await queue.claim(1)
-        await store.mark_running("j1", datetime.now(UTC) - timedelta(seconds=5), claimed_by="w1")
+        await running_on_w1(store, queue, "j1")
         reaped = await Reaper(queue, recorder, lambda spec: [1], max_attempts=3, interval=60).run_once()
         assert (reaped.requeued, reaped.lost, reaped.expired, reaped.orphans) == ([], [], [], [])
         assert (await store.get("j1")).status is JobStatus.RUNNING
@@ -222,10 +219,7 @@ async def test_a_worker_stopping_on_purpose_releases_its_leases_at_once(migrated
     url, db = migrated
     store, queue, bus, recorder = await reaper_parts(url, db, lease=30)
     try:
-        await store.insert(job("j1"))
-        await queue.put(job("j1"), [1], reserved=False)
-        await queue.claim(1)
-        await store.mark_running("j1", datetime.now(UTC), claimed_by="w1")
+        await running_on_w1(store, queue, "j1")
         await queue.release(["j1"])
         reaped = await Reaper(queue, recorder, lambda spec: [1], max_attempts=3, interval=60).run_once()
         assert reaped.requeued == ["j1"]  # not after 30 s: now
