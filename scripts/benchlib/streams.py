@@ -30,6 +30,7 @@ subscription Bench($input: GenerationInput!) {
   generate(input: $input) {
     __typename
     ... on TokenGenerated { index text }
+    ... on TokensGenerated { tokens { index text } }
     ... on GenerationCompleted { result { usage { completionTokens } } }
   }
 }
@@ -110,8 +111,8 @@ async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
     async for data in client.subscribe(SUBSCRIPTION, variables, on_send=on_send):
         event = data["generate"]
         kind = event["__typename"]
-        if kind == "TokenGenerated":
-            tokens += 1
+        if kind in ("TokenGenerated", "TokensGenerated"):  # several tokens that piled up in one message
+            tokens += len(event["tokens"]) if kind == "TokensGenerated" else 1
             if first is None:
                 first = time.perf_counter()
         elif kind == "GenerationCompleted":
