@@ -42,6 +42,7 @@ def serve(
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.max_body_bytes,  # websocket frames: the same cap as HTTP bodies
+        ws_per_message_deflate=settings.ws_compression,
     )
 
 
