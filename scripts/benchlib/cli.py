@@ -182,11 +182,12 @@ async def bench(args: argparse.Namespace) -> int:
 
 
 async def stall_only(args: argparse.Namespace, settings) -> int:
-    from app.inference.model import load_model
+    from app.inference.model import EngineOptions, load_model
     from app.inference.weights import pull_default_model
 
     model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
-    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
+    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
+                                 options=EngineOptions.from_settings(settings))
     print(f"direct: {lm.info.id} ({lm.info.dtype}, {lm.info.device},"
           f" {'fast path' if lm.fast_weights() is not None else 'HF forward'});"
           f" prefill chunk {lm.options.prefill_chunk} (INFERQL_PREFILL_CHUNK)", flush=True)
