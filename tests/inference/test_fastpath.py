@@ -113,3 +113,34 @@ def test_fast_path_matches_float32_eager_on_the_real_model(real_model_dir, dtype
     else:
         assert fid.agreement >= 0.97
         assert fid.mean_abs_dlogprob <= 0.05
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+async def test_chunked_prefill_gives_the_unchunked_greedy_answer_on_the_real_model(real_model_dir, dtype):
+    """A fixed ~400-token prompt, fed whole while nothing runs, then in chunks of 48 while
+    another request decodes: the same greedy tokens."""
+    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype, prefix_cache_tokens=0))
+    text = ("A lighthouse keeper writes in his log every night: the weather, the ships that passed, "
+            "the state of the lamp and of the lenses. ") * 12
+    long_prompt = lm.encode_chat([{"role": "user", "content": text + "Summarize the log in one sentence."}])
+    other = lm.encode_chat([{"role": "user", "content": "Count from one to twenty."}])
+    assert len(long_prompt) > 300
+
+    async def run(chunk: int, alongside: bool):
+        engine = Engine(lm, max_batch_size=2, prefill_chunk=chunk)
+        engine.start()
+        try:
+            if not alongside:
+                return await _greedy(engine, long_prompt, 12)
+            first = asyncio.create_task(_greedy(engine, other, 40))
+            await asyncio.sleep(0.3)  # the other request is decoding when the long one arrives
+            long = await _greedy(engine, long_prompt, 12)
+            await first
+            return long
+        finally:
+            await engine.stop()
+
+    whole_ids, whole_lps = await run(100_000, alongside=False)
+    chunked_ids, chunked_lps = await run(48, alongside=True)
+    assert chunked_ids == whole_ids
+    assert chunked_lps == pytest.approx(whole_lps, abs=0.05 if dtype == "auto" else 1e-3)

@@ -72,6 +72,22 @@ class TokenGenerated(JobEvent):
         )
 
 
+@strawberry.type(
+    description="Tokens generated in a row, sent in one message because the subscriber fell behind the model."
+    " Sent only to a subscription whose selection names this type (`... on TokensGenerated`); others get one"
+    " TokenGenerated per token. Each token keeps its own `seq`; the event's `seq` and `at` are its last token's,"
+    " so `jobEvents(after: seq)` resumes right after it."
+)
+class TokensGenerated(JobEvent):
+    tokens: list[TokenGenerated]
+
+    @classmethod
+    def of(cls, events: list[ev.TokenGenerated]) -> TokensGenerated:
+        last = events[-1]
+        return cls(job_id=strawberry.ID(last.job_id), seq=last.seq, at=last.at,
+                   tokens=[TokenGenerated.of(e.job_id, e.seq, e.token) for e in events])
+
+
 @strawberry.type(description="Confidence of the whole answer, from its tokens' logprobs.")
 class Confidence:
     score: float = strawberry.field(description="exp(mean token logprob): geometric-mean probability, in (0, 1].")
@@ -152,7 +168,8 @@ class GenerationCancelled(JobEvent):
 
 
 GenerationEvent = Annotated[
-    JobQueued | GenerationStarted | TokenGenerated | GenerationCompleted | GenerationFailed | GenerationCancelled,
+    JobQueued | GenerationStarted | TokenGenerated | GenerationCompleted | GenerationFailed | GenerationCancelled
+    | TokensGenerated,
     strawberry.union("GenerationEvent", description="One event of a job's stream; every member implements "
                                                     "JobEvent (jobId, seq, at)."),
 ]
