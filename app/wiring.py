@@ -114,10 +114,13 @@ class Parts:
     closers: list = field(default_factory=list)
 
 
+def memory_parts(settings: Settings) -> Parts:
+    return Parts(MemoryJobQueue(settings.max_queued_jobs), MemoryEventBus(), MemoryQuotaStore(settings.rate_window_seconds))
+
+
 async def make_parts(settings: Settings) -> Parts:
     if not is_shared(settings):
-        return Parts(MemoryJobQueue(settings.max_queued_jobs), MemoryEventBus(),
-                     MemoryQuotaStore(settings.rate_window_seconds))
+        return memory_parts(settings)
     from app.jobs.pg_queue import PostgresJobQueue
     from app.jobs.redis_signals import RedisCanceller, RedisChannel
     from app.jobs.scoring import RedisScorer
@@ -223,9 +226,7 @@ async def start_services(settings: Settings) -> Services:
 def build_services(settings: Settings, *, db: Database, lm: LoadedModel, engine: Engine | None,
                    keys: KeyStore, parts: Parts | None = None) -> Services:
     """parts: the in-process ones when None (tests build services around their own engine)."""
-    if parts is None:
-        parts = Parts(MemoryJobQueue(settings.max_queued_jobs), MemoryEventBus(),
-                      MemoryQuotaStore(settings.rate_window_seconds))
+    parts = parts or memory_parts(settings)
     writer = Writer(db)  # one per process: it groups the writes of the store and the webhooks
     store = JobStore(db, writer)
     reports = ReportStore(db, writer)

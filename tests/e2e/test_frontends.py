@@ -115,13 +115,14 @@ const client = new Client({{ url: "{README_URL}", fetchSubscriptions: true,
 const query = gql`subscription {{ generate(input: {{ prompt: "What is the capital of France?", maxTokens: 8 }}) {{
   __typename ... on JobEvent {{ jobId seq }} ... on TokenGenerated {{ text probability }}
   ... on GenerationCompleted {{ result {{ text confidence {{ score }} }} }} }} }}`;
-const {{ unsubscribe }} = pipe(client.subscription(query, {{}}), subscribe(({{ data, error }}) => {{
+// No unsubscribe(): the server ends the stream after the terminal event, and aborting the
+// fetch while it does races with it (an unhandled AbortError in Node).
+pipe(client.subscription(query, {{}}), subscribe(({{ data, error }}) => {{
   if (error) {{ console.error(error); process.exit(1); }}
   const event = data.generate;
   if (event.__typename === "TokenGenerated") console.log("token", event.seq, JSON.stringify(event.text), event.probability);
   if (event.__typename === "GenerationCompleted") {{
     console.log("answer", event.jobId, event.result.text, event.result.confidence.score);
-    unsubscribe();
   }}
 }}));
 """

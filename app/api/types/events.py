@@ -79,7 +79,7 @@ class TokenGenerated(JobEvent):
     " so `jobEvents(after: seq)` resumes right after it."
 )
 class TokensGenerated(JobEvent):
-    tokens: list[TokenGenerated]
+    tokens: list[TokenGenerated] = strawberry.field(description="The tokens, in order, each with its own seq.")
 
     @classmethod
     def of(cls, events: list[ev.TokenGenerated]) -> TokensGenerated:
