@@ -193,3 +193,30 @@ class ServerProcess:
         stop_process(self.proc, self.stop_grace)
         if getattr(self, "_log", None) is not None:
             self._log.close()
+
+
+# ---- the scaled-out roles (README "Scaling out") --------------------------------------------
+
+
+class ApiReplica(ServerProcess):
+    """`inferql serve --api-only`: the API without the model's weights."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "app.cli", "serve", "--api-only"]
+
+
+class WorkerProcess(ServerProcess):
+    """`inferql worker`: ready when its /readyz answers on INFERQL_WORKER_PORT (self.port)."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], **kwargs) -> None:
+        super().__init__(tmp, env, key="workers need no key", **kwargs)
+        self.env["INFERQL_WORKER_PORT"] = str(self.port)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "app.cli", "worker"]
+
+    def jobs_started(self) -> int:
+        """The worker's `inferql_worker_jobs_started_total`."""
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        line = next(l for l in text.splitlines() if l.startswith("inferql_worker_jobs_started_total"))
+        return int(float(line.split()[1]))

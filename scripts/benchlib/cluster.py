@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from tests.databases import REDIS, fresh_postgres
-from tests.harness import ServerProcess
+from tests.harness import ApiReplica, ServerProcess, WorkerProcess
 
 from .report import percentile
 from .server import BENCH_ENV
@@ -31,26 +30,6 @@ from .streams import Direct, api_stream, phase_prompts, run_phase
 
 SUBMIT = "mutation($input: GenerationInput!) { submitGeneration(input: $input) { id } }"
 JOB = "query($id: ID!) { job(id: $id) { status finishedAt result { usage { completionTokens } } } }"
-
-
-class ApiReplica(ServerProcess):
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "serve", "--api-only"]
-
-
-class Worker(ServerProcess):
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        super().__init__(tmp, env, key="-", stop_grace=30)
-        self.env["INFERQL_WORKER_PORT"] = str(self.port)
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "worker"]
-
-    def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
 
 
 async def stream_tok_s(client, concurrency: int, max_tokens: int) -> float:
@@ -104,8 +83,8 @@ async def _cluster_section(url: str, workdir: Path, model_path: Path, lm, thread
     env = {**BENCH_ENV, "INFERQL_DATABASE_URL": url, "INFERQL_REDIS_URL": REDIS,
            "INFERQL_REDIS_PREFIX": f"bench-{uuid.uuid4().hex[:8]}:", "INFERQL_DATA_DIR": str(workdir / "cluster")}
     api = ApiReplica(workdir, env, model_path=model_path, threads=threads, stop_grace=30)
-    workers = [Worker(workdir, {**env, "INFERQL_MODEL_PATH": str(model_path), "INFERQL_WORKER_ID": f"bench-w{i}",
-                                **({"INFERQL_TORCH_THREADS": str(threads)} if threads else {})}) for i in range(2)]
+    workers = [WorkerProcess(workdir, {**env, "INFERQL_WORKER_ID": f"bench-w{i}"}, model_path=model_path,
+                             threads=threads, stop_grace=30) for i in range(2)]
     embedded = ServerProcess(workdir, BENCH_ENV, model_path=model_path, threads=threads, stop_grace=30)
     direct = Direct(lm, max_batch_size=16)
     procs = [api, *workers, embedded]
@@ -130,7 +109,7 @@ async def _cluster_section(url: str, workdir: Path, model_path: Path, lm, thread
                 await stream_tok_s(ca, c, 4)
                 await stream_tok_s(ce, c, 4)
             for _ in range(rounds):
-                workers[1].pause()  # one engine on each side
+                workers[1].proc.send_signal(signal.SIGSTOP)  # one engine on each side: the second paused
                 for c in streams:
                     await direct.start()
                     d = await direct_tok_s(direct, c, max_tokens)
@@ -145,7 +124,7 @@ async def _cluster_section(url: str, workdir: Path, model_path: Path, lm, thread
                 add("submit p99 ms, API-only replica (engine elsewhere)", percentile(cl, 0.99))
                 add("submit p99 ms, embedded (engine in process)", percentile(em, 0.99))
                 one = await jobs_tok_s(ca, n_jobs, max_tokens)
-                workers[1].resume()
+                workers[1].proc.send_signal(signal.SIGCONT)
                 two = await jobs_tok_s(ca, n_jobs, max_tokens)
                 add(f"{n_jobs} jobs tok/s, 1 worker", one)
                 add(f"{n_jobs} jobs tok/s, 2 workers", two)
@@ -162,6 +141,6 @@ async def _cluster_section(url: str, workdir: Path, model_path: Path, lm, thread
     finally:
         for w in workers:
             if w.proc is not None and w.proc.poll() is None:
-                w.resume()
+                w.proc.send_signal(signal.SIGCONT)
         for p in procs:
             p.stop()

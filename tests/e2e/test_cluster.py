@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import asyncpg
-import httpx
 import pytest
 
 from app.client import GraphQLErrors
-from tests.harness import ServerProcess, stop_process, wait_until
+from tests.harness import ApiReplica, WorkerProcess, stop_process, wait_until
 from tests.jobs.test_webhooks import Receiver, wait_hits
 from tests.databases import REDIS as REDIS_URL, fresh_postgres
 
@@ -33,27 +31,6 @@ GENERATE = """subscription($input: GenerationInput!) { generate(input: $input) {
   __typename ... on JobEvent { jobId seq } ... on TokenGenerated { text }
   ... on GenerationCompleted { result { text } } } }"""
 CANCEL = """mutation($id: ID!) { cancelJob(id: $id) { status result { usage { completionTokens } } } }"""
-
-
-class ApiReplica(ServerProcess):
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "serve", "--api-only"]
-
-
-class WorkerProcess(ServerProcess):
-    """`inferql worker`: ready when its /readyz answers on INFERQL_WORKER_PORT (self.port)."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        super().__init__(tmp, env, key="workers need no key")
-        self.env["INFERQL_WORKER_PORT"] = str(self.port)
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "app.cli", "worker"]
-
-    def jobs_started(self) -> int:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        line = next(l for l in text.splitlines() if l.startswith("inferql_worker_jobs_started_total"))
-        return int(float(line.split()[1]))
 
 
 class Cluster:
