@@ -22,7 +22,8 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
+
+from . import onednn
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ac
     keep = 0
     for m in rows:
         xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=act_dtype) for w, _, _ in mats}
-        dense = lambda: [F.linear(xs[w.shape[1]], w) for w, _, _ in mats]  # noqa: E731
+        dense = lambda: [onednn.linear(xs[w.shape[1]], w) for w, _, _ in mats]  # noqa: E731
         small = lambda: [linear(xs[w.shape[1]], q, s) for w, q, s in mats]  # noqa: E731
         # alternate the two, keep each one's best of several rounds
         a = b = float("inf")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastllama, int8
+from . import fastllama, int8, onednn
 from .types import ModelInfo
 from .weights import read_marker, weights_version
 
@@ -28,6 +28,7 @@ class EngineOptions:
     prefill_chunk: int = 128           # prompt tokens fed per step while other requests decode
     prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
     int8_small_batch: str = "auto"     # auto | on | off: int8 weight copies for decode steps of few rows (int8.py)
+    packed_weights: str = "auto"       # auto | off: matrices prepacked for oneDNN on CPU (onednn.py)
 
     @classmethod
     def from_settings(cls, settings) -> EngineOptions:
@@ -103,7 +104,8 @@ class LoadedModel:
         if not self.fast_path:
             return None
         if self._fast is None:
-            self._fast = fastllama.FastWeights(self.model, self.dtype, self.device)
+            packed = self.options.packed_weights != "off" and onednn.usable(self.device, self.dtype)
+            self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed)
             setting = self.options.int8_small_batch
             if setting != "off":
                 ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)
