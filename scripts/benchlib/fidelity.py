@@ -29,11 +29,12 @@ async def fidelity_section(lm, tokens: int, smoke: bool):
     if tokens <= 0 or lm.fast_weights() is None:
         return None
     from app.inference.fidelity import measure
+    from app.inference.threads import in_passing_thread
 
     n = 2 if smoke else len(FIDELITY_PROMPTS)
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in FIDELITY_PROMPTS[:n]]
     t0 = time.perf_counter()
-    fidelity = await asyncio.to_thread(measure, lm, prompts, tokens)
+    fidelity = await asyncio.to_thread(in_passing_thread, measure, lm, prompts, tokens)  # see threads.py
     print(f"fidelity: {n} prompts x {tokens} tokens against float32 eager"
           f" in {time.perf_counter() - t0:.1f}s", flush=True)
     return fidelity
