@@ -13,7 +13,11 @@ instead, with the model's own weights:
   per-output-channel scales, used by decode steps of at most `int8_rows` rows, where a
   step is bound by the bytes of weights it reads; bigger steps and prefills use the 16-bit
   weights;
-* the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`.
+* on CPU the matrices are prepacked for oneDNN (onednn.py), and a decode step's attention is
+  two batched float32 matmuls (`_decode_attention`) rather than torch's SDPA kernel;
+* the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`,
+  in the weights' dtype (a float32 cache on CPU spared the attention its conversions but was
+  not measurably faster, and doubled the memory: every row has the longest row's capacity).
   Running requests occupy rows 0..B-1; when one ends the last row moves into its place,
   so a decode step reads a view of the cache, never a gathered copy. Each row keeps its
   own length; the attention mask hides the columns past it. The capacity grows by
@@ -69,9 +73,9 @@ def _mm(x: torch.Tensor, w: torch.Tensor, w8: tuple | None, bias: torch.Tensor |
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
-    """Attention of one new token per row. q: [B, H, 1, D]; keys, values:
-    [B, KV, W, D] (views of the cache, its dtype); mask: [B * KV, H / KV, W] additive.
-    Returns [B * KV, H / KV, D] (the heads in order).
+    """Attention of one new token per row, in float32. q: [B, H, 1, D] float32; keys, values:
+    [B, KV, W, D] (views of the cache); mask: [B * KV, H / KV, W] additive, float32.
+    Returns [B * KV, H / KV, D] float32 (the heads in order).
 
     Two batched matmuls per layer, the query heads that share a key/value head (GQA) as one
     [H / KV, D] block against it: with one query per row, torch's CPU SDPA kernel (flash
@@ -79,9 +83,10 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     0.4 ms at 16 rows of 200 positions)."""
     B, H, _, D = q.shape
     KV, W = keys.shape[1], keys.shape[2]
-    scores = torch.baddbmm(mask, q.reshape(B * KV, H // KV, D).to(keys.dtype), keys.reshape(B * KV, W, D).transpose(1, 2),
-                           alpha=scale)
-    return torch.bmm(torch.softmax(scores, dim=-1).to(values.dtype), values.reshape(B * KV, W, D))
+    # (in the cache's bfloat16, the scores would be rounded to 8 bits of mantissa)
+    keys = keys.float().reshape(B * KV, W, D)
+    scores = torch.baddbmm(mask, q.reshape(B * KV, H // KV, D), keys.transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1), values.float().reshape(B * KV, W, D))
 
 
 class FastWeights:
@@ -140,9 +145,6 @@ class FastWeights:
         self.int8_rows = 0  # steps of at most this many rows use the int8 copies (0: never)
         self.layers8: list[tuple] = []
         self.head8: tuple[torch.Tensor, torch.Tensor] | None = None
-        # The KV cache in float32 on CPU: the decode attention computes in float32 and would
-        # otherwise convert every cached position of every row at every layer and step.
-        self.cache_dtype = torch.float32 if device.type == "cpu" else dtype
 
     def matrices(self, li: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer li's matrices in float32 on the device, q/k/v and gate/up stacked into one
@@ -206,7 +208,7 @@ class FastLlama:
 
     def __init__(self, weights: FastWeights, rows: int) -> None:
         self.w = weights
-        for name in ("dtype", "cache_dtype", "device", "n_layers", "n_heads", "n_kv", "head_dim", "hidden", "eps",
+        for name in ("dtype", "device", "n_layers", "n_heads", "n_kv", "head_dim", "hidden", "eps",
                      "max_len", "vocab", "layers", "norm", "embed", "head", "head32", "cos", "sin", "sin_signed", "sm_scale"):
             setattr(self, name, getattr(weights, name))
         self.rows = rows
@@ -227,8 +229,8 @@ class FastLlama:
             cap *= 2
         cap = min(cap, max(self.max_len, tokens))
         shape = (self.rows, self.n_kv, cap, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layers)]
-        new_v = [torch.zeros(shape, dtype=self.cache_dtype, device=self.device) for _ in range(self.n_layers)]
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         used = max(self.lengths, default=0)
         if self.capacity and used:
             for old, new in zip(self.k + self.v, new_k + new_v):
@@ -282,7 +284,7 @@ class FastLlama:
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         cos = self.cos[positions][:, None]  # [B, 1, T, D]
         sin = self.sin_signed[positions][:, None]
-        dt, cdt = self.dtype, self.cache_dtype
+        dt = self.dtype
         decode = isinstance(write_at, torch.Tensor)
         # Decode steps only: a prefill (even of one token, after a cached prefix) keeps the
         # 16-bit weights, so a prompt's first token does not depend on the prefix cache.
@@ -296,23 +298,23 @@ class FastLlama:
             qkv = _mm(self._rms(h, ln1).to(dt), wqkv, qkv8, bqkv)
             # q and k rotated together; float32 out (cos/sin are float32)
             qk = self._rope(qkv[..., :(H + KV) * D].view(B, T, H + KV, D).transpose(1, 2), cos, sin)
-            q, k = qk[:, :H], qk[:, H:].to(cdt)
-            v = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2).to(cdt)
+            q, k = qk[:, :H], qk[:, H:].to(dt)
+            v = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2).to(dt)
             kc, vc = self.k[li], self.v[li]
             if decode:
                 kc[idx, :, write_at] = k[:, :, 0]
                 vc[idx, :, write_at] = v[:, :, 0]
                 keys, values = kc[:B, :, :width], vc[:B, :, :width]
                 if self.device.type == "cpu":
-                    att = _decode_attention(q, keys, values, mask, self.sm_scale).view(B, T, H * D)
+                    att = _decode_attention(q, keys, values, mask, self.sm_scale).view(B, T, H * D)  # float32
                 else:  # a GPU's fused kernels handle one query per row well
-                    att = F.scaled_dot_product_attention(q.to(cdt), keys, values, attn_mask=mask, scale=self.sm_scale,
+                    att = F.scaled_dot_product_attention(q.to(dt), keys, values, attn_mask=mask, scale=self.sm_scale,
                                                          enable_gqa=KV != H).transpose(1, 2).reshape(B, T, H * D)
             else:
                 kc[rows, :, write_at:write_at + T] = k[0]
                 vc[rows, :, write_at:write_at + T] = v[0]
                 keys, values = kc[rows:rows + 1, :, :width], vc[rows:rows + 1, :, :width]
-                att = F.scaled_dot_product_attention(q.to(cdt), keys, values, attn_mask=mask, scale=self.sm_scale,
+                att = F.scaled_dot_product_attention(q.to(dt), keys, values, attn_mask=mask, scale=self.sm_scale,
                                                      enable_gqa=KV != H)
                 att = att.transpose(1, 2).reshape(B, T, H * D)
             h.add_(_mm(att.to(dt), wo, o8))
@@ -365,7 +367,7 @@ class FastLlama:
         hidden = (cols[None, :] > positions[:, None])[:, None, None]  # [B, 1, 1, width]: past each row's end
         if self.device.type == "cpu":  # additive, one [heads / kv_heads, width] block per row and kv head
             G = self.n_heads // self.n_kv
-            mask = torch.zeros((B, 1, 1, width), device=self.device, dtype=self.cache_dtype)
+            mask = torch.zeros((B, 1, 1, width), device=self.device)
             mask = mask.masked_fill_(hidden, float("-inf")).expand(B, self.n_kv, G, width).reshape(-1, G, width)
         else:
             mask = ~hidden
