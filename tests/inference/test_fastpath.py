@@ -144,3 +144,33 @@ async def test_chunked_prefill_gives_the_unchunked_greedy_answer_on_the_real_mod
     chunked_ids, chunked_lps = await run(48, alongside=True)
     assert chunked_ids == whole_ids
     assert chunked_lps == pytest.approx(whole_lps, abs=0.05 if dtype == "auto" else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_matrices_give_the_plain_matrices_logits(tiny_model_dir, dtype):
+    """INFERQL_PACKED_WEIGHTS: oneDNN's layout is a faster way to the same products."""
+    packed = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off"))
+    plain = load_model(tiny_model_dir, device="cpu",
+                       options=EngineOptions(dtype=dtype, int8_small_batch="off", packed_weights="off"))
+    assert packed.fast_weights().layers[0][1].is_mkldnn and packed.fast_weights().head.is_mkldnn
+    assert not plain.fast_weights().layers[0][1].is_mkldnn
+    ids = packed.encode_raw("The quick brown fox jumps over the lazy dog")
+    outs = []
+    with torch.inference_mode():
+        for lm in (packed, plain):
+            fast = FastLlama(lm.fast_weights(), rows=2)
+            logits = [fast.prefill(0, ids[:6], 0)]
+            fast.prefill(1, ids[:3], 0)
+            for pos in range(6, len(ids)):
+                logits.append(fast.decode(torch.tensor([ids[pos], ids[pos % 3]]), torch.tensor([pos, pos - 3]))[0])
+            outs.append(torch.stack(logits))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4 if dtype == "float32" else 2e-2)
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).all()
+
+
+def test_packed_matrices_only_where_onednn_runs_them():
+    from app.inference import onednn
+
+    assert onednn.usable(torch.device("cpu"), torch.float32) and onednn.usable(torch.device("cpu"), torch.bfloat16)
+    assert not onednn.usable(torch.device("cpu"), torch.float16)
+    assert not onednn.usable(torch.device("cuda"), torch.bfloat16)
