@@ -208,10 +208,13 @@ class FastLlama:
 
     def __init__(self, weights: FastWeights, rows: int) -> None:
         self.w = weights
-        for name in ("dtype", "device", "n_layers", "n_heads", "n_kv", "head_dim", "hidden", "eps",
-                     "max_len", "vocab", "layers", "norm", "embed", "head", "head32", "cos", "sin", "sin_signed", "sm_scale"):
+        for name in ("dtype", "device", "n_layers", "n_heads", "n_kv", "head_dim", "hidden", "eps", "max_len",
+                     "vocab", "layers", "norm", "embed", "head", "head32", "cos", "sin", "sin_signed", "sm_scale"):
             setattr(self, name, getattr(weights, name))
         self.rows = rows
+        # A decode step's attention: torch's SDPA on a GPU, whose fused kernels handle one
+        # query per row well; on CPU two batched matmuls (_decode_attention)
+        self.sdpa_decode = self.device.type != "cpu"
         self.min_capacity = 256
         self.capacity = 0
         self.k: list[torch.Tensor] = []
@@ -279,7 +282,7 @@ class FastLlama:
         """h: [B, T, hidden] float32, updated in place. positions: [B, T]. The new keys go to
         columns write_at (a [B] tensor for decode, T == 1; an int start column for a one-row
         prefill). mask: boolean, True where attended ([B, 1, T, width]), except for a decode
-        step on CPU: additive, [B * kv_heads, heads / kv_heads, width] (see decode)."""
+        step without SDPA (CPU): additive, [B * kv_heads, heads / kv_heads, width] (see decode)."""
         B, T, _ = h.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         cos = self.cos[positions][:, None]  # [B, 1, T, D]
@@ -305,9 +308,9 @@ class FastLlama:
                 kc[idx, :, write_at] = k[:, :, 0]
                 vc[idx, :, write_at] = v[:, :, 0]
                 keys, values = kc[:B, :, :width], vc[:B, :, :width]
-                if self.device.type == "cpu":
+                if not self.sdpa_decode:
                     att = _decode_attention(q, keys, values, mask, self.sm_scale).view(B, T, H * D)  # float32
-                else:  # a GPU's fused kernels handle one query per row well
+                else:
                     att = F.scaled_dot_product_attention(q.to(dt), keys, values, attn_mask=mask, scale=self.sm_scale,
                                                          enable_gqa=KV != H).transpose(1, 2).reshape(B, T, H * D)
             else:
@@ -365,7 +368,7 @@ class FastLlama:
         h = self.embed[tokens][:, None].float()
         cols = torch.arange(width, device=self.device)
         hidden = (cols[None, :] > positions[:, None])[:, None, None]  # [B, 1, 1, width]: past each row's end
-        if self.device.type == "cpu":  # additive, one [heads / kv_heads, width] block per row and kv head
+        if not self.sdpa_decode:  # additive, one [heads / kv_heads, width] block per row and kv head
             G = self.n_heads // self.n_kv
             mask = torch.zeros((B, 1, 1, width), device=self.device)
             mask = mask.masked_fill_(hidden, float("-inf")).expand(B, self.n_kv, G, width).reshape(-1, G, width)

@@ -107,6 +107,8 @@ class LoadedModel:
         if self._fast is None:
             packed = self.options.packed_weights != "off" and onednn.usable(self.device, self.dtype)
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed)
+            log.info("fast path: %s matrices%s", str(self.dtype).removeprefix("torch."),
+                     ", prepacked for oneDNN" if packed else "")
             setting = self.options.int8_small_batch
             if setting != "off":
                 ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)

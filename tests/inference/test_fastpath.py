@@ -174,3 +174,24 @@ def test_packed_matrices_only_where_onednn_runs_them():
     assert onednn.usable(torch.device("cpu"), torch.float32) and onednn.usable(torch.device("cpu"), torch.bfloat16)
     assert not onednn.usable(torch.device("cpu"), torch.float16)
     assert not onednn.usable(torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_equals_sdpa(tiny_model_dir, dtype):
+    """A decode step's attention: the two matmuls CPUs run give what SDPA (a GPU's path) gives."""
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off"))
+    ids = lm.encode_raw("Once upon a time in a land far away, there lived a very old tortoise")
+    outs = []
+    with torch.inference_mode():
+        for sdpa in (False, True):
+            fast = FastLlama(lm.fast_weights(), rows=3)
+            fast.sdpa_decode = sdpa
+            for row, n in enumerate((5, 3, 8)):  # rows of different lengths: the mask matters
+                fast.prefill(row, ids[:n], 0)
+            steps = []
+            for i in range(4):
+                tokens = torch.tensor([ids[5 + i], ids[3 + i], ids[8 + i]])
+                steps.append(fast.decode(tokens, torch.tensor([5 + i, 3 + i, 8 + i])))
+            outs.append(torch.stack(steps))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4 if dtype == "float32" else 5e-2)
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).all()
