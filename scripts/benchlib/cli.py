@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="only the stall section (no server): --stall-streams streams decode in the engine in-process"
                     "\nwhile one --stall-tokens prompt arrives, fed whole, then in chunks; prints the streams' largest"
                     "\ngap between two tokens during its prefill (about a minute)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="only the kernels section (no server): packed vs plain matmuls, the decode attention vs SDPA,"
+                    "\na decode step alone vs beside a second OpenMP pool (benchlib/kernels.py; about a minute)")
     ap.add_argument("--stall-tokens", type=int, default=2048, help="the long prompt's tokens (default 2048)")
     ap.add_argument("--stall-streams", type=int, default=4, help="streams decoding meanwhile (default 4)")
     ap.add_argument("--smoke", action="store_true",
@@ -106,6 +109,8 @@ async def bench(args: argparse.Namespace) -> int:
 
     if args.stall:
         return await stall_only(args, settings)
+    if args.kernels:
+        return await kernels_only(args, settings)
     machine = None if args.jobs_only else probe(settings, quick=args.smoke)
 
     def default_model() -> Path:
@@ -213,6 +218,22 @@ async def stall_only(args: argparse.Namespace, settings) -> int:
           f" prefill chunk {lm.options.prefill_chunk} (INFERQL_PREFILL_CHUNK)", flush=True)
     await stall_section(lm, streams=args.stall_streams, prompt_tokens=args.stall_tokens,
                         chunk=lm.options.prefill_chunk, max_batch=max(args.stall_streams + 1, 2))
+    return 0
+
+
+async def kernels_only(args: argparse.Namespace, settings) -> int:
+    from app.inference.model import EngineOptions, load_model
+    from app.inference.weights import pull_default_model
+
+    from .kernels import kernels_section
+
+    model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
+    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
+                                 options=EngineOptions.from_settings(settings))
+    if lm.fast_weights() is None:
+        print("kernels: the model runs the Hugging Face forward, not the fast path: nothing to measure")
+        return 0
+    kernels_section(lm, quick=args.smoke)
     return 0
 
 

@@ -49,3 +49,16 @@ def test_bench_stall_runs_and_reports(real_model_dir):
     assert re.search(r"^\s+whole prompt \(unchunked\)\s+gap before it p50\s+[0-9.]+ ms; during its prefill: largest"
                      r"\s+[0-9.]+ ms", out, re.M), out
     assert re.search(r"^\s+chunks of \d+ tokens\s+gap before it", out, re.M), out
+
+
+@pytest.mark.e2e
+def test_bench_kernels_runs_and_reports(tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--kernels", "--smoke", "--model-path", str(tiny_model_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
+    assert re.search(r"^\s+1 rows: plain\s+[0-9.]+ us, packed\s+[0-9.]+ us\s+[0-9.]+x", out, re.M), out
+    assert re.search(r"^\s+16 rows: SDPA\s+[0-9.]+ us, two matmuls\s+[0-9.]+ us\s+[0-9.]+x", out, re.M), out
+    assert re.search(r"^\s+1 rows: alone\s+[0-9.]+ ms, beside a second pool\s+[0-9.]+ ms\s+[0-9.]+x", out, re.M), out

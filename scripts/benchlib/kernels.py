@@ -1,0 +1,154 @@
+"""`--kernels`: three of the engine's means, each timed against what it replaced, the two
+alternating in one process (a shared machine drifts; only ratios measured side by side mean
+anything). About a minute; no server.
+
+* matrices: one layer's four matmuls (qkv, o, gate+up, down), plain `F.linear` against the
+  oneDNN-packed copies the fast path uses (app/inference/onednn.py), by rows;
+* decode attention, one query per row: torch's SDPA against the two matmuls of
+  `_decode_attention` (app/inference/fastllama.py);
+* one OpenMP pool: a decode step on a thread of its own, with no other OpenMP pool alive,
+  then while another thread that has run a parallel op is alive (app/inference/threads.py).
+
+Everything runs on one measuring thread that ends with the section; the thread that keeps a
+second pool alive for the last measure is started and ended inside it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best
+
+
+def _alternate(a, b, reps: int, rounds: int) -> tuple[float, float]:
+    """Best time of a and of b over rounds that alternate them."""
+    ta = tb = float("inf")
+    for _ in range(rounds):
+        ta = min(ta, _best(a, reps))
+        tb = min(tb, _best(b, reps))
+    return ta, tb
+
+
+def _matrices(lm, quick: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from app.inference import onednn
+
+    dt = lm.dtype
+    qkv, _, o, gu, d = lm.fast_weights().matrices(0)
+    plain = [m.to(dt).contiguous() for m in (qkv, o, gu, d)]
+    if not onednn.usable(lm.device, dt):
+        print(f"  matrices: oneDNN packing unavailable here ({lm.device.type}, {dt}): skipped")
+        return
+    packed = [onednn.pack(m) for m in plain]
+    print(f"  one layer's matmuls ({str(dt).removeprefix('torch.')}), plain F.linear vs oneDNN-packed:")
+    for rows in (1, 16) if quick else (1, 4, 16, 64, 128):
+        xs = {m.shape[1]: torch.randn(rows, m.shape[1], dtype=dt) for m in plain}
+        t_plain, t_packed = _alternate(lambda: [F.linear(xs[m.shape[1]], m) for m in plain],
+                                       lambda: [onednn.linear(xs[m.shape[1]], m) for m in packed],
+                                       reps=3 if quick else 10, rounds=2 if quick else 5)
+        print(f"    {rows:4d} rows: plain {t_plain * 1e6:8.1f} us, packed {t_packed * 1e6:8.1f} us"
+              f"   {t_plain / t_packed:.2f}x")
+
+
+def _attention(lm, quick: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from app.inference.fastllama import _decode_attention
+
+    w = lm.fast_weights()
+    H, KV, D, dt = w.n_heads, w.n_kv, w.head_dim, w.dtype
+    width = 200
+    print(f"  decode attention, {width} cached positions per row, one layer: SDPA vs two float32 matmuls:")
+    for rows in (1, 16):
+        q = torch.randn(rows, H, 1, D)
+        keys = torch.randn(rows, KV, width, D).to(dt)
+        values = torch.randn(rows, KV, width, D).to(dt)
+        ends = torch.randint(width // 2, width, (rows,))
+        hidden = torch.arange(width)[None, :] > ends[:, None]
+        allowed = ~hidden[:, None, None]
+        add = torch.zeros(rows, 1, 1, width).masked_fill_(hidden[:, None, None], float("-inf"))
+        add = add.expand(rows, KV, H // KV, width).reshape(-1, H // KV, width)
+        t_sdpa, t_mm = _alternate(
+            lambda: F.scaled_dot_product_attention(q.to(dt), keys, values, attn_mask=allowed, scale=w.sm_scale,
+                                                   enable_gqa=KV != H),
+            lambda: _decode_attention(q, keys, values, add, w.sm_scale),
+            reps=5 if quick else 50, rounds=2 if quick else 5)
+        print(f"    {rows:4d} rows: SDPA {t_sdpa * 1e6:8.1f} us, two matmuls {t_mm * 1e6:8.1f} us"
+              f"   {t_sdpa / t_mm:.2f}x")
+
+
+def _one_pool(lm, quick: bool) -> None:
+    import torch
+
+    from app.inference.fastllama import FastLlama
+
+    steps = 6 if quick else 20
+
+    def decode_ms(rows: int) -> float:
+        fast = FastLlama(lm.fast_weights(), rows)
+        prompt = list(range(100, 160))
+        with torch.inference_mode():
+            for r in range(rows):
+                fast.prefill(r, prompt, 0, logits=False)
+            tokens, times = torch.full((rows,), 200), []
+            for _ in range(steps):
+                fast.lengths[:rows] = [len(prompt)] * rows  # every step writes the same column
+                t = time.perf_counter()
+                fast.decode(tokens, torch.full((rows,), len(prompt)))
+                times.append(time.perf_counter() - t)
+        return statistics.median(times[2:]) * 1e3
+
+    def with_second_pool(fn):
+        ready, done = threading.Event(), threading.Event()
+
+        def other() -> None:
+            torch.randn(1 << 20).sum()  # a parallel op: this thread now keeps an OpenMP pool
+            ready.set()
+            done.wait()
+
+        thread = threading.Thread(target=other, daemon=True)
+        thread.start()
+        ready.wait()
+        try:
+            return fn()
+        finally:
+            done.set()
+            thread.join()
+
+    print("  a decode step on this thread, alone and beside a second thread's OpenMP pool:")
+    for rows in (1, 16):
+        alone, beside = [], []
+        for _ in range(1 if quick else 3):
+            alone.append(decode_ms(rows))
+            beside.append(with_second_pool(lambda: decode_ms(rows)))
+        a, b = statistics.median(alone), statistics.median(beside)
+        print(f"    {rows:4d} rows: alone {a:7.1f} ms, beside a second pool {b:7.1f} ms   {b / a:.2f}x")
+
+
+def kernels_section(lm, quick: bool = False) -> None:
+    import torch
+
+    from app.inference.threads import in_passing_thread
+
+    print(f"kernels ({torch.get_num_threads()} torch threads; best times, the two alternating):", flush=True)
+
+    def run() -> None:
+        _matrices(lm, quick)
+        _attention(lm, quick)
+        _one_pool(lm, quick)
+
+    in_passing_thread(run)
