@@ -79,8 +79,8 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
     Two batched matmuls per layer, the query heads that share a key/value head (GQA) as one
     [H / KV, D] block against it: with one query per row, torch's CPU SDPA kernel (flash
-    attention, built for long queries) took 3-7x longer (170 vs 65 us at 1 row, 2.9 vs
-    0.4 ms at 16 rows of 200 positions)."""
+    attention, built for long queries) took 3-6x longer (`scripts/bench.py --kernels`: 115
+    vs 37 us at 1 row, 1.6 vs 0.26 ms at 16 rows of 200 positions)."""
     B, H, _, D = q.shape
     KV, W = keys.shape[1], keys.shape[2]
     # (in the cache's bfloat16, the scores would be rounded to 8 bits of mantissa)

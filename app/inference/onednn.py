@@ -6,9 +6,9 @@ bandwidth. `torch.ops.mkldnn._reorder_linear_weight` lays a matrix out once in o
 blocked format and `torch.ops.mkldnn._linear_pointwise` multiplies by it: the same pair
 torch.compile's CPU freezing pass emits for a linear layer, here called directly.
 
-Measured on a 2-core AVX512-BF16 machine, SmolLM2-135M's layer matrices, 2 threads:
-bfloat16 1.9-3.3x faster at 1-4 rows, 1.7-2.2x at 16, 1.1-1.4x at 64-512 (prefill);
-float32 1.7x at 1-16 rows, 1.3x at 128. bfloat16 results are bit-identical to `F.linear`,
+Measured on a 2-core AVX512-BF16 machine, 2 threads (`scripts/bench.py --kernels` times one
+layer of the served model): SmolLM2-135M's four layer matmuls in bfloat16 1.7x faster at
+1-4 rows, 1.35x at 16, 1.1-1.2x at 64-128; float32 about 1.7x at 1-16 rows. bfloat16 results are bit-identical to `F.linear`,
 float32 ones within 2e-6. Only the CPU, in float32 or bfloat16, and only where a trial
 multiplication at load agrees with `F.linear` (the ops are torch internals: a torch that
 lacks or changes them falls back to plain weights).

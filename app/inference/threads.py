@@ -5,9 +5,9 @@ that opens a parallel region a pool of worker threads of its own, kept until tha
 ends. Once the pools together hold more threads than the machine has cores, libgomp's
 workers stop spin-waiting between regions (its spin count drops to 100) and sleep on a
 futex instead, so every parallel region pays a wake-up: a decode step opens about a
-thousand. Measured on a 2-core machine, SmolLM2-135M, 2 torch threads: a decode step on
-the engine's thread took 35-54 ms at 1 row and 68-96 ms at 16 rows while the thread that
-had loaded the model was still alive, against 17-27 ms and 38-48 ms with no other pool.
+thousand. Measured on a 2-core machine, SmolLM2-135M, 2 torch threads (`scripts/bench.py
+--kernels`): a decode step took 1.7-1.8x longer beside a second thread's pool (1 row 45 vs
+26 ms, 16 rows 68 vs 40 ms).
 
 So the model is loaded, and any other torch work outside the engine is done, in a thread
 that ends with it (`in_passing_thread`), and the long-lived threads (the event loop's, the
