@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     int8_small_batch: Literal["auto", "on", "off"] = "auto"  # int8 weight copies for decode steps of few
     #   rows (bandwidth-bound); auto: timed at load (~1 s), kept for the row counts where they are faster
     packed_weights: Literal["auto", "off"] = "auto"  # auto: the fast path's matrices prepacked for oneDNN
-    #   on CPU (inference/onednn.py; 1.7-3x faster decode matmuls); off: plain F.linear weights
+    #   on CPU (inference/onednn.py; a layer's 1-row matmuls 1.7x faster); off: plain F.linear weights
 
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 ROWS_TRIED = (1, 2, 4)   # row counts `auto` times
 ON_ROWS = 4              # `on`: int8 for decode steps of up to this many rows
 # `auto` keeps a row count where int8 is at least this much faster. Against the oneDNN-packed
-# 16-bit matrices, 1-row timings at load ranged 1.13-1.35x (whole decode step ~1.14x-1.4x):
+# 16-bit matrices, 1-row timings at load ranged 1.09-1.35x (a whole 1-row decode step ~1.14x):
 # a 1.1 bar was missed by noise in about one start in four, and a server and the bench's
 # engine on one machine then ran different paths.
 MIN_GAIN = 1.05
