@@ -24,6 +24,7 @@ import time
 import torch
 
 from . import onednn
+from .timing import alternate
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,6 @@ def usable(device: torch.device, act_dtype: torch.dtype, auto: bool = False) -> 
     return act_dtype in ((torch.bfloat16, torch.float16) if auto else (torch.bfloat16, torch.float16, torch.float32))
 
 
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
 @torch.inference_mode()
 def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], act_dtype: torch.dtype,
                  rows: tuple[int, ...] = ROWS_TRIED, budget_s: float = 1.0) -> tuple[int, dict[int, float]]:
@@ -86,11 +76,7 @@ def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ac
         xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=act_dtype) for w, _, _ in mats}
         dense = lambda: [onednn.linear(xs[w.shape[1]], w) for w, _, _ in mats]  # noqa: E731
         small = lambda: [linear(xs[w.shape[1]], q, s) for w, q, s in mats]  # noqa: E731
-        # alternate the two, keep each one's best of several rounds
-        a = b = float("inf")
-        for _ in range(7):
-            a = min(a, _best(dense, 8))
-            b = min(b, _best(small, 8))
+        a, b = alternate(dense, small, reps=8, rounds=7)
         ratios[m] = a / b
         if ratios[m] < MIN_GAIN:
             break

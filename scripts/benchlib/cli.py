@@ -206,13 +206,18 @@ async def cluster_only(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-async def stall_only(args: argparse.Namespace, settings) -> int:
+async def _engine_model(args: argparse.Namespace, settings):
+    """The model the engine-only sections run in this process, with the settings' engine options."""
     from app.inference.model import EngineOptions, load_model
     from app.inference.weights import pull_default_model
 
     model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
-    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
-                                 options=EngineOptions.from_settings(settings))
+    return await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
+                                   options=EngineOptions.from_settings(settings))
+
+
+async def stall_only(args: argparse.Namespace, settings) -> int:
+    lm = await _engine_model(args, settings)
     print(f"direct: {lm.info.id} ({lm.info.dtype}, {lm.info.device},"
           f" {'fast path' if lm.fast_weights() is not None else 'HF forward'});"
           f" prefill chunk {lm.options.prefill_chunk} (INFERQL_PREFILL_CHUNK)", flush=True)
@@ -222,14 +227,9 @@ async def stall_only(args: argparse.Namespace, settings) -> int:
 
 
 async def kernels_only(args: argparse.Namespace, settings) -> int:
-    from app.inference.model import EngineOptions, load_model
-    from app.inference.weights import pull_default_model
-
     from .kernels import kernels_section
 
-    model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
-    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
-                                 options=EngineOptions.from_settings(settings))
+    lm = await _engine_model(args, settings)
     if lm.fast_weights() is None:
         print("kernels: the model runs the Hugging Face forward, not the fast path: nothing to measure")
         return 0

@@ -19,25 +19,7 @@ import statistics
 import threading
 import time
 
-
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        best = min(best, (time.perf_counter() - t) / reps)
-    return best
-
-
-def _alternate(a, b, reps: int, rounds: int) -> tuple[float, float]:
-    """Best time of a and of b over rounds that alternate them."""
-    ta = tb = float("inf")
-    for _ in range(rounds):
-        ta = min(ta, _best(a, reps))
-        tb = min(tb, _best(b, reps))
-    return ta, tb
+from app.inference.timing import alternate
 
 
 def _matrices(lm, quick: bool) -> None:
@@ -56,7 +38,7 @@ def _matrices(lm, quick: bool) -> None:
     print(f"  one layer's matmuls ({str(dt).removeprefix('torch.')}), plain F.linear vs oneDNN-packed:")
     for rows in (1, 16) if quick else (1, 4, 16, 64, 128):
         xs = {m.shape[1]: torch.randn(rows, m.shape[1], dtype=dt) for m in plain}
-        t_plain, t_packed = _alternate(lambda: [F.linear(xs[m.shape[1]], m) for m in plain],
+        t_plain, t_packed = alternate(lambda: [F.linear(xs[m.shape[1]], m) for m in plain],
                                        lambda: [onednn.linear(xs[m.shape[1]], m) for m in packed],
                                        reps=3 if quick else 10, rounds=2 if quick else 5)
         print(f"    {rows:4d} rows: plain {t_plain * 1e6:8.1f} us, packed {t_packed * 1e6:8.1f} us"
@@ -82,7 +64,7 @@ def _attention(lm, quick: bool) -> None:
         allowed = ~hidden[:, None, None]
         add = torch.zeros(rows, 1, 1, width).masked_fill_(hidden[:, None, None], float("-inf"))
         add = add.expand(rows, KV, H // KV, width).reshape(-1, H // KV, width)
-        t_sdpa, t_mm = _alternate(
+        t_sdpa, t_mm = alternate(
             lambda: F.scaled_dot_product_attention(q.to(dt), keys, values, attn_mask=allowed, scale=w.sm_scale,
                                                    enable_gqa=KV != H),
             lambda: _decode_attention(q, keys, values, add, w.sm_scale),

@@ -84,6 +84,7 @@ async def stall_section(lm, *, streams: int, prompt_tokens: int, chunk: int, max
         row = await _one(lm, c, streams, prompt_tokens, max_batch)
         label = "whole prompt (unchunked)" if c >= prompt_tokens else f"chunks of {c} tokens"
         print(f"  {label:<25} gap before it p50 {row['steady_ms']:5.1f} ms; during its prefill: largest"
-              f" {row['max_gap_ms']:7.1f} ms (p50 {row['p50_gap_ms']:6.1f} ms)   the long prompt's TTFT {row['prefill_s'] * 1000:8.1f} ms", flush=True)
+              f" {row['max_gap_ms']:7.1f} ms (p50 {row['p50_gap_ms']:6.1f} ms)"
+              f"   the long prompt's TTFT {row['prefill_s'] * 1000:8.1f} ms", flush=True)
         rows.append(row)
     return rows

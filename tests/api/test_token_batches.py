@@ -48,13 +48,20 @@ def flatten(grouped):
     return out
 
 
-async def test_a_lagging_consumer_gets_every_event_once_in_order_in_fewer_messages():
-    events = job_events(40)
+async def messages_of(events, gaps: float, busy: float = 0.0) -> list:
+    """What a consumer taking `busy` seconds per message is sent for events `gaps` apart."""
     messages = []
-    async with aclosing(backlog(source(events, 0.001))) as ready_lists:
+    async with aclosing(backlog(source(events, gaps))) as ready_lists:
         async for ready in ready_lists:
             messages += group_tokens(ready)
-            await asyncio.sleep(0.02)  # a slow client: ~20 events pile up meanwhile
+            if busy:
+                await asyncio.sleep(busy)
+    return messages
+
+
+async def test_a_lagging_consumer_gets_every_event_once_in_order_in_fewer_messages():
+    events = job_events(40)
+    messages = await messages_of(events, 0.001, busy=0.02)  # a slow client: ~20 events pile up meanwhile
     assert flatten(messages) == events
     assert [e.seq for e in flatten(messages)] == list(range(1, len(events) + 1))
     batches = [m for m in messages if isinstance(m, list)]
@@ -64,10 +71,7 @@ async def test_a_lagging_consumer_gets_every_event_once_in_order_in_fewer_messag
 
 async def test_a_consumer_that_keeps_up_gets_one_event_per_message():
     events = job_events(10)
-    messages = []
-    async with aclosing(backlog(source(events, 0.005))) as ready_lists:
-        async for ready in ready_lists:
-            messages += group_tokens(ready)
+    messages = await messages_of(events, 0.005)
     assert messages == events  # no lists: one TokenGenerated per token
 
 
