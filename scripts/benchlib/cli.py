@@ -138,13 +138,11 @@ async def bench(args: argparse.Namespace) -> int:
             # Load the direct model while the server loads its own (load time is not measured).
             from transformers.utils import logging as hf_logging
 
-            from app.inference.model import load_model
-
             hf_logging.disable_progress_bar()
             if model_path is None:
                 model_path = default_model()
             t0 = time.perf_counter()
-            lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
+            lm = await _engine_model(args, settings, model_path)
             print(f"direct: loaded {lm.info.id} ({lm.info.version}, {lm.info.dtype}, {lm.info.device},"
                   f" {'fast path' if lm.fast_weights() is not None else 'HF forward'})"
                   f" in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -192,13 +190,12 @@ async def bench(args: argparse.Namespace) -> int:
 
 
 async def cluster_only(args: argparse.Namespace, settings) -> int:
-    from app.inference.model import load_model
     from app.inference.weights import pull_default_model
 
     from .cluster import cluster_section
 
     model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
-    lm = await asyncio.to_thread(load_model, model_path, settings.device, args.threads)
+    lm = await _engine_model(args, settings, model_path)
     with tempfile.TemporaryDirectory(prefix="inferql-bench-") as tmp:
         await cluster_section(Path(tmp), model_path, lm, args.threads, rounds=args.rounds,
                               max_tokens=args.max_tokens if args.max_tokens != 128 or args.smoke else 64,
@@ -206,12 +203,13 @@ async def cluster_only(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-async def _engine_model(args: argparse.Namespace, settings):
-    """The model the engine-only sections run in this process, with the settings' engine options."""
+async def _engine_model(args: argparse.Namespace, settings, model_path: Path | None = None):
+    """The model the bench's direct engine runs in this process, with the same engine options
+    (INFERQL_DTYPE, INFERQL_INT8_SMALL_BATCH, ...) as the servers it starts."""
     from app.inference.model import EngineOptions, load_model
     from app.inference.weights import pull_default_model
 
-    model_path = args.model_path or pull_default_model(Path(settings.cache_dir))
+    model_path = model_path or args.model_path or pull_default_model(Path(settings.cache_dir))
     return await asyncio.to_thread(load_model, model_path, settings.device, args.threads,
                                    options=EngineOptions.from_settings(settings))
 
