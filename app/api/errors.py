@@ -52,6 +52,12 @@ class ErrorCodes(MaskErrors):
         super().__init__()
         self.hide_suggestions = hide_suggestions
 
+    def _process_result(self, result: object) -> None:
+        # MaskErrors asks isinstance(result, <a runtime-checkable Protocol>), which costs
+        # more than the rest of the hook; it runs for every event a subscription sends.
+        if errors := getattr(result, "errors", None):
+            result.errors = self._process_errors(errors)
+
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
         coded = [coded_error(e) for e in errors]
         return [without_suggestions(e) for e in coded] if self.hide_suggestions else coded

@@ -11,6 +11,7 @@ from strawberry.extensions import DisableIntrospection
 from app.settings import Settings
 
 from .errors import ErrorCodes
+from .execution import InferQLExecutor
 from .limits import DocumentLimitSettings, document_limits
 from .mutations import Mutation
 from .observe import ObserveOperations, log_errors
@@ -46,7 +47,8 @@ def build_schema(settings: Settings | None = None, *, tracer_provider: Any | Non
         tracer_provider = provider_from_env()
     if (tracing := tracing_extension(tracer_provider)) is not None:
         extensions.append(tracing)
-    return InferQLSchema(query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions)
+    return InferQLSchema(query=Query, mutation=Mutation, subscription=Subscription, extensions=extensions,
+                         execution_context_class=InferQLExecutor)
 
 
 schema = build_schema(Settings(_env_file=None, env="development"), trace_from_env=False)
