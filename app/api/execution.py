@@ -10,7 +10,7 @@ ended. That walk was about a quarter of the event loop's CPU per token.
 Here an event whose freshly collected root fields equal the first event's (always, as the
 document and variables of a subscription do not change) is executed with the first
 event's lists, so the memo hits from the second event on and holds one entry per selected
-type.
+type. Each event's copy of the executor is also made without copy.copy's generic path.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ class InferQLExecutor(StrawberryGraphQLCoreExecutionContext):
         super().__init__(*args, **kwargs)
         # Shared with the per-event copies (graphql-core makes them with copy.copy).
         self._root_fields: list = []
+
+    def __copy__(self) -> InferQLExecutor:
+        # What copy.copy does for a plain object (a new instance sharing the attributes),
+        # without its generic __reduce_ex__ path: one copy per subscription event.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     def execute_collected_root_fields(self, root_type, root_value, grouped_field_set, serially, new_defer_usages):
         if self.operation.operation is OperationType.SUBSCRIPTION and not new_defer_usages:

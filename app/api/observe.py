@@ -45,7 +45,6 @@ class ObserveOperations(SchemaExtension):
 
     def on_operation(self) -> Iterator[None]:
         started = time.perf_counter()
-        self._code: str | None = None
         try:
             yield
         finally:
@@ -54,15 +53,12 @@ class ObserveOperations(SchemaExtension):
                 operation = ctx.operation_type.value
             except Exception:  # no document: it did not parse
                 operation = "unknown"
-            result = ctx.result
-            errors = getattr(result, "errors", None) or ctx.pre_execution_errors or []
-            code = self._code or (error_code(errors[0]) if errors else "OK")
+            # A subscription's result is its last event's; strawberry keeps the errors of
+            # the last result that had any in pre_execution_errors. (No on_stream_result
+            # hook: it would cost a context manager per event sent.)
+            errors = getattr(ctx.result, "errors", None) or ctx.pre_execution_errors or []
+            code = error_code(errors[0]) if errors else "OK"
             REQUESTS.labels(operation, code).inc()
             if operation != "subscription":
                 OPERATION_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
-    def on_stream_result(self, result) -> Iterator[None]:
-        errors = getattr(result, "errors", None)
-        if self._code is None and errors:
-            self._code = error_code(errors[0])
-        yield

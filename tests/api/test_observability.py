@@ -14,7 +14,7 @@ from graphql.error import GraphQLError
 
 from app.api.observe import log_errors
 from tests.conftest import ServerProcess, free_port, wait_until
-from tests.gql import GENERATE, JOB, SUBMIT, collect
+from tests.gql import GENERATE, JOB, JOB_EVENTS, SUBMIT, collect
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,8 @@ async def test_metrics_change_as_expected_after_a_known_sequence(server):
         await finished(client, job["id"])                                               # query OK (x >= 1)
         events = await collect(client, GENERATE, {"input": {"prompt": "hi", "maxTokens": 3}})  # subscription OK
         assert events[-1]["__typename"] == "GenerationCompleted"
+        with pytest.raises(Exception, match="NOT_FOUND|not found"):                      # subscription NOT_FOUND
+            await collect(client, JOB_EVENTS, {"id": "nope", "after": 0})
     async with server.client(key="iq_wrong") as stranger:
         body = await stranger.execute_raw("{ models { id } }")                          # no valid key
         assert body["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
@@ -88,6 +90,7 @@ async def test_metrics_change_as_expected_after_a_known_sequence(server):
     assert d['inferql_graphql_requests_total{code="BAD_USER_INPUT",operation="unknown"}'] == 1
     assert d['inferql_graphql_requests_total{code="OK",operation="mutation"}'] == 1
     assert d['inferql_graphql_requests_total{code="OK",operation="subscription"}'] == 1
+    assert d['inferql_graphql_requests_total{code="NOT_FOUND",operation="subscription"}'] == 1
     assert d['inferql_graphql_requests_total{code="UNAUTHENTICATED",operation="unknown"}'] == 1
     assert d["inferql_jobs_submitted_total"] == 2
     assert d['inferql_jobs_finished_total{status="SUCCEEDED"}'] == 2
