@@ -162,7 +162,8 @@ async def bench(args: argparse.Namespace) -> int:
         if not args.jobs_only:
             phases, connect_ms, modes = await streaming_section(
                 base_url, api_key, lm, peer, concurrency=args.concurrency, rounds=args.rounds,
-                requests=args.requests, max_tokens=args.max_tokens, max_batch=args.max_batch)
+                requests=args.requests, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                server_pid=server.proc.pid if server is not None else None)
             if peer is not None:
                 peer.stop()
                 peer = None

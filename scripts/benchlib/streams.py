@@ -8,9 +8,11 @@ modes of one concurrency back to back in a rotating order.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -57,6 +59,7 @@ class Phase:
     concurrency: int
     streams: list[Stream]
     max_batch: int
+    loop_cpu_s: float | None = None  # API, a server started here: its event loop thread's CPU time in the phase
 
     @property
     def tokens(self) -> int:
@@ -75,7 +78,11 @@ class Phase:
         """API: the token messages per token (below 1 when tokens that piled up went out together)."""
         if self.mode != "API" or not self.tokens:
             return ""
-        return f", {sum(s.messages or 0 for s in self.streams) / self.tokens:.2f} token messages per token"
+        messages = sum(s.messages or 0 for s in self.streams)
+        note = f", {messages / self.tokens:.2f} token messages per token"
+        if self.loop_cpu_s is not None:  # each subscription's own work (auth, submit, records) included
+            note += f", server event loop {self.loop_cpu_s / self.tokens * 1e6:.0f} us CPU per token"
+        return note
 
 
 # ---- closed-loop driver -------------------------------------------------------------------
@@ -146,12 +153,32 @@ async def batch_histogram(http: httpx.AsyncClient, base_url: str) -> dict[int, f
     return {int(size): float(count) for size, count in _HIST.findall(resp.text)}
 
 
-async def api_phase(client, http, base_url: str, concurrency: int, prompts: list[str], max_tokens: int) -> Phase:
+def thread_cpu_s(pid: int | None, tid: int | None = None) -> float | None:
+    """CPU time (user + system) of one thread of a process (the main thread by default), from
+    /proc; None where that cannot be read."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def api_phase(client, http, base_url: str, concurrency: int, prompts: list[str], max_tokens: int,
+                    server_pid: int | None = None) -> Phase:
+    """With the pid of a server started here, also the CPU its event loop (the main thread:
+    GraphQL, websockets, the job bookkeeping) spent in the phase; the scrapes of /metrics
+    around it are counted too, which is noise next to thousands of token messages."""
     before = await batch_histogram(http, base_url)
+    cpu0 = thread_cpu_s(server_pid)
     streams = await run_phase(concurrency, prompts, lambda p: api_stream(client, p, max_tokens))
+    cpu1 = thread_cpu_s(server_pid)
     after = await batch_histogram(http, base_url)
     sizes = [size for size, count in after.items() if count > before.get(size, 0.0)]
-    return Phase("API", concurrency, streams, max(sizes, default=0))
+    loop_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+    return Phase("API", concurrency, streams, max(sizes, default=0), loop_cpu)
 
 
 # ---- the direct side ----------------------------------------------------------------------
@@ -215,10 +242,11 @@ class Direct:
 
 
 async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, concurrency: list[int], rounds: int,
-                            requests: int, max_tokens: int, max_batch: int,
+                            requests: int, max_tokens: int, max_batch: int, server_pid: int | None = None,
                             ) -> tuple[dict[tuple[str, int], list[Phase]], list[float], list[str]]:
     """Every (mode, concurrency) phase of every round; returns them, the API's connect times
-    (ms, the websocket connect + connection_init before each subscribe) and the modes."""
+    (ms, the websocket connect + connection_init before each subscribe) and the modes.
+    server_pid: the server's process, when started here, to read its event loop's CPU time."""
     from app.client import InferQLClient
 
     direct = Direct(lm, max_batch)
@@ -234,7 +262,7 @@ async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, con
 
         async def run_mode(mode: str, c: int, prompts: list[str], max_tokens: int) -> Phase:
             if mode == "API":
-                return await api_phase(client, http, base_url, c, prompts, max_tokens)
+                return await api_phase(client, http, base_url, c, prompts, max_tokens, server_pid)
             if mode == "peer":
                 return await peer.phase(http, c, prompts, max_tokens)
             await direct.start()
