@@ -11,7 +11,7 @@ instead, with the model's own weights:
   residual stream, the norms and the final logits in float32;
 * optionally (INFERQL_INT8_SMALL_BATCH, int8.py) the matrices also have an int8 copy with
   per-output-channel scales, used by decode steps of at most `int8_rows` rows, where a
-  step is bound by the bytes of weights it reads; bigger steps and prefills use the 16-bit
+  step is bound by the bytes of weights it reads; bigger steps and prefills use the dense
   weights;
 * on CPU the matrices are prepacked for oneDNN (onednn.py), and a decode step's attention is
   two batched float32 matmuls (`_decode_attention`) rather than torch's SDPA kernel;
@@ -181,9 +181,9 @@ class FastWeights:
     def add_int8(self, rows: int | None = None, head: bool = True) -> dict[int, float]:
         """Make the int8 copies (from the float32 master weights) and use them for steps of
         at most `rows` rows; rows None: as many as int8.measure_rows finds faster here (0
-        drops the copies). Returns the measured 16-bit / int8 time ratios ({} when not timed)."""
-        act = self.dtype
-        if not int8.usable(self.device, act, auto=rows is None):
+        drops the copies). Returns the measured dense / int8 time ratios ({} when not timed)."""
+        act = int8.activations(self.dtype)
+        if not int8.usable(self.device, self.dtype):
             self.int8_rows, self.layers8, self.head8 = 0, [], None
             return {}
         if not self.layers8:
@@ -196,7 +196,7 @@ class FastWeights:
         if rows is None:
             _, wqkv, _, wo, _, wgu, wd = self.layers[0]
             mats = [(w, *q8) for w, q8 in zip((wqkv, wo, wgu, wd), self.layers8[0])]
-            rows, ratios = int8.measure_rows(mats, act)
+            rows, ratios = int8.measure_rows(mats, self.dtype)
         self.int8_rows = rows
         if not rows:
             self.layers8, self.head8 = [], None
@@ -290,7 +290,7 @@ class FastLlama:
         dt = self.dtype
         decode = isinstance(write_at, torch.Tensor)
         # Decode steps only: a prefill (even of one token, after a cached prefix) keeps the
-        # 16-bit weights, so a prompt's first token does not depend on the prefix cache.
+        # dense weights, so a prompt's first token does not depend on the prefix cache.
         small = decode and B <= self.w.int8_rows
         none8 = (None, None, None, None)
         idx = torch.arange(B, device=h.device) if decode else None

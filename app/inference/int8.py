@@ -11,9 +11,14 @@ copies and picks by the number of rows (fastllama.py).
 Scales are rounded to the activations' dtype (the op wants them so) before the weights are
 divided by them, so the rounding of a scale does not bias its whole channel.
 
+A float32 model's int8 copies multiply bfloat16 activations (`activations`): the op runs
+float32 ones slowly, bfloat16 ones fast even without native support. On an AVX2-only CPU
+(float32 weights) a whole 1-row decode step took 32.5 instead of 56.4 ms (`python -m
+app.inference.int8`), as it reads a quarter of the bytes.
+
 `auto` times the model's own matrices at load (about a second) at 1, 2 and 4 rows and
 keeps the int8 copy for the row counts where it is clearly faster; where it is slower
-(float32 activations, which this op runs slowly, or a GPU) nothing is kept.
+(a GPU, or a CPU where the op is slow) nothing is kept.
 """
 
 from __future__ import annotations
@@ -46,34 +51,40 @@ def quantize(w: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, tor
 
 
 def linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, q * scales[:, None], bias) for x [..., K] in the scales' dtype."""
-    lead = x.shape[:-1]
-    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), q, scales)
+    """F.linear(x, q * scales[:, None], bias) for x [..., K], multiplied in the scales' dtype
+    (x converted to it and the product back to x's dtype when they differ)."""
+    lead, dtype = x.shape[:-1], x.dtype
+    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scales.dtype), q, scales).to(dtype)
     if bias is not None:
         out = out + bias
     return out.view(*lead, q.shape[0])
 
 
-def usable(device: torch.device, act_dtype: torch.dtype, auto: bool = False) -> bool:
-    """The op runs on CPU with float32/bfloat16/float16 activations. `auto` tries 16-bit
-    activations only: with float32 ones the op measured 5-20x slower than a float32 GEMV
-    here, and a timing at load should not have to be trusted to see that."""
-    if device.type != "cpu":
-        return False
-    return act_dtype in ((torch.bfloat16, torch.float16) if auto else (torch.bfloat16, torch.float16, torch.float32))
+def activations(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype int8 copies multiply their activations in: the model's own when 16-bit,
+    bfloat16 for a float32 model. The op runs float32 activations 5-20x slower than a float32
+    GEMV, but bfloat16 ones fast even on a CPU without native bfloat16 (AVX2: one layer's four
+    matrices at 1-2 rows 1.6x faster than the packed float32 ones, with the weights in cache;
+    from memory, a quarter of the bytes). `linear` converts to it and back."""
+    return torch.bfloat16 if model_dtype == torch.float32 else model_dtype
+
+
+def usable(device: torch.device, model_dtype: torch.dtype) -> bool:
+    """The op runs on CPU, for float32, bfloat16 and float16 models (see `activations`)."""
+    return device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
 @torch.inference_mode()
-def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], act_dtype: torch.dtype,
+def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], model_dtype: torch.dtype,
                  rows: tuple[int, ...] = ROWS_TRIED, budget_s: float = 1.0) -> tuple[int, dict[int, float]]:
-    """mats: (16-bit weight, int8 weight, scales) of one layer. Returns (the largest row count
+    """mats: (the model's weight, int8 weight, scales) of one layer. Returns (the largest row count
     up to which int8 is at least MIN_GAIN x faster at every count tried, 0 if not even at 1;
-    {rows: 16-bit time / int8 time})."""
+    {rows: dense time / int8 time})."""
     t_end = time.perf_counter() + budget_s
     ratios: dict[int, float] = {}
     keep = 0
     for m in rows:
-        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=act_dtype) for w, _, _ in mats}
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=model_dtype) for w, _, _ in mats}
         dense = lambda: [onednn.linear(xs[w.shape[1]], w) for w, _, _ in mats]  # noqa: E731
         small = lambda: [linear(xs[w.shape[1]], q, s) for w, q, s in mats]  # noqa: E731
         a, b = alternate(dense, small, reps=8, rounds=7)
@@ -87,7 +98,7 @@ def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ac
 
 
 def _compare_steps(model_dir, repeats: int) -> None:
-    """Decode-step time at 1, 2 and 4 rows, 16-bit against int8 weights, alternating in one
+    """Decode-step time at 1, 2 and 4 rows, the model's weights against int8, alternating in one
     process (a shared machine drifts; only ratios measured side by side mean anything)."""
     import statistics
 
@@ -108,7 +119,7 @@ def _compare_steps(model_dir, repeats: int) -> None:
         for _ in range(repeats):
             for rows in ROWS_TRIED:
                 toks, pos = torch.full((rows,), 42), torch.full((rows,), n)
-                for mode, limit in (("16-bit", 0), ("int8", ON_ROWS)):
+                for mode, limit in (("dense", 0), ("int8", ON_ROWS)):
                     w.int8_rows = limit
                     steps = []
                     for _ in range(8):
@@ -118,10 +129,10 @@ def _compare_steps(model_dir, repeats: int) -> None:
                         steps.append(time.perf_counter() - t)
                     times.setdefault((rows, mode), []).append(statistics.median(steps[2:]))
     for rows in ROWS_TRIED:
-        a, b = times[(rows, "16-bit")], times[(rows, "int8")]
+        a, b = times[(rows, "dense")], times[(rows, "int8")]
         ratios = sorted(x / y for x, y in zip(a, b))
-        print(f"{rows} rows: 16-bit {statistics.median(a) * 1e3:.1f} ms, int8 {statistics.median(b) * 1e3:.1f} ms;"
-              f" 16-bit/int8 {statistics.median(ratios):.2f}x (repeats {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        print(f"{rows} rows: {w.dtype} {statistics.median(a) * 1e3:.1f} ms, int8 {statistics.median(b) * 1e3:.1f} ms;"
+              f" dense/int8 {statistics.median(ratios):.2f}x (repeats {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 def _auto_rows(w) -> int:

@@ -112,7 +112,7 @@ class LoadedModel:
             setting = self.options.int8_small_batch
             if setting != "off":
                 ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)
-                log.info("int8 weights for decode steps of up to %d rows (%s; 16-bit/int8 time at load: %s)",
+                log.info("int8 weights for decode steps of up to %d rows (%s; dense/int8 time at load: %s)",
                          self._fast.int8_rows, setting,
                          ", ".join(f"{m} rows {r:.2f}x" for m, r in ratios.items()) or "not timed")
         return self._fast

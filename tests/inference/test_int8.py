@@ -61,9 +61,17 @@ def test_setting_forces_the_path_on_and_off(tiny_model_dir, dtype):
                 assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
-def test_auto_keeps_float32_weights_without_int8(tiny_model_dir):
-    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", int8_small_batch="auto"))
-    assert lm.fast_weights().int8_rows == 0 and not lm.fast_weights().layers8
+def test_a_float32_model_multiplies_its_int8_copies_in_bfloat16(tiny_model_dir):
+    # the op runs float32 activations many times slower than bfloat16 ones, even without
+    # native bfloat16: the copies' scales (and so the products) are bfloat16
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", int8_small_batch="on"))
+    w = lm.fast_weights()
+    assert all(s.dtype == torch.bfloat16 for layer in w.layers8 for _, s in layer) and w.head8[1].dtype == torch.bfloat16
+    q, s = w.layers8[0][0]
+    x = torch.randn(2, q.shape[1])
+    out = int8.linear(x, q, s)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, x @ (q.float() * s.float()[:, None]).T, atol=0.05, rtol=0.02)
 
 
 def test_the_setting_reaches_engine_options(monkeypatch):
@@ -75,8 +83,9 @@ def test_the_setting_reaches_engine_options(monkeypatch):
     assert Settings(_env_file=None).int8_small_batch == EngineOptions().int8_small_batch
 
 
-def test_int8_matches_float32_eager_on_the_real_model(real_model_dir):
-    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype="bfloat16", int8_small_batch="on"))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_int8_matches_float32_eager_on_the_real_model(real_model_dir, dtype):
+    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="on"))
     assert lm.fast_weights().int8_rows >= 1  # measure() decodes one row: every step runs int8
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
     fid = measure(lm, prompts, tokens=12)
