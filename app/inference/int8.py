@@ -53,8 +53,11 @@ def quantize(w: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, tor
 def linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, q * scales[:, None], bias) for x [..., K], multiplied in the scales' dtype
     (x converted to it and the product back to x's dtype when they differ)."""
-    lead, dtype = x.shape[:-1], x.dtype
-    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(scales.dtype), q, scales).to(dtype)
+    lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if x.dtype == scales.dtype:  # a 16-bit model: no conversion calls on this hot path
+        out = torch.ops.aten._weight_int8pack_mm(rows, q, scales)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(rows.to(scales.dtype), q, scales).to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*lead, q.shape[0])
@@ -63,9 +66,8 @@ def linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.T
 def activations(model_dtype: torch.dtype) -> torch.dtype:
     """The dtype int8 copies multiply their activations in: the model's own when 16-bit,
     bfloat16 for a float32 model. The op runs float32 activations 5-20x slower than a float32
-    GEMV, but bfloat16 ones fast even on a CPU without native bfloat16 (AVX2: one layer's four
-    matrices at 1-2 rows 1.6x faster than the packed float32 ones, with the weights in cache;
-    from memory, a quarter of the bytes). `linear` converts to it and back."""
+    GEMV, but bfloat16 ones fast even on a CPU without native bfloat16 (see the module's
+    docstring for a whole step on AVX2). `linear` converts to it and back."""
     return torch.bfloat16 if model_dtype == torch.float32 else model_dtype
 
 

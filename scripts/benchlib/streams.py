@@ -153,13 +153,13 @@ async def batch_histogram(http: httpx.AsyncClient, base_url: str) -> dict[int, f
     return {int(size): float(count) for size, count in _HIST.findall(resp.text)}
 
 
-def thread_cpu_s(pid: int | None, tid: int | None = None) -> float | None:
-    """CPU time (user + system) of one thread of a process (the main thread by default), from
-    /proc; None where that cannot be read."""
+def main_thread_cpu_s(pid: int | None) -> float | None:
+    """CPU time (user + system) of a process's main thread, from /proc; None where that
+    cannot be read."""
     if pid is None:
         return None
     try:
-        stat = Path(f"/proc/{pid}/task/{tid or pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
@@ -169,12 +169,12 @@ def thread_cpu_s(pid: int | None, tid: int | None = None) -> float | None:
 async def api_phase(client, http, base_url: str, concurrency: int, prompts: list[str], max_tokens: int,
                     server_pid: int | None = None) -> Phase:
     """With the pid of a server started here, also the CPU its event loop (the main thread:
-    GraphQL, websockets, the job bookkeeping) spent in the phase; the scrapes of /metrics
-    around it are counted too, which is noise next to thousands of token messages."""
+    GraphQL, websockets, the job bookkeeping) spent in the phase, between the scrapes of
+    /metrics around it."""
     before = await batch_histogram(http, base_url)
-    cpu0 = thread_cpu_s(server_pid)
+    cpu0 = main_thread_cpu_s(server_pid)
     streams = await run_phase(concurrency, prompts, lambda p: api_stream(client, p, max_tokens))
-    cpu1 = thread_cpu_s(server_pid)
+    cpu1 = main_thread_cpu_s(server_pid)
     after = await batch_histogram(http, base_url)
     sizes = [size for size, count in after.items() if count > before.get(size, 0.0)]
     loop_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
