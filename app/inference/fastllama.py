@@ -13,7 +13,8 @@ instead, with the model's own weights:
   per-output-channel scales, used by decode steps of at most `int8_rows` rows, where a
   step is bound by the bytes of weights it reads; bigger steps and prefills use the dense
   weights;
-* on CPU the matrices are prepacked for oneDNN (onednn.py), and a decode step's attention is
+* on CPU the matrices are prepacked for oneDNN (onednn.py), or for a float32 model kept in
+  float16 and multiplied in float32 by fbgemm (fp16.py); a decode step's attention is
   two batched float32 matmuls (`_decode_attention`) rather than torch's SDPA kernel;
 * the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`,
   in the weights' dtype (a float32 cache on CPU spared the attention its conversions but was
@@ -38,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import int8, onednn
+from . import fp16, int8, onednn
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 EXACT_TOP = 16  # candidates per row whose logits are recomputed in float32
@@ -66,9 +67,21 @@ def supports(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _mm(x: torch.Tensor, w: torch.Tensor, w8: tuple | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _mm(x: torch.Tensor, w, w8: tuple | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias), through the int8 copy w8 = (int8 weights, scales) when given."""
-    return onednn.linear(x, w, bias) if w8 is None else int8.linear(x, *w8, bias)
+    return dense(x, w, bias) if w8 is None else int8.linear(x, *w8, bias)
+
+
+def dense(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) for a matrix in any of the fast path's dense forms: a plain tensor,
+    oneDNN-packed, or fbgemm float16 (fp16.Matrix)."""
+    if type(w) is fp16.Matrix:
+        return w.linear(x, bias)
+    return onednn.linear(x, w, bias)
+
+
+def nbytes(w) -> int:
+    return w.nbytes if type(w) is fp16.Matrix else w.numel() * w.element_size()
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -93,12 +106,14 @@ class FastWeights:
     """The model's weights, rearranged for the lean forward (shared by every engine on a model)."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
-                 packed: bool = False) -> None:
-        """packed: the 16-bit (or float32) matrices in oneDNN's layout (onednn.py; CPU only)."""
+                 packed: bool = False, half: bool = False) -> None:
+        """packed: the 16-bit (or float32) matrices in oneDNN's layout (onednn.py; CPU only).
+        half: a float32 model's matrices in float16 for fbgemm instead (fp16.py; CPU only)."""
         cfg = model.config
         inner = model.model
         self.dtype = dtype
         self.device = device
+        self.half = half
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -112,7 +127,9 @@ class FastWeights:
         def w(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
-        def mat(t: torch.Tensor) -> torch.Tensor:  # a matrix only ever multiplied by
+        def mat(t: torch.Tensor):  # a matrix only ever multiplied by
+            if half:
+                return fp16.Matrix(t)
             return onednn.pack(w(t)) if packed else w(t)
 
         def f32(t: torch.Tensor) -> torch.Tensor:
@@ -129,10 +146,15 @@ class FastWeights:
         self.embed = w(inner.embed_tokens.weight)
         head = model.get_output_embeddings().weight
         tied = head is inner.embed_tokens.weight
-        self.head = onednn.pack(w(head)) if packed else (self.embed if tied and dtype != torch.float32 else w(head))
+        if half or packed:
+            self.head = mat(head)
+        else:
+            self.head = self.embed if tied and dtype != torch.float32 else w(head)
         # float32 rows of the head, indexed to recompute the top candidates exactly (16-bit
         # weights), or to score a few tokens (classify)
-        self.head32 = f32(head) if packed or dtype != torch.float32 else self.head
+        self.head32 = f32(head) if half or packed or dtype != torch.float32 else self.head
+        # the head's logits are exact float32 products (else its top candidates are recomputed)
+        self.exact_head = dtype == torch.float32 and not half
         rot = inner.rotary_emb
         inv_freq = rot.inv_freq.detach().to(device=device, dtype=torch.float32)
         freqs = torch.arange(self.max_len, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
@@ -147,17 +169,23 @@ class FastWeights:
         self.head8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def matrices(self, li: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer li's matrices in float32 on the device (layer_matrices)."""
+        return self.layer_matrices(self._model, li, self.device)
+
+    @staticmethod
+    def layer_matrices(model: torch.nn.Module, li: int, device: torch.device) \
+            -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer li's matrices in float32 on the device, q/k/v and gate/up stacked into one
         matrix each: (qkv, qkv bias or None, o, gate+up, down).
 
         (Folding the norms' weights into these matrices would save nothing, F.rms_norm
         takes its weight in the same op, and it cost greedy agreement with the float32
         reference in bfloat16: 97.5 % against 99.1 % on the bench's 20 prompts.)"""
-        layer = self._model.model.layers[li]
+        layer = model.model.layers[li]
         a, m = layer.self_attn, layer.mlp
 
         def f32(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=self.device, dtype=torch.float32)
+            return t.detach().to(device=device, dtype=torch.float32)
 
         qkv = torch.cat([f32(a.q_proj.weight), f32(a.k_proj.weight), f32(a.v_proj.weight)])
         bias = None
@@ -176,7 +204,7 @@ class FastWeights:
         else:
             mats = [t for layer in self.layers for t in (layer[1], layer[2], layer[3], layer[5], layer[6])
                     if t is not None] + [self.head]
-        return sum(t.numel() * t.element_size() for t in mats)
+        return sum(nbytes(t) for t in mats)
 
     def add_int8(self, rows: int | None = None, head: bool = True) -> dict[int, float]:
         """Make the int8 copies (from the float32 master weights) and use them for steps of
@@ -196,7 +224,7 @@ class FastWeights:
         if rows is None:
             _, wqkv, _, wo, _, wgu, wd = self.layers[0]
             mats = [(w, *q8) for w, q8 in zip((wqkv, wo, wgu, wd), self.layers8[0])]
-            rows, ratios = int8.measure_rows(mats, self.dtype)
+            rows, ratios = int8.measure_rows(mats, self.dtype, dense)
         self.int8_rows = rows
         if not rows:
             self.layers8, self.head8 = [], None
@@ -209,7 +237,8 @@ class FastLlama:
     def __init__(self, weights: FastWeights, rows: int) -> None:
         self.w = weights
         for name in ("dtype", "device", "n_layers", "n_heads", "n_kv", "head_dim", "hidden", "eps", "max_len",
-                     "vocab", "layers", "norm", "embed", "head", "head32", "cos", "sin", "sin_signed", "sm_scale"):
+                     "vocab", "layers", "norm", "embed", "head", "head32", "exact_head", "cos", "sin", "sin_signed",
+                     "sm_scale"):
             setattr(self, name, getattr(weights, name))
         self.rows = rows
         # A decode step's attention: torch's SDPA on a GPU, whose fused kernels handle one
@@ -331,12 +360,12 @@ class FastLlama:
         head8 = self.w.head8 if decode and h.shape[0] <= self.w.int8_rows else None
         if head8 is not None:
             logits = int8.linear(h.to(self.dtype), *head8).float()
-        elif self.dtype == torch.float32:
+        elif self.exact_head:
             return _mm(h, self.head, None)
         else:
             logits = _mm(h.to(self.dtype), self.head, None).float()
         # bfloat16 keeps 8 bits of mantissa: a logit of 20 carries an error up to ~0.08 (int8
-        # weights, a comparable one). The
+        # weights, a comparable one; float16 weights ~0.01). The
         # candidates that matter (the argmax, the top alternatives, the bulk of the softmax
         # mass) are recomputed in float32 from the float32 weights.
         top = logits.topk(EXACT_TOP, dim=-1).indices  # [B, k]

@@ -28,7 +28,6 @@ import time
 
 import torch
 
-from . import onednn
 from .timing import alternate
 
 log = logging.getLogger(__name__)
@@ -77,19 +76,20 @@ def usable(device: torch.device, model_dtype: torch.dtype) -> bool:
 
 
 @torch.inference_mode()
-def measure_rows(mats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], model_dtype: torch.dtype,
+def measure_rows(mats: list[tuple[object, torch.Tensor, torch.Tensor]], model_dtype: torch.dtype, dense,
                  rows: tuple[int, ...] = ROWS_TRIED, budget_s: float = 1.0) -> tuple[int, dict[int, float]]:
-    """mats: (the model's weight, int8 weight, scales) of one layer. Returns (the largest row count
+    """mats: (the model's weight in the form the fast path multiplies by, int8 weight, scales) of
+    one layer; dense(x, w): that product (fastllama.dense). Returns (the largest row count
     up to which int8 is at least MIN_GAIN x faster at every count tried, 0 if not even at 1;
     {rows: dense time / int8 time})."""
     t_end = time.perf_counter() + budget_s
     ratios: dict[int, float] = {}
     keep = 0
     for m in rows:
-        xs = {w.shape[1]: torch.randn(m, w.shape[1], dtype=model_dtype) for w, _, _ in mats}
-        dense = lambda: [onednn.linear(xs[w.shape[1]], w) for w, _, _ in mats]  # noqa: E731
-        small = lambda: [linear(xs[w.shape[1]], q, s) for w, q, s in mats]  # noqa: E731
-        a, b = alternate(dense, small, reps=8, rounds=7)
+        xs = {q.shape[1]: torch.randn(m, q.shape[1], dtype=model_dtype) for _, q, _ in mats}
+        big = lambda: [dense(xs[q.shape[1]], w) for w, q, _ in mats]  # noqa: E731
+        small = lambda: [linear(xs[q.shape[1]], q, s) for _, q, s in mats]  # noqa: E731
+        a, b = alternate(big, small, reps=8, rounds=7)
         ratios[m] = a / b
         if ratios[m] < MIN_GAIN:
             break
@@ -138,8 +138,10 @@ def _compare_steps(model_dir, repeats: int) -> None:
 
 
 def _auto_rows(w) -> int:
+    from .fastllama import dense
+
     _, wqkv, _, wo, _, wgu, wd = w.layers[0]
-    return measure_rows([(m, *q8) for m, q8 in zip((wqkv, wo, wgu, wd), w.layers8[0])], w.dtype)[0]
+    return measure_rows([(m, *q8) for m, q8 in zip((wqkv, wo, wgu, wd), w.layers8[0])], w.dtype, dense)[0]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastllama, int8, onednn
+from . import fastllama, fp16, int8, onednn
 from .threads import in_passing_thread
 from .types import ModelInfo
 from .weights import read_marker, weights_version
@@ -30,6 +30,7 @@ class EngineOptions:
     prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
     int8_small_batch: str = "auto"     # auto | on | off: int8 weight copies for decode steps of few rows (int8.py)
     packed_weights: str = "auto"       # auto | off: matrices prepacked for oneDNN on CPU (onednn.py)
+    fp16_matrices: str = "auto"        # auto | on | off: a float32 model's matrices in float16 for fbgemm (fp16.py)
 
     @classmethod
     def from_settings(cls, settings) -> EngineOptions:
@@ -106,9 +107,10 @@ class LoadedModel:
             return None
         if self._fast is None:
             packed = self.options.packed_weights != "off" and onednn.usable(self.device, self.dtype)
-            self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed)
-            log.info("fast path: %s matrices%s", str(self.dtype).removeprefix("torch."),
-                     ", prepacked for oneDNN" if packed else "")
+            half = self._half_matrices(packed)
+            self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed and not half,
+                                               half=half)
+            log.info("fast path: %s", self.matrix_format)
             setting = self.options.int8_small_batch
             if setting != "off":
                 ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)
@@ -116,6 +118,36 @@ class LoadedModel:
                          self._fast.int8_rows, setting,
                          ", ".join(f"{m} rows {r:.2f}x" for m, r in ratios.items()) or "not timed")
         return self._fast
+
+    def _half_matrices(self, packed: bool) -> bool:
+        """INFERQL_FP16_MATRICES: on, or `auto` and one layer's products timed faster in float16."""
+        setting = self.options.fp16_matrices
+        if setting == "off" or not self.fast_path or not fp16.usable(self.device, self.dtype):
+            return False
+        if setting == "on":
+            return True
+        mats = [m.contiguous() for m in fastllama.FastWeights.layer_matrices(self.model, 0, self.device) if m is not None]
+        mats = [mats[0]] + mats[2:]  # qkv, o, gate+up, down (not the bias)
+        forms = {id(m): onednn.pack(m) if packed else m for m in mats}
+        ratios = fp16.measure(mats, lambda x, m: onednn.linear(x, forms[id(m)]))
+        log.info("float16 matrices (fbgemm) against %s float32 at load: %s", "packed" if packed else "plain",
+                 ", ".join(f"{n} rows {r:.2f}x faster" for n, r in ratios.items()))
+        return fp16.worth_it(ratios)
+
+    @property
+    def matrix_format(self) -> str:
+        """How the fast path's matrices are kept, in words (for logs and the bench)."""
+        fast = self.fast_weights()
+        if fast is None:
+            return f"{str(self.dtype).removeprefix('torch.')} weights through the Hugging Face forward"
+        dt = str(fast.dtype).removeprefix("torch.")
+        if fast.half:
+            form = f"{dt} model, matrices in float16 multiplied in float32 by fbgemm"
+        elif fast.layers and fast.layers[0][1].is_mkldnn:
+            form = f"{dt} matrices prepacked for oneDNN"
+        else:
+            form = f"{dt} matrices"
+        return form + (f"; int8 copies for decode steps of up to {fast.int8_rows} rows" if fast.int8_rows else "")
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (for alternatives); memoised, the vocabulary is small."""

@@ -143,8 +143,7 @@ async def bench(args: argparse.Namespace) -> int:
                 model_path = default_model()
             t0 = time.perf_counter()
             lm = await _engine_model(args, settings, model_path)
-            print(f"direct: loaded {lm.info.id} ({lm.info.version}, {lm.info.dtype}, {lm.info.device},"
-                  f" {'fast path' if lm.fast_weights() is not None else 'HF forward'})"
+            print(f"direct: loaded {lm.info.id} ({lm.info.version}, {lm.info.device}: {lm.matrix_format})"
                   f" in {time.perf_counter() - t0:.1f}s", flush=True)
         if server is not None:
             t0 = time.perf_counter()
@@ -217,8 +216,7 @@ async def _engine_model(args: argparse.Namespace, settings, model_path: Path | N
 
 async def stall_only(args: argparse.Namespace, settings) -> int:
     lm = await _engine_model(args, settings)
-    print(f"direct: {lm.info.id} ({lm.info.dtype}, {lm.info.device},"
-          f" {'fast path' if lm.fast_weights() is not None else 'HF forward'});"
+    print(f"direct: {lm.info.id} ({lm.info.device}: {lm.matrix_format});"
           f" prefill chunk {lm.options.prefill_chunk} (INFERQL_PREFILL_CHUNK)", flush=True)
     await stall_section(lm, streams=args.stall_streams, prompt_tokens=args.stall_tokens,
                         chunk=lm.options.prefill_chunk, max_batch=max(args.stall_streams + 1, 2))

@@ -7,7 +7,9 @@ anything). About a minute; no server.
 * decode attention, one query per row: torch's SDPA against the two matmuls of
   `_decode_attention` (app/inference/fastllama.py);
 * one OpenMP pool: a decode step on a thread of its own, with no other OpenMP pool alive,
-  then while another thread that has run a parallel op is alive (app/inference/threads.py).
+  then while another thread that has run a parallel op is alive (app/inference/threads.py);
+* float16 matrices (a float32 model only): a whole decode step with the oneDNN-packed
+  float32 matrices against fbgemm's float16 ones (app/inference/fp16.py), by rows.
 
 Everything runs on one measuring thread that ends with the section; the thread that keeps a
 second pool alive for the last measure is started and ended inside it.
@@ -76,23 +78,10 @@ def _attention(lm, quick: bool) -> None:
 def _one_pool(lm, quick: bool) -> None:
     import torch
 
-    from app.inference.fastllama import FastLlama
-
     steps = 6 if quick else 20
 
     def decode_ms(rows: int) -> float:
-        fast = FastLlama(lm.fast_weights(), rows)
-        prompt = list(range(100, 160))
-        with torch.inference_mode():
-            for r in range(rows):
-                fast.prefill(r, prompt, 0, logits=False)
-            tokens, times = torch.full((rows,), 200), []
-            for _ in range(steps):
-                fast.lengths[:rows] = [len(prompt)] * rows  # every step writes the same column
-                t = time.perf_counter()
-                fast.decode(tokens, torch.full((rows,), len(prompt)))
-                times.append(time.perf_counter() - t)
-        return statistics.median(times[2:]) * 1e3
+        return _decode_ms(lm.fast_weights(), rows, steps)
 
     def with_second_pool(fn):
         ready, done = threading.Event(), threading.Event()
@@ -121,6 +110,48 @@ def _one_pool(lm, quick: bool) -> None:
         print(f"    {rows:4d} rows: alone {a:7.1f} ms, beside a second pool {b:7.1f} ms   {b / a:.2f}x")
 
 
+def _decode_ms(weights, rows: int, steps: int) -> float:
+    """Median time of a decode step of `rows` rows, 60 cached positions each."""
+    import torch
+
+    from app.inference.fastllama import FastLlama
+
+    fast = FastLlama(weights, rows)
+    prompt = list(range(100, 160))
+    with torch.inference_mode():
+        for r in range(rows):
+            fast.prefill(r, prompt, 0, logits=False)
+        tokens, times = torch.full((rows,), 200), []
+        for _ in range(steps):
+            fast.lengths[:rows] = [len(prompt)] * rows  # every step writes the same column
+            t = time.perf_counter()
+            fast.decode(tokens, torch.full((rows,), len(prompt)))
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[2:]) * 1e3
+
+
+def _float16_matrices(lm, quick: bool) -> None:
+    import torch
+
+    from app.inference import fp16, onednn
+    from app.inference.fastllama import FastWeights
+
+    if lm.dtype != torch.float32 or not fp16.usable(lm.device, lm.dtype):
+        print(f"  float16 matrices: not for this model here ({lm.device.type}, {lm.dtype}): skipped")
+        return
+    packed = onednn.usable(lm.device, torch.float32)
+    dense = FastWeights(lm.model, torch.float32, lm.device, packed=packed)
+    half = FastWeights(lm.model, torch.float32, lm.device, half=True)
+    print(f"  a decode step (int8 off), {'packed' if packed else 'plain'} float32 matrices vs float16 (fbgemm):")
+    for rows in (1, 16) if quick else (1, 4, 16, 64):
+        a, b = [], []
+        for _ in range(1 if quick else 3):
+            a.append(_decode_ms(dense, rows, 6 if quick else 12))
+            b.append(_decode_ms(half, rows, 6 if quick else 12))
+        ta, tb = statistics.median(a), statistics.median(b)
+        print(f"    {rows:4d} rows: float32 {ta:7.1f} ms, float16 {tb:7.1f} ms   {ta / tb:.2f}x")
+
+
 def kernels_section(lm, quick: bool = False) -> None:
     import torch
 
@@ -132,5 +163,6 @@ def kernels_section(lm, quick: bool = False) -> None:
         _matrices(lm, quick)
         _attention(lm, quick)
         _one_pool(lm, quick)
+        _float16_matrices(lm, quick)
 
     in_passing_thread(run)

@@ -3,6 +3,7 @@ rate; and what one decode step of the engine reads and computes per token."""
 
 from __future__ import annotations
 
+import math
 import time
 
 
@@ -41,7 +42,7 @@ def weight_bytes_per_token(lm) -> tuple[int, int]:
         params = [p for n, p in lm.model.named_parameters() if "embed" not in n or lm.model.config.tie_word_embeddings]
         return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
     tensors = [t for layer in fast.layers for t in layer if t is not None] + [fast.norm, fast.head]
-    macs = sum(t.numel() for t in tensors if t.dim() == 2)
+    macs = sum(math.prod(t.shape) for t in tensors if len(t.shape) == 2)  # tensors and fp16.Matrix
     # A 1-row step may read int8 copies of the matrices (INFERQL_INT8_SMALL_BATCH): count what it reads.
     return fast.step_weight_bytes(1), macs
 

@@ -35,7 +35,8 @@ LONG = SamplingParams(max_tokens=400)  # runs until cancelled (in these tests)
 
 
 PATHS = {
-    "fast-fp32": EngineOptions(dtype="float32"),
+    "fast-fp32": EngineOptions(dtype="float32", fp16_matrices="off"),
+    "fast-fp16": EngineOptions(dtype="float32", fp16_matrices="on"),  # float16 matrices (fbgemm)
     "fast-bf16": EngineOptions(dtype="bfloat16"),
     "hf": EngineOptions(fast_path="off"),
 }

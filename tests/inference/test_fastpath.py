@@ -23,7 +23,8 @@ from app.inference.types import Finished, SamplingParams, TokenStep
 
 @pytest.fixture(scope="module")
 def tiny32(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", int8_small_batch="off"))
+    return load_model(tiny_model_dir, device="cpu",
+                      options=EngineOptions(dtype="float32", int8_small_batch="off", fp16_matrices="off"))
 
 
 def hf_logits(lm, ids: list[int]) -> torch.Tensor:
@@ -104,7 +105,8 @@ REAL_PROMPTS = [
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_path_matches_float32_eager_on_the_real_model(real_model_dir, dtype):
-    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off"))
+    lm = load_model(real_model_dir, device="cpu",
+                    options=EngineOptions(dtype=dtype, int8_small_batch="off", fp16_matrices="off"))
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
     fid = measure(lm, prompts, tokens=12)
     assert fid.positions == 48
@@ -120,11 +122,13 @@ def test_fast_path_matches_float32_eager_on_the_real_model(real_model_dir, dtype
 async def test_chunked_prefill_gives_the_unchunked_greedy_answer_on_the_real_model(real_model_dir, dtype):
     """A fixed ~400-token prompt, fed whole while nothing runs, then in chunks of 48 while
     another request decodes: the same greedy tokens."""
-    # float32 without int8: chunks must not change the products at all; auto: whatever the
-    # machine picks (int8 copies for small steps on most CPUs), within the bench's tolerance
-    int8_setting = "off" if dtype == "float32" else "auto"
+    # float32 without int8 or float16 matrices: chunks must not change the products at all;
+    # auto: whatever the machine picks (int8 copies for small steps, float16 matrices where
+    # bfloat16 is not native), within the bench's tolerance
+    exact = dtype == "float32"
     lm = load_model(real_model_dir, device="cpu",
-                    options=EngineOptions(dtype=dtype, prefix_cache_tokens=0, int8_small_batch=int8_setting))
+                    options=EngineOptions(dtype=dtype, prefix_cache_tokens=0, int8_small_batch="off" if exact else "auto",
+                                          fp16_matrices="off" if exact else "auto"))
     text = ("A lighthouse keeper writes in his log every night: the weather, the ships that passed, "
             "the state of the lamp and of the lenses. ") * 12
     long_prompt = lm.encode_chat([{"role": "user", "content": text + "Summarize the log in one sentence."}])
@@ -154,9 +158,10 @@ async def test_chunked_prefill_gives_the_unchunked_greedy_answer_on_the_real_mod
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_packed_matrices_give_the_plain_matrices_logits(tiny_model_dir, dtype):
     """INFERQL_PACKED_WEIGHTS: oneDNN's layout is a faster way to the same products."""
-    packed = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off"))
-    plain = load_model(tiny_model_dir, device="cpu",
-                       options=EngineOptions(dtype=dtype, int8_small_batch="off", packed_weights="off"))
+    packed = load_model(tiny_model_dir, device="cpu",
+                        options=EngineOptions(dtype=dtype, int8_small_batch="off", fp16_matrices="off"))
+    plain = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off",
+                                                                           fp16_matrices="off", packed_weights="off"))
     assert not plain.fast_weights().layers[0][1].is_mkldnn
     if not onednn.usable(torch.device("cpu"), getattr(torch, dtype)):  # bfloat16 without AVX512 or AVX-NE-CONVERT
         assert not packed.fast_weights().layers[0][1].is_mkldnn  # the load fell back to plain weights

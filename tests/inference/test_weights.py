@@ -92,6 +92,7 @@ def test_load_real_model_info(real_model_dir):
 @pytest.mark.parametrize("setting", ["float32", "bfloat16"])
 def test_dtype_is_forced_by_setting(tiny_model_dir, monkeypatch, setting):
     monkeypatch.setenv("INFERQL_DTYPE", setting)
+    monkeypatch.setenv("INFERQL_FP16_MATRICES", "off")  # else a float32 model's matrices may be float16
     lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions.from_settings(Settings()))
     assert lm.info.dtype == setting
     assert lm.dtype == getattr(torch, setting)

@@ -1,0 +1,110 @@
+"""float16 matrices for a float32 model, multiplied by fbgemm (fp16.py, INFERQL_FP16_MATRICES).
+
+The products are the float32 products with float16-rounded weights; the fast path with them
+keeps the real model's greedy tokens and logprobs close to the float32 eager reference (much
+closer than the bench's tolerance: float16 keeps 11 bits of mantissa).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.inference import fp16
+from app.inference.fastllama import FastLlama
+from app.inference.fidelity import measure
+from app.inference.model import EngineOptions, load_model
+from app.settings import Settings
+
+from .test_fastpath import REAL_PROMPTS
+
+CPU = torch.device("cpu")
+needs_fbgemm = pytest.mark.skipif(not fp16.usable(CPU, torch.float32), reason="this torch has no fbgemm")
+
+
+@needs_fbgemm
+def test_a_product_is_the_float32_product_with_float16_weights():
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 64) * 0.1, torch.randn(96)
+    m = fp16.Matrix(w)
+    assert m.shape == (96, 64) and m.nbytes == 96 * 64 * 2
+    for x in (torch.randn(1, 64), torch.randn(17, 64), torch.randn(2, 3, 64)):
+        got = m.linear(x)
+        assert got.dtype == torch.float32 and got.shape == (*x.shape[:-1], 96)
+        assert torch.allclose(got, F.linear(x, w.half().float()), atol=1e-5)
+        assert not torch.allclose(got, F.linear(x, w), atol=1e-6)  # the weights really are float16
+        assert torch.allclose(m.linear(x, bias), got + bias)
+
+
+def test_only_a_float32_model_on_cpu():
+    assert not fp16.usable(CPU, torch.bfloat16)
+    assert not fp16.usable(CPU, torch.float16)
+    assert not fp16.usable(torch.device("cuda"), torch.float32)
+
+
+def test_auto_wants_a_clear_gain_at_one_row_and_none_lost_at_sixteen():
+    assert fp16.worth_it({1: 1.8, 16: 1.2})
+    assert not fp16.worth_it({1: 1.05, 16: 1.5})
+    assert not fp16.worth_it({1: 1.8, 16: 0.9})
+    assert not fp16.worth_it({})
+
+
+@needs_fbgemm
+def test_auto_times_one_layer_at_one_and_sixteen_rows():
+    mats = [torch.randn(96, 64), torch.randn(64, 96)]
+    ratios = fp16.measure(mats, lambda x, m: F.linear(x, m))
+    assert set(ratios) == {1, 16} and all(r > 0 for r in ratios.values())
+
+
+@needs_fbgemm
+def test_the_setting_switches_every_matrix(tiny_model_dir):
+    on = load_model(tiny_model_dir, device="cpu",
+                    options=EngineOptions(dtype="float32", fp16_matrices="on", int8_small_batch="off"))
+    off = load_model(tiny_model_dir, device="cpu",
+                     options=EngineOptions(dtype="float32", fp16_matrices="off", int8_small_batch="off"))
+    w, w32 = on.fast_weights(), off.fast_weights()
+    assert w.half and not w32.half and not w.exact_head and w32.exact_head
+    assert all(type(m) is fp16.Matrix for layer in w.layers for m in (layer[1], layer[3], layer[5], layer[6]))
+    assert type(w.head) is fp16.Matrix and w.head32.dtype == torch.float32
+    assert w.step_weight_bytes(1) * 2 == w32.step_weight_bytes(1)
+    assert "float16" in on.matrix_format and "float16" not in off.matrix_format
+    ids = on.encode_raw("The quick brown fox jumps over the lazy dog")
+    outs = []
+    with torch.inference_mode():
+        for weights in (w, w32):
+            fast = FastLlama(weights, rows=2)
+            logits = [fast.prefill(0, ids[:6], 0)]
+            fast.prefill(1, ids[:3], 0)
+            for pos in range(6, len(ids)):
+                logits.append(fast.decode(torch.tensor([ids[pos], ids[pos % 3]]), torch.tensor([pos, pos - 3]))[0])
+            outs.append(torch.stack(logits))
+    assert not torch.equal(outs[0], outs[1])
+    assert torch.allclose(outs[0], outs[1], atol=1e-2)
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).all()
+
+
+def test_not_for_a_bfloat16_model(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="bfloat16", fp16_matrices="on"))
+    assert not lm.fast_weights().half
+
+
+def test_the_setting_reaches_engine_options(monkeypatch):
+    for value in ("off", "on", "auto"):
+        monkeypatch.setenv("INFERQL_FP16_MATRICES", value)
+        assert EngineOptions.from_settings(Settings(_env_file=None)).fp16_matrices == value
+    monkeypatch.delenv("INFERQL_FP16_MATRICES")
+    assert Settings(_env_file=None).fp16_matrices == EngineOptions().fp16_matrices == "auto"
+
+
+@needs_fbgemm
+def test_float16_matrices_match_float32_eager_on_the_real_model(real_model_dir):
+    lm = load_model(real_model_dir, device="cpu",
+                    options=EngineOptions(dtype="float32", fp16_matrices="on", int8_small_batch="off"))
+    prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
+    fid = measure(lm, prompts, tokens=12)
+    assert fid.positions == 48
+    # the bench's tolerance is agreement >= 97 %, mean |d logprob| <= 0.05; int8 copies
+    # measure ~0.03 there, float16 weights ~0.001
+    assert fid.agreement >= 0.97
+    assert fid.mean_abs_dlogprob <= 0.01
