@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastllama, fp16, int8, onednn
+from . import fastllama, fbgemm, int8, onednn
 from .threads import in_passing_thread
 from .types import ModelInfo
 from .weights import read_marker, weights_version
@@ -30,7 +30,7 @@ class EngineOptions:
     prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
     int8_small_batch: str = "auto"     # auto | on | off: int8 weight copies for decode steps of few rows (int8.py)
     packed_weights: str = "auto"       # auto | off: matrices prepacked for oneDNN on CPU (onednn.py)
-    fp16_matrices: str = "auto"        # auto | on | off: a float32 model's matrices in float16 for fbgemm (fp16.py)
+    fp16_matrices: str = "auto"        # auto | on | off: a float32 model's matrices in float16 for fbgemm (fbgemm.py)
 
     @classmethod
     def from_settings(cls, settings) -> EngineOptions:
@@ -122,17 +122,17 @@ class LoadedModel:
     def _half_matrices(self, packed: bool) -> bool:
         """INFERQL_FP16_MATRICES: on, or `auto` and one layer's products timed faster in float16."""
         setting = self.options.fp16_matrices
-        if setting == "off" or not self.fast_path or not fp16.usable(self.device, self.dtype):
+        if setting == "off" or not self.fast_path or not fbgemm.usable(self.device, self.dtype):
             return False
         if setting == "on":
             return True
         mats = [m.contiguous() for m in fastllama.FastWeights.layer_matrices(self.model, 0, self.device) if m is not None]
         mats = [mats[0]] + mats[2:]  # qkv, o, gate+up, down (not the bias)
         forms = {id(m): onednn.pack(m) if packed else m for m in mats}
-        ratios = fp16.measure(mats, lambda x, m: onednn.linear(x, forms[id(m)]))
+        ratios = fbgemm.measure(mats, lambda x, m: onednn.linear(x, forms[id(m)]))
         log.info("float16 matrices (fbgemm) against %s float32 at load: %s", "packed" if packed else "plain",
                  ", ".join(f"{n} rows {r:.2f}x faster" for n, r in ratios.items()))
-        return fp16.worth_it(ratios)
+        return fbgemm.worth_it(ratios)
 
     @property
     def matrix_format(self) -> str:
@@ -142,7 +142,8 @@ class LoadedModel:
             return f"{str(self.dtype).removeprefix('torch.')} weights through the Hugging Face forward"
         dt = str(fast.dtype).removeprefix("torch.")
         if fast.half:
-            form = f"{dt} model, matrices in float16 multiplied in float32 by fbgemm"
+            head = "the head's full pass in int8" if type(fast.head) is fbgemm.Int8Head else "the head float16 too"
+            form = f"{dt} model, matrices in float16 multiplied in float32 by fbgemm, {head}"
         elif fast.layers and fast.layers[0][1].is_mkldnn:
             form = f"{dt} matrices prepacked for oneDNN"
         else:

@@ -9,7 +9,7 @@ anything). About a minute; no server.
 * one OpenMP pool: a decode step on a thread of its own, with no other OpenMP pool alive,
   then while another thread that has run a parallel op is alive (app/inference/threads.py);
 * float16 matrices (a float32 model only): a whole decode step with the oneDNN-packed
-  float32 matrices against fbgemm's float16 ones (app/inference/fp16.py), by rows.
+  float32 matrices against fbgemm's float16 ones (app/inference/fbgemm.py), by rows.
 
 Everything runs on one measuring thread that ends with the section; the thread that keeps a
 second pool alive for the last measure is started and ended inside it.
@@ -133,10 +133,10 @@ def _decode_ms(weights, rows: int, steps: int) -> float:
 def _float16_matrices(lm, quick: bool) -> None:
     import torch
 
-    from app.inference import fp16, onednn
+    from app.inference import fbgemm, onednn
     from app.inference.fastllama import FastWeights
 
-    if lm.dtype != torch.float32 or not fp16.usable(lm.device, lm.dtype):
+    if lm.dtype != torch.float32 or not fbgemm.usable(lm.device, lm.dtype):
         print(f"  float16 matrices: not for this model here ({lm.device.type}, {lm.dtype}): skipped")
         return
     packed = onednn.usable(lm.device, torch.float32)

@@ -42,7 +42,7 @@ def weight_bytes_per_token(lm) -> tuple[int, int]:
         params = [p for n, p in lm.model.named_parameters() if "embed" not in n or lm.model.config.tie_word_embeddings]
         return sum(p.numel() * p.element_size() for p in params), sum(p.numel() for p in params)
     tensors = [t for layer in fast.layers for t in layer if t is not None] + [fast.norm, fast.head]
-    macs = sum(math.prod(t.shape) for t in tensors if len(t.shape) == 2)  # tensors and fp16.Matrix
+    macs = sum(math.prod(t.shape) for t in tensors if len(t.shape) == 2)  # tensors and fbgemm.Float16
     # A 1-row step may read int8 copies of the matrices (INFERQL_INT8_SMALL_BATCH): count what it reads.
     return fast.step_weight_bytes(1), macs
 
