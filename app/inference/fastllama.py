@@ -331,7 +331,9 @@ class FastLlama:
         # dense weights, so a prompt's first token does not depend on the prefix cache.
         small = decode and B <= self.w.int8_rows
         none8 = (None, None, None, None)
-        idx = torch.arange(B, device=h.device) if decode else None
+        if decode:  # where each row's new key goes in a layer's cache seen as [rows * KV * capacity, D]
+            slots = ((torch.arange(B * KV, device=h.device) * self.capacity).view(B, KV)
+                     + write_at[:, None]).view(-1)
         # Ops per layer are few on purpose: at one row a decode step is ~1000 small ops, and
         # their dispatch, not the arithmetic, is a third of its time.
         for li, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
@@ -343,8 +345,9 @@ class FastLlama:
             v = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2).to(dt)
             kc, vc = self.k[li], self.v[li]
             if decode:
-                kc[idx, :, write_at] = k[:, :, 0]
-                vc[idx, :, write_at] = v[:, :, 0]
+                # one index_copy_ per tensor: advanced-index assignment cost twice as much
+                kc.view(-1, D).index_copy_(0, slots, k.reshape(B * KV, D))
+                vc.view(-1, D).index_copy_(0, slots, v.reshape(B * KV, D))
                 keys, values = kc[:B, :, :width], vc[:B, :, :width]
                 if not self.sdpa_decode:
                     att = _decode_attention(q, keys, values, mask, self.sm_scale).view(B, T, H * D)  # float32
