@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     packed_weights: Literal["auto", "off"] = "auto"  # auto: the fast path's matrices prepacked for oneDNN
     #   on CPU (inference/onednn.py; a layer's 1-row matmuls 1.7x faster); off: plain F.linear weights
     fp16_matrices: Literal["auto", "on", "off"] = "auto"  # a float32 model's matrices kept in float16 and
-    #   multiplied in float32 by fbgemm on CPU (inference/fbgemm.py: half the bytes); auto: timed at load
+    #   multiplied in float32 by fbgemm on CPU (inference/fbgemm.py: half the bytes); auto: where fbgemm runs
 
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5

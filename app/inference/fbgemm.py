@@ -16,8 +16,11 @@ the head's top candidates are still recomputed from the float32 weights (fastlla
 Measured on a 2-core AVX2-only AMD EPYC, 2 threads, against the oneDNN-packed float32
 matrices (onednn.py): SmolLM2-135M's layer matrices 1.45-1.9x faster at 1 row, 1.1-1.35x
 at 16, about even at 128-512 (prefill); the 49152-row head 2.7x at 1 row, 1.2x at 16
-(`python -m app.inference.fbgemm` times one layer by rows). `auto` times one layer at load
-and keeps float16 only where it is faster at 1 and at 16 rows.
+(`python -m app.inference.fbgemm` times one layer by rows). `auto` uses them wherever they
+run (a float32 model on a CPU whose torch has fbgemm, a trial product agreeing), without
+timing at load: a timing taken while another process loads a model picked the float32
+matrices in a server beside a bench that picked float16, and the two then ran different
+paths.
 
 The head (49152 x 576 for SmolLM2, a fifth of the weights) is the largest product of a
 decode step, and only its top candidates need to be exact: fastllama.py recomputes the top
@@ -25,7 +28,7 @@ decode step, and only its top candidates need to be exact: fastllama.py recomput
 ~49k logits count only through their small share of the softmax mass. So with float16
 matrices the head's full pass runs fbgemm's dynamic int8 product (`Int8Head`: int8 weights
 per output channel, the activations quantized per call), 1.9x faster than float16 at 1 row
-and 2.7x at 16 here, if a timing at load agrees. Each row is quantized on its own scale
+and 2.7x at 16 here. Each row is quantized on its own scale
 (`Int8Head`): its logits do not depend on what else is in the batch. The activations'
 quantization is most of the error (the final hidden state has outlier channels, ~15x the
 median one's magnitude, which set the scale): fidelity on the bench's prompts went from
@@ -43,10 +46,6 @@ import torch.nn.functional as F
 from .timing import alternate
 
 log = logging.getLogger(__name__)
-
-MIN_GAIN_1ROW = 1.1   # `auto`: at least this much faster at 1 row (bandwidth-bound steps) ...
-MIN_GAIN_16ROWS = 1.0  # ... and not slower at 16 (compute-bound steps)
-
 
 class Float16:
     """One weight matrix [N, K] in fbgemm's float16 layout (opaque: only multiplied by)."""
@@ -98,26 +97,16 @@ class Int8Head:
 
 
 def int8_head(head: torch.Tensor, dense: Float16) -> Int8Head | None:
-    """The head's int8 form where it runs and a timing at 1 and 16 rows finds it faster than
-    the float16 one (else None)."""
+    """The head's int8 form, where it runs and agrees with the float16 one (else None)."""
     try:
         int8 = Int8Head(head)
         x = torch.randn(3, head.shape[1])
-        if not torch.allclose(int8.linear(x), dense.linear(x), atol=0.5):
-            log.warning("fbgemm's int8 head disagrees with the float16 one: float16 kept")
-            return None
+        if torch.allclose(int8.linear(x), dense.linear(x), atol=0.5):
+            return int8
+        log.warning("fbgemm's int8 head disagrees with the float16 one: float16 kept")
     except Exception as exc:  # an op missing or changed in this torch
-        log.info("fbgemm int8 head unavailable (%s)", exc)
-        return None
-    ratios = {}
-    with torch.inference_mode():
-        for n in (1, 16):
-            x = torch.randn(n, head.shape[1])
-            a, b = alternate(lambda: dense.linear(x), lambda: int8.linear(x), reps=3, rounds=3)
-            ratios[n] = a / b
-    log.info("head: int8 (fbgemm) against float16 at load: %s",
-             ", ".join(f"{n} rows {r:.2f}x faster" for n, r in ratios.items()))
-    return int8 if min(ratios.values()) >= 1.1 else None
+        log.info("fbgemm int8 head unavailable (%s): float16 kept", exc)
+    return None
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -147,10 +136,6 @@ def measure(mats: list[torch.Tensor], dense, rows: tuple[int, ...] = (1, 16)) ->
                          lambda: [h.linear(xs[h.shape[1]]) for h in halves], reps=8, rounds=7)
         ratios[n] = a / b
     return ratios
-
-
-def worth_it(ratios: dict[int, float]) -> bool:
-    return ratios.get(1, 0.0) >= MIN_GAIN_1ROW and ratios.get(16, 0.0) >= MIN_GAIN_16ROWS
 
 
 if __name__ == "__main__":

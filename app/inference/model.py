@@ -107,32 +107,25 @@ class LoadedModel:
             return None
         if self._fast is None:
             packed = self.options.packed_weights != "off" and onednn.usable(self.device, self.dtype)
-            half = self._half_matrices(packed)
+            half = self._half_matrices()
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed and not half,
                                                half=half)
             log.info("fast path: %s", self.matrix_format)
             setting = self.options.int8_small_batch
-            if setting != "off":
+            if setting == "auto" and half:
+                # int8 copies were slower than the float16 matrices even at 1 row (0.86-0.94x
+                # timed at load on an AVX2-only CPU): not made, and not timed
+                log.info("int8 weights: none beside float16 matrices (auto)")
+            elif setting != "off":
                 ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)
                 log.info("int8 weights for decode steps of up to %d rows (%s; dense/int8 time at load: %s)",
                          self._fast.int8_rows, setting,
                          ", ".join(f"{m} rows {r:.2f}x" for m, r in ratios.items()) or "not timed")
         return self._fast
 
-    def _half_matrices(self, packed: bool) -> bool:
-        """INFERQL_FP16_MATRICES: on, or `auto` and one layer's products timed faster in float16."""
-        setting = self.options.fp16_matrices
-        if setting == "off" or not self.fast_path or not fbgemm.usable(self.device, self.dtype):
-            return False
-        if setting == "on":
-            return True
-        mats = [m.contiguous() for m in fastllama.FastWeights.layer_matrices(self.model, 0, self.device) if m is not None]
-        mats = [mats[0]] + mats[2:]  # qkv, o, gate+up, down (not the bias)
-        forms = {id(m): onednn.pack(m) if packed else m for m in mats}
-        ratios = fbgemm.measure(mats, lambda x, m: onednn.linear(x, forms[id(m)]))
-        log.info("float16 matrices (fbgemm) against %s float32 at load: %s", "packed" if packed else "plain",
-                 ", ".join(f"{n} rows {r:.2f}x faster" for n, r in ratios.items()))
-        return fbgemm.worth_it(ratios)
+    def _half_matrices(self) -> bool:
+        """INFERQL_FP16_MATRICES: on or auto, wherever fbgemm runs them (fbgemm.py)."""
+        return self.options.fp16_matrices != "off" and self.fast_path and fbgemm.usable(self.device, self.dtype)
 
     @property
     def matrix_format(self) -> str:
