@@ -15,8 +15,8 @@ instead, with the model's own weights:
   weights;
 * on CPU the matrices are prepacked for oneDNN (onednn.py), or for a float32 model kept in
   float16 and multiplied in float32 by fbgemm, the head in int8 (fbgemm.py); a decode
-  step's attention is
-  two batched float32 matmuls (`_decode_attention`) rather than torch's SDPA kernel;
+  step's attention is two batched float32 matmuls (`_decode_attention`) rather than torch's
+  SDPA kernel;
 * the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`,
   in the weights' dtype (a float32 cache on CPU spared the attention its conversions but was
   not measurably faster, and doubled the memory: every row has the longest row's capacity).
@@ -155,7 +155,7 @@ class FastWeights:
         tied = head is inner.embed_tokens.weight
         if half or packed:
             self.head = mat(head)
-            if half:  # its pass over the whole vocabulary in int8, where faster (fbgemm.py)
+            if half:  # its pass over the whole vocabulary in int8, where it runs (fbgemm.py)
                 self.head = fbgemm.int8_head(head, self.head) or self.head
         else:
             self.head = self.embed if tied and dtype != torch.float32 else w(head)

@@ -28,11 +28,11 @@ decode step, and only its top candidates need to be exact: fastllama.py recomput
 ~49k logits count only through their small share of the softmax mass. So with float16
 matrices the head's full pass runs fbgemm's dynamic int8 product (`Int8Head`: int8 weights
 per output channel, the activations quantized per call), 1.9x faster than float16 at 1 row
-and 2.7x at 16 here. Each row is quantized on its own scale
-(`Int8Head`): its logits do not depend on what else is in the batch. The activations'
-quantization is most of the error (the final hidden state has outlier channels, ~15x the
-median one's magnitude, which set the scale): fidelity on the bench's prompts went from
-mean |d logprob| 0.0007 (float16 head) to 0.0055, max 0.16, greedy agreement still 100 %.
+and 2.7x at 16 here. Each row is quantized on its own scale, so its logits do not depend on
+what else is in the batch. The activations' quantization is most of the error (the final
+hidden state has outlier channels, ~15x the median one's magnitude, which set the scale):
+on the bench's prompts the mean |d logprob| went from 0.0007 (float16 head) to 0.0055, max
+0.16, greedy agreement still 100 %.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .timing import alternate
 
 log = logging.getLogger(__name__)
+
 
 class Float16:
     """One weight matrix [N, K] in fbgemm's float16 layout (opaque: only multiplied by)."""

@@ -110,7 +110,6 @@ class LoadedModel:
             half = self._half_matrices()
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed and not half,
                                                half=half)
-            log.info("fast path: %s", self.matrix_format)
             setting = self.options.int8_small_batch
             if setting == "auto" and half:
                 # int8 copies were slower than the float16 matrices even at 1 row (0.86-0.94x
@@ -121,6 +120,7 @@ class LoadedModel:
                 log.info("int8 weights for decode steps of up to %d rows (%s; dense/int8 time at load: %s)",
                          self._fast.int8_rows, setting,
                          ", ".join(f"{m} rows {r:.2f}x" for m, r in ratios.items()) or "not timed")
+            log.info("fast path: %s", self.matrix_format)
         return self._fast
 
     def _half_matrices(self) -> bool:
