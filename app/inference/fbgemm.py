@@ -14,9 +14,11 @@ float16 keeps 11 bits of mantissa (bfloat16 8): a weight's relative rounding is 
 the head's top candidates are still recomputed from the float32 weights (fastllama.py).
 
 Measured on a 2-core AVX2-only AMD EPYC, 2 threads, against the oneDNN-packed float32
-matrices (onednn.py): SmolLM2-135M's layer matrices 1.45-1.9x faster at 1 row, 1.1-1.35x
-at 16, about even at 128-512 (prefill); the 49152-row head 2.7x at 1 row, 1.2x at 16
-(`python -m app.inference.fbgemm` times one layer by rows). `auto` uses them wherever they
+matrices (onednn.py), per matrix in an ad-hoc script: SmolLM2-135M's layer matrices
+1.45-1.9x faster at 1 row, 1.1-1.35x at 16, about even at 128-512 (prefill); the
+49152-row head 2.7x at 1 row, 1.2x at 16. A whole decode step: `scripts/bench.py
+--kernels` (1.77x at 1 row, 1.43x at 16 there). `python -m app.inference.fbgemm` times one
+layer's four matrices of these shapes, random weights, by rows. `auto` uses them wherever they
 run (a float32 model on a CPU whose torch has fbgemm, a trial product agreeing), without
 timing at load: a timing taken while another process loads a model picked the float32
 matrices in a server beside a bench that picked float16, and the two then ran different
@@ -28,7 +30,7 @@ decode step, and only its top candidates need to be exact: fastllama.py recomput
 ~49k logits count only through their small share of the softmax mass. So with float16
 matrices the head's full pass runs fbgemm's dynamic int8 product (`Int8Head`: int8 weights
 per output channel, the activations quantized per call), 1.9x faster than float16 at 1 row
-and 2.7x at 16 here. Each row is quantized on its own scale, so its logits do not depend on
+and 2.7x at 16 here (ad hoc). Each row is quantized on its own scale, so its logits do not depend on
 what else is in the batch. The activations' quantization is most of the error (the final
 hidden state has outlier channels, ~15x the median one's magnitude, which set the scale):
 on the bench's prompts the mean |d logprob| went from 0.0007 (float16 head) to 0.0055, max
