@@ -121,6 +121,7 @@ class FastWeights:
         self.dtype = dtype
         self.device = device
         self.half = half
+        self.packed = packed and not half
         self.n_layers = cfg.num_hidden_layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
@@ -153,10 +154,10 @@ class FastWeights:
         self.embed = w(inner.embed_tokens.weight)
         head = model.get_output_embeddings().weight
         tied = head is inner.embed_tokens.weight
-        if half or packed:
+        if half:  # its pass over the whole vocabulary in int8, where it runs (fbgemm.py)
+            self.head = fbgemm.int8_head(head) or mat(head)
+        elif packed:
             self.head = mat(head)
-            if half:  # its pass over the whole vocabulary in int8, where it runs (fbgemm.py)
-                self.head = fbgemm.int8_head(head, self.head) or self.head
         else:
             self.head = self.embed if tied and dtype != torch.float32 else w(head)
         # float32 rows of the head, indexed to recompute the top candidates exactly (16-bit

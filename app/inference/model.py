@@ -125,7 +125,7 @@ class LoadedModel:
 
     def _half_matrices(self) -> bool:
         """INFERQL_FP16_MATRICES: on or auto, wherever fbgemm runs them (fbgemm.py)."""
-        return self.options.fp16_matrices != "off" and self.fast_path and fbgemm.usable(self.device, self.dtype)
+        return self.options.fp16_matrices != "off" and fbgemm.usable(self.device, self.dtype)
 
     @property
     def matrix_format(self) -> str:
@@ -137,7 +137,7 @@ class LoadedModel:
         if fast.half:
             head = "the head's full pass in int8" if type(fast.head) is fbgemm.Int8Head else "the head float16 too"
             form = f"{dt} model, matrices in float16 multiplied in float32 by fbgemm, {head}"
-        elif fast.layers and fast.layers[0][1].is_mkldnn:
+        elif fast.packed:
             form = f"{dt} matrices prepacked for oneDNN"
         else:
             form = f"{dt} matrices"

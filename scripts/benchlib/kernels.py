@@ -9,7 +9,8 @@ anything). About a minute; no server.
 * one OpenMP pool: a decode step on a thread of its own, with no other OpenMP pool alive,
   then while another thread that has run a parallel op is alive (app/inference/threads.py);
 * float16 matrices (a float32 model only): a whole decode step with the oneDNN-packed
-  float32 matrices against fbgemm's float16 ones (app/inference/fbgemm.py), by rows.
+  float32 matrices against fbgemm's float16 ones, the head's full pass in int8 as served
+  (app/inference/fbgemm.py), by rows.
 
 Everything runs on one measuring thread that ends with the section; the thread that keeps a
 second pool alive for the last measure is started and ended inside it.
@@ -142,7 +143,8 @@ def _float16_matrices(lm, quick: bool) -> None:
     packed = onednn.usable(lm.device, torch.float32)
     dense = FastWeights(lm.model, torch.float32, lm.device, packed=packed)
     half = FastWeights(lm.model, torch.float32, lm.device, half=True)
-    print(f"  a decode step (int8 off), {'packed' if packed else 'plain'} float32 matrices vs float16 (fbgemm):")
+    print(f"  a decode step (int8 copies off), {'packed' if packed else 'plain'} float32 matrices vs float16"
+          f" (fbgemm{', the head in int8' if type(half.head) is fbgemm.Int8Head else ''}):")
     for rows in (1, 16) if quick else (1, 4, 16, 64):
         a, b = [], []
         for _ in range(1 if quick else 3):

@@ -33,7 +33,7 @@ def test_quantize_rounds_each_channel_within_half_a_step():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_setting_forces_the_path_on_and_off(tiny_model_dir, dtype):
-    # float16 matrices pinned off: `auto` times them at each load and could differ between the two
+    # float16 matrices off: int8 against the float32 matrices it stands in for where bfloat16 is not native
     off = load_model(tiny_model_dir, device="cpu",
                      options=EngineOptions(dtype=dtype, int8_small_batch="off", fp16_matrices="off"))
     on = load_model(tiny_model_dir, device="cpu",
