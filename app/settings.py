@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     #   on CPU (inference/onednn.py; a layer's 1-row matmuls 1.7x faster); off: plain F.linear weights
     fp16_matrices: Literal["auto", "on", "off"] = "auto"  # a float32 model's matrices kept in float16 and
     #   multiplied in float32 by fbgemm on CPU (inference/fbgemm.py: half the bytes); auto: where fbgemm runs
+    decode_attention: Literal["auto", "sdpa", "matmuls"] = "auto"  # a decode step's attention: torch's
+    #   SDPA, or two float32 matmuls; auto: SDPA on a GPU and for bfloat16 on a CPU with AMX (fastllama.py)
 
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5

@@ -16,7 +16,7 @@ instead, with the model's own weights:
 * on CPU the matrices are prepacked for oneDNN (onednn.py), or for a float32 model kept in
   float16 and multiplied in float32 by fbgemm, the head in int8 (fbgemm.py); a decode
   step's attention is two batched float32 matmuls (`_decode_attention`) rather than torch's
-  SDPA kernel;
+  SDPA kernel, except for a bfloat16 model on a CPU with AMX (`decode_with_sdpa`);
 * the KV cache is one preallocated tensor per layer, `[rows, kv_heads, capacity, head_dim]`,
   in the weights' dtype (a float32 cache on CPU spared the attention its conversions but was
   not measurably faster, and doubled the memory: every row has the longest row's capacity).
@@ -40,7 +40,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import fbgemm, int8, onednn
+from . import cpu, fbgemm, int8, onednn
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # Candidates per row whose logits are recomputed in float32. With the int8 head (fbgemm.py)
@@ -99,8 +99,9 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
     Two batched matmuls per layer, the query heads that share a key/value head (GQA) as one
     [H / KV, D] block against it: with one query per row, torch's CPU SDPA kernel (flash
-    attention, built for long queries) took 3-6x longer (`scripts/bench.py --kernels`: 115
-    vs 37 us at 1 row, 1.6 vs 0.26 ms at 16 rows of 200 positions)."""
+    attention, built for long queries) took 3-6x longer on an AVX512-BF16 CPU without AMX
+    (`scripts/bench.py --kernels`: 115 vs 37 us at 1 row, 1.6 vs 0.26 ms at 16 rows of 200
+    positions); with AMX it is the faster one (decode_with_sdpa)."""
     B, H, _, D = q.shape
     KV, W = keys.shape[1], keys.shape[2]
     # (in the cache's bfloat16, the scores would be rounded to 8 bits of mantissa)
@@ -109,13 +110,32 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return torch.bmm(torch.softmax(scores, dim=-1), values.float().reshape(B * KV, W, D))
 
 
+ATTENTION = ("auto", "sdpa", "matmuls")
+
+
+def decode_with_sdpa(setting: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a decode step's attention runs torch's SDPA (else `_decode_attention`).
+    INFERQL_DECODE_ATTENTION: `auto` takes SDPA on a GPU, and on a CPU with AMX for a bfloat16
+    model: there torch's flash attention multiplies its bfloat16 blocks on the AMX tiles and
+    beat the two float32 matmuls 1.9x at 1 row and 2.3x at 16 (`bench.py --kernels`), a
+    whole 64-row step over 400 positions 1.8x. Without AMX the two matmuls were 3x faster
+    (AVX512-BF16) or even (AVX2). Decided by the CPU's flags, not timed, so every process on a
+    machine runs the same path."""
+    if setting not in ATTENTION:
+        raise ValueError(f"decode attention {setting!r}: one of {', '.join(ATTENTION)}")
+    if setting != "auto":
+        return setting == "sdpa"
+    return device.type != "cpu" or (dtype == torch.bfloat16 and cpu.amx())
+
+
 class FastWeights:
     """The model's weights, rearranged for the lean forward (shared by every engine on a model)."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device,
-                 packed: bool = False, half: bool = False) -> None:
+                 packed: bool = False, half: bool = False, attention: str = "auto") -> None:
         """packed: the 16-bit (or float32) matrices in oneDNN's layout (onednn.py; CPU only).
-        half: a float32 model's matrices in float16 for fbgemm instead (fbgemm.py; CPU only)."""
+        half: a float32 model's matrices in float16 for fbgemm instead (fbgemm.py; CPU only).
+        attention: a decode step's attention (decode_with_sdpa)."""
         cfg = model.config
         inner = model.model
         self.dtype = dtype
@@ -130,6 +150,7 @@ class FastWeights:
         self.eps = float(cfg.rms_norm_eps)
         self.max_len = int(getattr(cfg, "max_position_embeddings", 2048))
         self.vocab = cfg.vocab_size
+        self.sdpa_decode = decode_with_sdpa(attention, device, dtype)
         self._model = model
 
         def w(t: torch.Tensor) -> torch.Tensor:
@@ -251,9 +272,7 @@ class FastLlama:
                      "sm_scale"):
             setattr(self, name, getattr(weights, name))
         self.rows = rows
-        # A decode step's attention: torch's SDPA on a GPU, whose fused kernels handle one
-        # query per row well; on CPU two batched matmuls (_decode_attention)
-        self.sdpa_decode = self.device.type != "cpu"
+        self.sdpa_decode = weights.sdpa_decode  # else two batched matmuls (_decode_attention)
         self.min_capacity = 256
         self.capacity = 0
         self.k: list[torch.Tensor] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import fastllama, fbgemm, int8, onednn
+from . import cpu, fastllama, fbgemm, int8, onednn
 from .threads import in_passing_thread
 from .types import ModelInfo
 from .weights import read_marker, weights_version
@@ -31,6 +31,7 @@ class EngineOptions:
     int8_small_batch: str = "auto"     # auto | on | off: int8 weight copies for decode steps of few rows (int8.py)
     packed_weights: str = "auto"       # auto | off: matrices prepacked for oneDNN on CPU (onednn.py)
     fp16_matrices: str = "auto"        # auto | on | off: a float32 model's matrices in float16 for fbgemm (fbgemm.py)
+    decode_attention: str = "auto"     # auto | sdpa | matmuls: a CPU decode step's attention (fastllama.py)
 
     @classmethod
     def from_settings(cls, settings) -> EngineOptions:
@@ -39,17 +40,8 @@ class EngineOptions:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bfloat16 matmuls run natively (elsewhere they are emulated, slower
-    than float32)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    """AVX512-BF16 or AMX (cpu.native_bf16)."""
+    return cpu.native_bf16()
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -109,7 +101,7 @@ class LoadedModel:
             packed = self.options.packed_weights != "off" and onednn.usable(self.device, self.dtype)
             half = self._half_matrices()
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed and not half,
-                                               half=half)
+                                               half=half, attention=self.options.decode_attention)
             setting = self.options.int8_small_batch
             if setting == "auto" and half:
                 # int8 copies were slower than the float16 matrices even at 1 row (0.86-0.94x
@@ -129,7 +121,8 @@ class LoadedModel:
 
     @property
     def matrix_format(self) -> str:
-        """How the fast path's matrices are kept, in words (for logs and the bench)."""
+        """How the fast path's matrices are kept and its decode attention runs, in words (for
+        logs and the bench)."""
         fast = self.fast_weights()
         if fast is None:
             return f"{str(self.dtype).removeprefix('torch.')} weights through the Hugging Face forward"
@@ -141,7 +134,8 @@ class LoadedModel:
             form = f"{dt} matrices prepacked for oneDNN"
         else:
             form = f"{dt} matrices"
-        return form + (f"; int8 copies for decode steps of up to {fast.int8_rows} rows" if fast.int8_rows else "")
+        form += f"; int8 copies for decode steps of up to {fast.int8_rows} rows" if fast.int8_rows else ""
+        return form + ("; decode attention by SDPA" if fast.sdpa_decode else "; decode attention as two matmuls")
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone (for alternatives); memoised, the vocabulary is small."""

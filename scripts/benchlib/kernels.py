@@ -57,8 +57,10 @@ def _attention(lm, quick: bool) -> None:
     w = lm.fast_weights()
     H, KV, D, dt = w.n_heads, w.n_kv, w.head_dim, w.dtype
     width = 200
-    print(f"  decode attention, {width} cached positions per row, one layer: SDPA vs two float32 matmuls:")
-    for rows in (1, 16):
+    auto = "SDPA" if w.sdpa_decode else "the two matmuls"
+    print(f"  decode attention, {width} cached positions per row, one layer: SDPA vs two float32 matmuls"
+          f" (INFERQL_DECODE_ATTENTION=auto takes {auto} here):")
+    for rows in (1, 16) if quick else (1, 16, 64):
         q = torch.randn(rows, H, 1, D)
         keys = torch.randn(rows, KV, width, D).to(dt)
         values = torch.randn(rows, KV, width, D).to(dt)

@@ -37,7 +37,8 @@ LONG = SamplingParams(max_tokens=400)  # runs until cancelled (in these tests)
 PATHS = {
     "fast-fp32": EngineOptions(dtype="float32", fp16_matrices="off"),
     "fast-fp16": EngineOptions(dtype="float32", fp16_matrices="on"),  # float16 matrices (fbgemm)
-    "fast-bf16": EngineOptions(dtype="bfloat16"),
+    # SDPA for the decode attention (auto's choice with AMX); the float32 paths run the two matmuls
+    "fast-bf16": EngineOptions(dtype="bfloat16", decode_attention="sdpa"),
     "hf": EngineOptions(fast_path="off"),
 }
 

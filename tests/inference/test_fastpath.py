@@ -103,10 +103,14 @@ REAL_PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fast_path_matches_float32_eager_on_the_real_model(real_model_dir, dtype):
+@pytest.mark.parametrize("dtype, attention", [("float32", "matmuls"), ("bfloat16", "sdpa")])
+def test_fast_path_matches_float32_eager_on_the_real_model(real_model_dir, dtype, attention):
+    """float32 with the two float32 matmuls: exact. bfloat16 with SDPA's bfloat16 attention
+    (auto's choice on a CPU with AMX; the matmuls' float32 attention is the more exact one)."""
     lm = load_model(real_model_dir, device="cpu",
-                    options=EngineOptions(dtype=dtype, int8_small_batch="off", fp16_matrices="off"))
+                    options=EngineOptions(dtype=dtype, int8_small_batch="off", fp16_matrices="off",
+                                          decode_attention=attention))
+    assert lm.fast_weights().sdpa_decode == (attention == "sdpa")
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
     fid = measure(lm, prompts, tokens=12)
     assert fid.positions == 48
@@ -193,6 +197,33 @@ def test_packed_matrices_only_where_onednn_runs_them():
     assert onednn.usable(torch.device("cpu"), torch.bfloat16) == packs
     assert not onednn.usable(torch.device("cpu"), torch.float16)
     assert not onednn.usable(torch.device("cuda"), torch.bfloat16)
+
+
+def test_decode_attention_choice(monkeypatch, tiny_model_dir):
+    """auto: SDPA on a GPU and for bfloat16 on a CPU with AMX, else the two matmuls; the
+    setting forces either; the CPU's flags decide, so every process on a machine agrees."""
+    from app.inference import cpu, fastllama
+    from app.settings import Settings
+
+    cpu_dev, gpu = torch.device("cpu"), torch.device("cuda")
+    for has_amx in (False, True):
+        monkeypatch.setattr(cpu, "amx", lambda: has_amx)
+        assert fastllama.decode_with_sdpa("auto", cpu_dev, torch.bfloat16) is has_amx
+        assert fastllama.decode_with_sdpa("auto", cpu_dev, torch.float32) is False
+        assert fastllama.decode_with_sdpa("auto", gpu, torch.float32) is True
+        assert fastllama.decode_with_sdpa("sdpa", cpu_dev, torch.float32) is True
+        assert fastllama.decode_with_sdpa("matmuls", gpu, torch.bfloat16) is False
+    with pytest.raises(ValueError):
+        fastllama.decode_with_sdpa("flash", cpu_dev, torch.bfloat16)
+    for value in ("sdpa", "matmuls"):
+        monkeypatch.setenv("INFERQL_DECODE_ATTENTION", value)
+        options = EngineOptions.from_settings(Settings(_env_file=None))
+        assert options.decode_attention == value
+        lm = load_model(tiny_model_dir, device="cpu", options=options)
+        assert lm.fast_weights().sdpa_decode == (value == "sdpa")
+        assert ("by SDPA" in lm.matrix_format) == (value == "sdpa")
+    monkeypatch.delenv("INFERQL_DECODE_ATTENTION")
+    assert Settings(_env_file=None).decode_attention == EngineOptions().decode_attention == "auto"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
