@@ -60,6 +60,8 @@ class Phase:
     streams: list[Stream]
     max_batch: int
     loop_cpu_s: float | None = None  # API, a server started here: its event loop thread's CPU time in the phase
+    own_cpu_s: float | None = None   # this process's event loop thread in the phase: the client (API), or
+    #   the consumers of the engine's events (direct)
 
     @property
     def tokens(self) -> int:
@@ -75,13 +77,19 @@ class Phase:
 
     @property
     def note(self) -> str:
-        """API: the token messages per token (below 1 when tokens that piled up went out together)."""
-        if self.mode != "API" or not self.tokens:
+        """API: the token messages per token (below 1 when tokens that piled up went out
+        together); the CPU per token of the event loops: the server's, and this process's."""
+        if not self.tokens or self.mode not in ("API", "direct"):
             return ""
-        messages = sum(s.messages or 0 for s in self.streams)
-        note = f", {messages / self.tokens:.2f} token messages per token"
+        note = ""
+        if self.mode == "API":
+            messages = sum(s.messages or 0 for s in self.streams)
+            note = f", {messages / self.tokens:.2f} token messages per token"
         if self.loop_cpu_s is not None:  # each subscription's own work (auth, submit, records) included
             note += f", server event loop {self.loop_cpu_s / self.tokens * 1e6:.0f} us CPU per token"
+        if self.own_cpu_s is not None:
+            who = "client" if self.mode == "API" else "consumers"
+            note += f", bench {who} {self.own_cpu_s / self.tokens * 1e6:.0f} us"
         return note
 
 
@@ -172,13 +180,17 @@ async def api_phase(client, http, base_url: str, concurrency: int, prompts: list
     GraphQL, websockets, the job bookkeeping) spent in the phase, between the scrapes of
     /metrics around it."""
     before = await batch_histogram(http, base_url)
-    cpu0 = main_thread_cpu_s(server_pid)
+    cpu0, own0 = main_thread_cpu_s(server_pid), main_thread_cpu_s(os.getpid())
     streams = await run_phase(concurrency, prompts, lambda p: api_stream(client, p, max_tokens))
-    cpu1 = main_thread_cpu_s(server_pid)
+    cpu1, own1 = main_thread_cpu_s(server_pid), main_thread_cpu_s(os.getpid())
     after = await batch_histogram(http, base_url)
     sizes = [size for size, count in after.items() if count > before.get(size, 0.0)]
     loop_cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
-    return Phase("API", concurrency, streams, max(sizes, default=0), loop_cpu)
+    return Phase("API", concurrency, streams, max(sizes, default=0), loop_cpu, _delta(own0, own1))
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return after - before if before is not None and after is not None else None
 
 
 # ---- the direct side ----------------------------------------------------------------------
@@ -234,8 +246,10 @@ class Direct:
 
         self.engine.stats = EngineStats()
         items = [self.ids(p) for p in prompts]
+        own0 = main_thread_cpu_s(os.getpid())
         streams = await run_phase(concurrency, items, lambda ids: direct_stream(self.engine, ids, max_tokens))
-        return Phase("direct", concurrency, streams, self.engine.stats.max_batch_size)
+        own1 = main_thread_cpu_s(os.getpid())
+        return Phase("direct", concurrency, streams, self.engine.stats.max_batch_size, None, _delta(own0, own1))
 
 
 # ---- the section: warm-up, then rounds ----------------------------------------------------

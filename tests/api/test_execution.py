@@ -95,3 +95,157 @@ async def test_the_selection_is_walked_once_per_type_not_once_per_event(monkeypa
     calls = 0
     assert len(await results(schema(InferQLExecutor), DOCUMENT, variables)) == 60
     assert calls == 2  # Tick and Tock
+
+
+# ---- the plan: the same results and errors as graphql-core's generic path ----------------
+
+import enum  # noqa: E402
+
+from strawberry.extensions import SchemaExtension  # noqa: E402
+from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext  # noqa: E402
+
+
+@strawberry.enum
+class Mood(enum.Enum):
+    CALM = "calm"
+    LOUD = "loud"
+
+
+@strawberry.interface
+class Named:
+    name: str
+
+
+@strawberry.type
+class Leaf(Named):
+    weight: float | None
+    mood: Mood
+
+
+@strawberry.type
+class Branch(Named):
+    leaves: list[Leaf]
+    best: Leaf | None
+    parent: Named | None
+
+    @strawberry.field
+    def shout(self) -> str:
+        return self.name.upper()
+
+
+@strawberry.type
+class Tree:
+    branch: Branch
+    count: int
+
+
+def make_branch(n: int) -> Branch:
+    leaves = [Leaf(name=f"l{n}.{i}", weight=None if i == 1 else i / 2, mood=Mood.LOUD if i else Mood.CALM)
+              for i in range(3)]
+    return Branch(name=f"b{n}", leaves=leaves, best=leaves[0] if n % 2 else None,
+                  parent=Leaf(name="root", weight=1.0, mood=Mood.CALM) if n % 3 else make_parent())
+
+
+def make_parent() -> Branch:
+    return Branch(name="p", leaves=[], best=None, parent=None)
+
+
+@strawberry.type
+class TreeSubscription:
+    @strawberry.subscription
+    async def trees(self, count: int, broken_at: int = -1) -> AsyncGenerator[Tree | Leaf, None]:
+        for n in range(count):
+            if n == broken_at:  # a null where the schema forbids one: an error, as graphql-core reports it
+                yield Tree(branch=None, count=n)  # type: ignore[arg-type]
+            else:
+                yield Tree(branch=make_branch(n), count=n) if n % 4 else Leaf(name=f"solo{n}", weight=None,
+                                                                               mood=Mood.LOUD)
+
+
+TREES = """
+subscription Trees($count: Int!, $brokenAt: Int!, $deep: Boolean!) {
+  trees(count: $count, brokenAt: $brokenAt) {
+    __typename
+    ... on Leaf { name w: weight mood }
+    ... on Tree {
+      count
+      branch {
+        name
+        leaves { __typename name weight mood }
+        best @include(if: $deep) { name mood }
+        parent { __typename name ... on Leaf { weight } ... on Branch { leaves { name } } }
+      }
+    }
+  }
+}
+"""
+
+
+def tree_schema(executor=None, extensions=()) -> strawberry.Schema:
+    return strawberry.Schema(query=Query, subscription=TreeSubscription, execution_context_class=executor,
+                             extensions=list(extensions))
+
+
+def count_generic_events(monkeypatch) -> list:
+    """Each event that took graphql-core's own path appends to the returned list."""
+    calls: list = []
+    original = StrawberryGraphQLCoreExecutionContext.execute_collected_root_fields
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StrawberryGraphQLCoreExecutionContext, "execute_collected_root_fields", counting)
+    return calls
+
+
+@pytest.mark.parametrize("deep", [True, False])
+async def test_the_plan_gives_graphql_cores_results_for_nested_selections(monkeypatch, deep):
+    variables = {"count": 13, "brokenAt": -1, "deep": deep}
+    expected = await results(tree_schema(), TREES, variables)
+    generic = count_generic_events(monkeypatch)
+    ours = await results(tree_schema(InferQLExecutor), TREES, variables)
+    assert ours == expected
+    assert generic == []  # every event completed by the plan
+    assert ours[0] == ({"trees": {"__typename": "Leaf", "name": "solo0", "w": None, "mood": "LOUD"}}, None)
+    branch = ours[1][0]["trees"]["branch"]
+    assert branch["leaves"][1] == {"__typename": "Leaf", "name": "l1.1", "weight": None, "mood": "LOUD"}
+    assert ("best" in branch) is deep
+
+
+async def test_an_event_that_makes_an_error_takes_graphql_cores_path(monkeypatch):
+    variables = {"count": 6, "brokenAt": 3, "deep": True}
+    expected = await results(tree_schema(), TREES, variables)
+    generic = count_generic_events(monkeypatch)
+    ours = await results(tree_schema(InferQLExecutor), TREES, variables)
+    assert [data for data, _ in ours] == [data for data, _ in expected]
+    assert [[e.message for e in errors or ()] for _, errors in ours] == \
+           [[e.message for e in errors or ()] for _, errors in expected]
+    assert ours[3][0] is None and "non-nullable" in ours[3][1][0].message
+    assert len(generic) == 1  # only the broken event
+
+
+async def test_a_field_with_a_resolver_takes_graphql_cores_path(monkeypatch):
+    document = "subscription { trees(count: 6) { ... on Tree { branch { name shout } } ... on Leaf { name } } }"
+    expected = await results(tree_schema(), document, {})
+    generic = count_generic_events(monkeypatch)
+    ours = await results(tree_schema(InferQLExecutor), document, {})
+    assert ours == expected
+    assert ours[1] == ({"trees": {"branch": {"name": "b1", "shout": "B1"}}}, None)
+    assert len(generic) == 4  # the Tree events; the Leaf events are planned
+
+
+async def test_field_middleware_keeps_graphql_cores_path(monkeypatch):
+    seen: list[str] = []
+
+    class Spy(SchemaExtension):
+        def resolve(self, _next, root, info, *args, **kwargs):
+            seen.append(info.field_name)
+            return _next(root, info, *args, **kwargs)
+
+    variables = {"count": 5, "brokenAt": -1, "deep": True}
+    expected = await results(tree_schema(extensions=[Spy]), TREES, variables)
+    n = len(seen)
+    generic = count_generic_events(monkeypatch)
+    assert await results(tree_schema(InferQLExecutor, [Spy]), TREES, variables) == expected
+    assert len(seen) == 2 * n and len(generic) == 5  # every field through the extension, as before
