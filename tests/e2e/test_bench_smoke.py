@@ -32,7 +32,8 @@ def test_bench_smoke_runs_and_reports(real_model_dir):
     assert {("API", 1), ("direct", 1), ("API", 2), ("direct", 2)} <= rows.keys(), out
     assert all(v > 0 for v in rows.values()), rows
     # each API phase reports the server event loop's CPU per token (the server was started here)
-    assert re.search(r"^round 1 API .*server event loop \d+ us CPU per token$", out, re.M), out
+    assert re.search(r"^round 1 API .*server event loop \d+ us CPU per token, bench client \d+ us$", out, re.M), out
+    assert re.search(r"^round 1 direct .*, bench consumers \d+ us$", out, re.M), out
     # the job section ran too: submissions while the engine is busy, polls, auth overhead
     assert re.search(r"submitGeneration p50 [0-9.]+ ms\s+p99 [0-9.]+ ms\s+\(\d+ jobs accepted/s\)", out), out
     assert re.search(r"job\(id\) poll p50 [0-9.]+ ms", out), out
