@@ -11,7 +11,7 @@ from strawberry.extensions import DisableIntrospection
 from app.settings import Settings
 
 from .errors import ErrorCodes
-from .execution import InferQLExecutor
+from .execution import InferQLExecutor, LeanExtensionsRunner
 from .limits import DocumentLimitSettings, document_limits
 from .mutations import Mutation
 from .observe import ObserveOperations, log_errors
@@ -24,6 +24,9 @@ class InferQLSchema(strawberry.Schema):
     def process_errors(self, errors, execution_context=None) -> None:
         """Client errors at INFO without a traceback, server errors at ERROR with one."""
         log_errors(errors)
+
+    def create_extensions_runner(self, execution_context, extensions) -> LeanExtensionsRunner:
+        return LeanExtensionsRunner(execution_context=execution_context, extensions=extensions)
 
 
 def build_schema(settings: Settings | None = None, *, tracer_provider: Any | None = None,

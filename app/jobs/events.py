@@ -20,6 +20,15 @@ from app.inference.types import ModelInfo
 from .domain import GenerationResult, Job, JobError, JobStatus, TokenRecord
 
 
+
+def numbered(item, seq: int):
+    """A copy of a frozen event (or TokenRecord) with its seq: what dataclasses.replace gives
+    for these plain dataclasses, without its generic path through __init__ (two per token)."""
+    new = object.__new__(type(item))
+    new.__dict__.update(item.__dict__)
+    new.__dict__["seq"] = seq
+    return new
+
 @dataclass(frozen=True)
 class JobQueued:
     job_id: str
@@ -142,7 +151,7 @@ class MemoryEventBus:
             stream = self._streams[event.job_id] = _Stream()
         if stream.ended:
             raise RuntimeError(f"job {event.job_id}: event after the terminal one")
-        event = replace(event, seq=len(stream.events) + 1)
+        event = numbered(event, len(stream.events) + 1)
         stream.events.append(event)
         async with stream.changed:
             stream.changed.notify_all()

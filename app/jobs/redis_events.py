@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +38,7 @@ from .events import (
     JobEvent,
     JobQueued,
     TokenGenerated,
+    numbered,
 )
 
 __all__ = ["RedisEventBus", "event_from_json", "event_to_json"]
@@ -146,7 +147,7 @@ class RedisEventBus:
         self._pending.append((event, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        return replace(event, seq=await future)
+        return numbered(event, await future)
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the other appends of this turn join

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import replace
 from datetime import UTC, datetime
 
 from app.inference.engine import Engine, RequestHandle
@@ -26,7 +25,7 @@ from app.inference.types import Finished, FinishReason, Started, TokenStep
 from app.logs import bind_job
 
 from .domain import Job, JobError, JobStatus, TokenRecord
-from .events import GenerationCompleted, GenerationStarted, GenerationCancelled, TokenGenerated, epoch_to_dt
+from .events import GenerationCompleted, GenerationStarted, GenerationCancelled, TokenGenerated, epoch_to_dt, numbered
 from .queue import JobQueue, QueuedJob
 from .recorder import JobRecorder
 
@@ -163,7 +162,7 @@ class Worker:
                 if isinstance(out, TokenStep):
                     record = TokenRecord(out.index, out.token_id, out.text, out.logprob, out.alternatives, out.at)
                     event = await bus.append(TokenGenerated(job.id, epoch_to_dt(out.at), record))
-                    tokens.append(replace(record, seq=event.seq))
+                    tokens.append(numbered(record, event.seq))
                 elif isinstance(out, Started):
                     started = out.at
                     # Stored in the background: the first token must not wait for a commit.

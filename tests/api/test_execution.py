@@ -249,3 +249,48 @@ async def test_field_middleware_keeps_graphql_cores_path(monkeypatch):
     generic = count_generic_events(monkeypatch)
     assert await results(tree_schema(InferQLExecutor, [Spy]), TREES, variables) == expected
     assert len(seen) == 2 * n and len(generic) == 5  # every field through the extension, as before
+
+
+# ---- the extensions' per-result hooks, looked up once per operation ---------------------
+
+from app.api.execution import LeanExtensionsRunner  # noqa: E402
+
+
+class LeanSchema(strawberry.Schema):
+    def create_extensions_runner(self, execution_context, extensions):
+        return LeanExtensionsRunner(execution_context=execution_context, extensions=extensions)
+
+
+def recording_extensions() -> list:
+    class Stamp(SchemaExtension):
+        """Sees every streamed result (and may change it); reports a count in `extensions`."""
+
+        def __init__(self, *, execution_context=None) -> None:
+            self.seen = 0
+
+        def on_stream_result(self, result):
+            self.seen += 1
+            if result.data and result.data["events"].get("n") == 2:
+                result.data["events"]["n"] = -2
+            yield
+
+        def get_results(self):
+            return {"seen": self.seen}
+
+    class Quiet(SchemaExtension):  # neither hook: not asked for results
+        pass
+
+    return [Quiet, Stamp]
+
+
+async def stamped(schema_class) -> list:
+    s = schema_class(query=Query, subscription=Subscription, extensions=recording_extensions())
+    stream = await s.subscribe("subscription { events(count: 5) { ... on Tick { n } ... on Tock { n } } }")
+    return [(r.data, r.extensions) async for r in stream]
+
+
+async def test_the_extensions_see_each_result_as_with_strawberrys_runner():
+    ours = await stamped(LeanSchema)
+    assert ours == await stamped(strawberry.Schema)
+    assert [data["events"]["n"] for data, _ in ours] == [0, 1, -2, 3, 4]
+    assert [ext for _, ext in ours] == [{"seen": n} for n in range(5)]  # results are read before the hook runs
