@@ -94,6 +94,19 @@ class InferQLExecutor(StrawberryGraphQLCoreExecutionContext):
         new.__dict__.update(self.__dict__)
         return new
 
+    def execute_operation(self, serially: bool | None = None):
+        # Once planned, an event needs neither the root fields collected again (the document
+        # and variables of a subscription do not change) nor graphql-core's field machinery.
+        plan = self._plans.root
+        if plan is not None and (self.abort_signal is None or not self.abort_signal.aborted):
+            try:
+                data = plan(self.root_value)
+            except Unplanned:
+                pass
+            else:
+                return self.finish(self.build_response(data))
+        return super().execute_operation(serially)
+
     def execute_collected_root_fields(self, root_type, root_value, grouped_field_set, serially, new_defer_usages):
         if self.operation.operation is OperationType.SUBSCRIPTION and not new_defer_usages:
             kept = self._root_fields
