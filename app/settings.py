@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     prefill_chunk: int = 128            # prompt tokens fed per step while other generations decode
     prefix_cache_tokens: int = 4096     # KV of recent prompt prefixes kept for reuse; 0 = off
     int8_small_batch: Literal["auto", "on", "off"] = "auto"  # int8 weight copies for decode steps of few
-    #   rows (bandwidth-bound); auto: timed at load (~1 s), kept for the row counts where they are faster
+    #   rows (bandwidth-bound); auto: 1-row steps (not timed, so replicas agree), on: up to 4 rows
     packed_weights: Literal["auto", "off"] = "auto"  # auto: the fast path's matrices prepacked for oneDNN
     #   on CPU (inference/onednn.py; a layer's 1-row matmuls 1.7x faster); off: plain F.linear weights
     fp16_matrices: Literal["auto", "on", "off"] = "auto"  # a float32 model's matrices kept in float16 and

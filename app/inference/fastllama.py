@@ -237,29 +237,20 @@ class FastWeights:
                     if t is not None] + [self.head]
         return sum(nbytes(t) for t in mats)
 
-    def add_int8(self, rows: int | None = None, head: bool = True) -> dict[int, float]:
-        """Make the int8 copies (from the float32 master weights) and use them for steps of
-        at most `rows` rows; rows None: as many as int8.measure_rows finds faster here (0
-        drops the copies). Returns the measured dense / int8 time ratios ({} when not timed)."""
+    def add_int8(self, rows: int, head: bool = True) -> None:
+        """Make the int8 copies (from the float32 master weights) and use them for decode
+        steps of at most `rows` rows (0 drops them)."""
         act = int8.activations(self.dtype)
-        if not int8.usable(self.device, self.dtype):
+        if not rows or not int8.usable(self.device, self.dtype):
             self.int8_rows, self.layers8, self.head8 = 0, [], None
-            return {}
+            return
         if not self.layers8:
             for li in range(self.n_layers):
                 qkv, _, o, gu, d = self.matrices(li)
                 self.layers8.append(tuple(int8.quantize(t, act) for t in (qkv, o, gu, d)))
             if head:
                 self.head8 = int8.quantize(self._model.get_output_embeddings().weight, act)
-        ratios: dict[int, float] = {}
-        if rows is None:
-            _, wqkv, _, wo, _, wgu, wd = self.layers[0]
-            mats = [(w, *q8) for w, q8 in zip((wqkv, wo, wgu, wd), self.layers8[0])]
-            rows, ratios = int8.measure_rows(mats, self.dtype, dense)
         self.int8_rows = rows
-        if not rows:
-            self.layers8, self.head8 = [], None
-        return ratios
 
 
 class FastLlama:

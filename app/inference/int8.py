@@ -16,9 +16,13 @@ float32 ones slowly, bfloat16 ones fast even without native support. On an AVX2-
 (float32 weights) a whole 1-row decode step took 32.5 instead of 56.4 ms (`python -m
 app.inference.int8`), as it reads a quarter of the bytes.
 
-`auto` times the model's own matrices at load (about a second) at 1, 2 and 4 rows and
-keeps the int8 copy for the row counts where it is clearly faster; where it is slower
-(a GPU, or a CPU where the op is slow) nothing is kept.
+`auto` keeps the int8 copies for 1-row decode steps, without timing anything: int8 was the
+faster at 1 row on every CPU measured (whole 1-row step 1.14x on an AVX512-BF16 CPU, 1.40x
+with AMX, 1.73x for a float32 model on AVX2), and a choice timed at load differed between
+two processes on one busy machine (int8 up to 1 row in one, up to 4 in the other), so
+the same batch could decode differently in two replicas. `on` takes them up to 4 rows
+(`python -m app.inference.int8` measures 1, 2 and 4 rows on a machine). On a GPU nothing
+is kept.
 """
 
 from __future__ import annotations
@@ -28,17 +32,11 @@ import time
 
 import torch
 
-from .timing import alternate
-
 log = logging.getLogger(__name__)
 
-ROWS_TRIED = (1, 2, 4)   # row counts `auto` times
+ROWS_TRIED = (1, 2, 4)   # row counts `python -m app.inference.int8` compares
+AUTO_ROWS = 1            # `auto`: int8 for 1-row decode steps
 ON_ROWS = 4              # `on`: int8 for decode steps of up to this many rows
-# `auto` keeps a row count where int8 is at least this much faster. Against the oneDNN-packed
-# 16-bit matrices, 1-row timings at load ranged 1.09-1.35x (a whole 1-row decode step ~1.14x):
-# a 1.1 bar was missed by noise in about one start in four, and a server and the bench's
-# engine on one machine then ran different paths.
-MIN_GAIN = 1.05
 
 
 def quantize(w: torch.Tensor, act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,30 +73,6 @@ def usable(device: torch.device, model_dtype: torch.dtype) -> bool:
     return device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-@torch.inference_mode()
-def measure_rows(mats: list[tuple[object, torch.Tensor, torch.Tensor]], model_dtype: torch.dtype, dense,
-                 rows: tuple[int, ...] = ROWS_TRIED, budget_s: float = 1.0) -> tuple[int, dict[int, float]]:
-    """mats: (the model's weight in the form the fast path multiplies by, int8 weight, scales) of
-    one layer; dense(x, w): that product (fastllama.dense). Returns (the largest row count
-    up to which int8 is at least MIN_GAIN x faster at every count tried, 0 if not even at 1;
-    {rows: dense time / int8 time})."""
-    t_end = time.perf_counter() + budget_s
-    ratios: dict[int, float] = {}
-    keep = 0
-    for m in rows:
-        xs = {q.shape[1]: torch.randn(m, q.shape[1], dtype=model_dtype) for _, q, _ in mats}
-        big = lambda: [dense(xs[q.shape[1]], w) for w, q, _ in mats]  # noqa: E731
-        small = lambda: [linear(xs[q.shape[1]], q, s) for _, q, s in mats]  # noqa: E731
-        a, b = alternate(big, small, reps=8, rounds=7)
-        ratios[m] = a / b
-        if ratios[m] < MIN_GAIN:
-            break
-        keep = m
-        if time.perf_counter() > t_end:
-            break
-    return keep, ratios
-
-
 def _compare_steps(model_dir, repeats: int) -> None:
     """Decode-step time at 1, 2 and 4 rows, the model's weights against int8, alternating in one
     process (a shared machine drifts; only ratios measured side by side mean anything)."""
@@ -110,7 +84,7 @@ def _compare_steps(model_dir, repeats: int) -> None:
     lm = load_model(model_dir, options=EngineOptions(int8_small_batch="on"))
     w = lm.fast_weights()
     print(f"weights {str(w.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads;"
-          f" auto here: int8 up to {_auto_rows(w)} rows")
+          f" auto: int8 for decode steps of up to {AUTO_ROWS} row(s), on: up to {ON_ROWS}")
     fast = FastLlama(w, rows=max(ROWS_TRIED))
     prompt = lm.encode_chat([{"role": "user", "content": "Explain why the sky is blue."}])
     times: dict[tuple[int, str], list[float]] = {}
@@ -135,13 +109,6 @@ def _compare_steps(model_dir, repeats: int) -> None:
         ratios = sorted(x / y for x, y in zip(a, b))
         print(f"{rows} rows: {w.dtype} {statistics.median(a) * 1e3:.1f} ms, int8 {statistics.median(b) * 1e3:.1f} ms;"
               f" dense/int8 {statistics.median(ratios):.2f}x (repeats {ratios[0]:.2f}-{ratios[-1]:.2f})")
-
-
-def _auto_rows(w) -> int:
-    from .fastllama import dense
-
-    _, wqkv, _, wo, _, wgu, wd = w.layers[0]
-    return measure_rows([(m, *q8) for m, q8 in zip((wqkv, wo, wgu, wd), w.layers8[0])], w.dtype, dense)[0]
 
 
 if __name__ == "__main__":

@@ -105,13 +105,11 @@ class LoadedModel:
             setting = self.options.int8_small_batch
             if setting == "auto" and half:
                 # int8 copies were slower than the float16 matrices even at 1 row (0.86-0.94x
-                # timed at load on an AVX2-only CPU): not made, and not timed
+                # timed on an AVX2-only CPU): not made
                 log.info("int8 weights: none beside float16 matrices (auto)")
             elif setting != "off":
-                ratios = self._fast.add_int8(int8.ON_ROWS if setting == "on" else None)
-                log.info("int8 weights for decode steps of up to %d rows (%s; dense/int8 time at load: %s)",
-                         self._fast.int8_rows, setting,
-                         ", ".join(f"{m} rows {r:.2f}x" for m, r in ratios.items()) or "not timed")
+                self._fast.add_int8(int8.ON_ROWS if setting == "on" else int8.AUTO_ROWS)
+                log.info("int8 weights for decode steps of up to %d rows (%s)", self._fast.int8_rows, setting)
             log.info("fast path: %s", self.matrix_format)
         return self._fast
 

@@ -7,6 +7,8 @@ eager reference (the bench's tolerance: agreement >= 97 %, mean |d logprob| <= 0
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -75,6 +77,21 @@ def test_a_float32_model_multiplies_its_int8_copies_in_bfloat16(tiny_model_dir):
     out = int8.linear(x, q, s)
     assert out.dtype == torch.float32
     assert torch.allclose(out, x @ (q.float() * s.float()[:, None]).T, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_takes_int8_for_one_row_steps_without_timing(monkeypatch, tiny_model_dir, dtype):
+    """A fixed rule, so every process on a machine (replicas, the bench's engine) decides alike."""
+    def no_timing(*args, **kwargs):
+        raise AssertionError("auto must not time anything")
+
+    monkeypatch.setattr(time, "perf_counter", no_timing)
+    lm = load_model(tiny_model_dir, device="cpu",
+                    options=EngineOptions(dtype=dtype, int8_small_batch="auto", fp16_matrices="off"))
+    w = lm.fast_weights()
+    monkeypatch.undo()
+    assert w.int8_rows == int8.AUTO_ROWS == 1 and len(w.layers8) == w.n_layers
+    assert "int8 copies for decode steps of up to 1 rows" in lm.matrix_format
 
 
 def test_the_setting_reaches_engine_options(monkeypatch):
