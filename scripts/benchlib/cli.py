@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kernels", action="store_true",
                     help="only the kernels section (no server): packed vs plain matmuls, the decode attention vs SDPA,"
                     "\na decode step alone vs beside a second OpenMP pool (benchlib/kernels.py; about a minute)")
+    ap.add_argument("--events", action="store_true",
+                    help="only the events section (no server, no model): CPU per subscription event through"
+                    "\nschema.subscribe, strawberry's executor vs the server's (benchlib/events.py; about 20 s)")
     ap.add_argument("--stall-tokens", type=int, default=2048, help="the long prompt's tokens (default 2048)")
     ap.add_argument("--stall-streams", type=int, default=4, help="streams decoding meanwhile (default 4)")
     ap.add_argument("--smoke", action="store_true",
@@ -111,6 +114,11 @@ async def bench(args: argparse.Namespace) -> int:
         return await stall_only(args, settings)
     if args.kernels:
         return await kernels_only(args, settings)
+    if args.events:
+        from .events import events_section
+
+        await events_section(quick=args.smoke)
+        return 0
     machine = None if args.jobs_only else probe(settings, quick=args.smoke)
 
     def default_model() -> Path:

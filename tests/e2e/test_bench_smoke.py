@@ -68,3 +68,16 @@ def test_bench_kernels_runs_and_reports(tiny_model_dir):
     # float16 matrices: timed for a float32 model (a CPU without native bfloat16), else skipped
     assert re.search(r"^\s+16 rows: float32\s+[0-9.]+ ms, float16\s+[0-9.]+ ms\s+[0-9.]+x"
                      r"|float16 matrices: not for this model here", out, re.M), out
+
+
+@pytest.mark.e2e
+def test_bench_events_runs_and_reports():
+    """The per-event section: both executors give the same results (the section checks) and
+    it prints the CPU per event of each, for both selections."""
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--events", "--smoke"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr[-4000:]}"
+    for name in ("the bench's", "confidence"):
+        assert re.search(rf"^\s+{name} selection: strawberry's executor\s+[0-9.]+ us, the server's\s+[0-9.]+ us"
+                         r" per event\s+[0-9.]+x$", out, re.M), out
