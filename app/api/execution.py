@@ -266,7 +266,8 @@ class LeanExtensionsRunner(SchemaExtensionsRunner):
 class _KeptHooks(StreamResultContextManager):
     """strawberry's context manager for one streamed result, on hooks looked up before."""
 
-    def __init__(self, hooks: list, result) -> None:  # noqa: super().__init__ would look them up again
+    def __init__(self, hooks: list, result) -> None:
+        # (not super().__init__: that would look the hooks up again)
         self.result = result
         self.hooks = hooks
 
