@@ -30,7 +30,7 @@ from app.jobs.access import Access
 from app.jobs.classification import Classifier
 from app.jobs.persistence.db import Database, private_dir
 from app.jobs.events import EventBus, MemoryEventBus
-from app.jobs.keys import FIRST_KEY_FILE, Defaults, KeyStore
+from app.jobs.keys import FIRST_KEY_FILE, Defaults, KeyNameTaken, KeyStore
 from app.jobs.persistence.migrate import upgrade
 from app.jobs.queue import JobQueue, MemoryJobQueue
 from app.jobs.quotas import MemoryQuotaStore, QuotaStore
@@ -279,7 +279,11 @@ async def bootstrap_key(keys: KeyStore, data_dir: Path) -> None:
     """
     if await keys.list():
         return
-    key = await keys.create("local", admin=True)
+    try:
+        key = await keys.create("local", admin=True)
+    except KeyNameTaken:  # another replica, starting at the same moment on the same database, made it
+        log.info("the first admin key was made by another replica starting at the same time")
+        return
     if sys.stdout.isatty():
         print(
             "\n" + "=" * 72 +

@@ -38,3 +38,34 @@ def test_first_key_goes_to_a_private_file_and_is_not_made_again(tmp_path, tiny_m
         assert listing.count("\n") == 1 and "revoked" in listing, listing
     finally:
         again.stop()
+
+
+async def test_replicas_starting_together_make_one_first_key(tmp_path, monkeypatch):
+    """Two API replicas starting at once on a fresh database both find no key; the name is
+    unique, so one makes it and the other starts without it (it used to fail to start)."""
+    import asyncio
+
+    from app.jobs.keys import KeyStore
+    from app.jobs.persistence.db import Database
+    from app.jobs.persistence.migrate import upgrade
+    from app.settings import Settings
+    from app.wiring import bootstrap_key, key_defaults
+
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'keys.db'}")
+    await upgrade(db.engine)
+    keys = KeyStore(db, key_defaults(Settings(_env_file=None)))
+    listed = keys.list
+    both_looked = asyncio.Barrier(2)
+
+    async def list_then_wait():  # both replicas see the empty table before either creates
+        found = await listed()
+        await both_looked.wait()
+        return found
+
+    monkeypatch.setattr(keys, "list", list_then_wait)
+    data_a, data_b = tmp_path / "a", tmp_path / "b"
+    await asyncio.gather(bootstrap_key(keys, data_a), bootstrap_key(keys, data_b))
+    files = [d / FIRST_KEY_FILE for d in (data_a, data_b) if (d / FIRST_KEY_FILE).exists()]
+    assert len(files) == 1 and files[0].read_text().startswith("iq_")
+    assert [k.name for k in await listed()] == ["local"]
+    await db.dispose()

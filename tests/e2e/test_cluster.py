@@ -88,8 +88,10 @@ async def cluster(tmp_path_factory, real_model_dir, pg_url):
         for _ in range(2):
             c.add_worker().spawn()
         c.add_api().spawn()
-        await c.apis[0].wait_ready()
-        for proc in [*c.workers, *c.apis[1:]]:
+        # Either API replica may make the first admin key (both find the fresh database empty;
+        # the other starts without making one) and writes it to the shared data folder: each
+        # reads it once ready, the first replica last.
+        for proc in [*c.workers, *c.apis[1:], c.apis[0]]:
             await proc.wait_ready()
         c.apis[1].key = c.apis[0].key
         yield c
