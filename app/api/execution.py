@@ -251,8 +251,10 @@ class LeanExtensionsRunner(SchemaExtensionsRunner):
         self._with_results = [e for e in self.extensions if type(e).get_results is not base]
 
     def on_stream_result(self, result) -> StreamResultContextManager:
-        if self._stream_hooks is None:
-            return _KeptHooks.first(self, result)
+        if self._stream_hooks is None:  # the first result: strawberry's own lookup, kept
+            manager = StreamResultContextManager(self.extensions, result)
+            self._stream_hooks = manager.hooks
+            return manager
         return _KeptHooks(self._stream_hooks, result)
 
     async def get_extensions_results(self, ctx) -> dict[str, Any]:
@@ -270,9 +272,3 @@ class _KeptHooks(StreamResultContextManager):
         # (not super().__init__: that would look the hooks up again)
         self.result = result
         self.hooks = hooks
-
-    @classmethod
-    def first(cls, runner: LeanExtensionsRunner, result) -> StreamResultContextManager:
-        manager = StreamResultContextManager(runner.extensions, result)
-        runner._stream_hooks = manager.hooks
-        return manager

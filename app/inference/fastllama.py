@@ -237,7 +237,7 @@ class FastWeights:
                     if t is not None] + [self.head]
         return sum(nbytes(t) for t in mats)
 
-    def add_int8(self, rows: int, head: bool = True) -> None:
+    def add_int8(self, rows: int) -> None:
         """Make the int8 copies (from the float32 master weights) and use them for decode
         steps of at most `rows` rows (0 drops them)."""
         act = int8.activations(self.dtype)
@@ -248,8 +248,7 @@ class FastWeights:
             for li in range(self.n_layers):
                 qkv, _, o, gu, d = self.matrices(li)
                 self.layers8.append(tuple(int8.quantize(t, act) for t in (qkv, o, gu, d)))
-            if head:
-                self.head8 = int8.quantize(self._model.get_output_embeddings().weight, act)
+            self.head8 = int8.quantize(self._model.get_output_embeddings().weight, act)
         self.int8_rows = rows
 
 

@@ -18,11 +18,10 @@ matrices (onednn.py), per matrix in an ad-hoc script: SmolLM2-135M's layer matri
 1.45-1.9x faster at 1 row, 1.1-1.35x at 16, about even at 128-512 (prefill); the
 49152-row head 2.7x at 1 row, 1.2x at 16. A whole decode step: `scripts/bench.py
 --kernels` (1.77x at 1 row, 1.43x at 16 there, before the int8 head). `auto` uses them
-wherever they
-run (a float32 model on a CPU whose torch has fbgemm, a trial product agreeing), without
-timing at load: a timing taken while another process loads a model picked the float32
-matrices in a server beside a bench that picked float16, and the two then ran different
-paths.
+wherever they run (a float32 model on a CPU whose torch has fbgemm, a trial product
+agreeing), without timing at load: a timing taken while another process loads a model
+picked the float32 matrices in a server beside a bench that picked float16, and the two
+then ran different paths.
 
 The head (49152 x 576 for SmolLM2, a fifth of the weights) is the largest product of a
 decode step, and only its top candidates need to be exact: fastllama.py recomputes the top
@@ -44,7 +43,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,9 @@ is kept.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
-
-log = logging.getLogger(__name__)
 
 ROWS_TRIED = (1, 2, 4)   # row counts `python -m app.inference.int8` compares
 AUTO_ROWS = 1            # `auto`: int8 for 1-row decode steps

@@ -39,11 +39,6 @@ class EngineOptions:
         return cls(**{f: getattr(settings, f) for f in cls.__dataclass_fields__ if hasattr(settings, f)})
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX (cpu.native_bf16)."""
-    return cpu.native_bf16()
-
-
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     """The dtype of the weights on the fast path: `auto` takes 16 bits where the hardware has
     native support (CUDA; a CPU with AVX512-BF16 or AMX), float32 elsewhere."""
@@ -51,7 +46,7 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
         return DTYPES[setting]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if cpu.native_bf16() else torch.float32
 
 
 @dataclass

@@ -49,13 +49,14 @@ def weight_bytes_per_token(lm) -> tuple[int, int]:
 
 def probe(settings, quick: bool) -> dict[str, float]:
     """machine_limits() in float32 and in the engine's default dtype here, printed."""
-    from app.inference.model import EngineOptions, cpu_has_native_bf16, pick_device, pick_dtype
+    from app.inference.cpu import native_bf16
+    from app.inference.model import EngineOptions, pick_device, pick_dtype
     from app.inference.threads import in_passing_thread
 
     dtype = pick_dtype(EngineOptions.from_settings(settings).dtype, pick_device(settings.device))
     # before anything else computes; in a thread that ends with it (app/inference/threads.py)
     machine = in_passing_thread(machine_limits, dtype, quick=quick)
-    print(f"CPU native bf16 (AVX512-BF16/AMX): {'yes' if cpu_has_native_bf16() else 'no'};"
+    print(f"CPU native bf16 (AVX512-BF16/AMX): {'yes' if native_bf16() else 'no'};"
           f" the engine's default dtype here: {str(dtype).removeprefix('torch.')}")
     print("machine: read bandwidth {:.1f} GB/s; GEMM {}".format(machine["bandwidth_gbs"], ", ".join(
         f"{k.removeprefix('gemm_').removesuffix('_gflops')} {v:.0f} GFLOP/s"

