@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     #   multiplied in float32 by fbgemm on CPU (inference/fbgemm.py: half the bytes); auto: where fbgemm runs
     decode_attention: Literal["auto", "sdpa", "matmuls"] = "auto"  # a decode step's attention: torch's
     #   SDPA, or two float32 matmuls; auto: SDPA on a GPU and for bfloat16 on a CPU with AMX (fastllama.py)
+    native_step: Literal["auto", "off"] = "auto"  # auto: the int8 copies' decode steps in one native call
+    #   (inference/native.py, compiled at first use with the machine's C compiler); off: through torch
 
     # Answers below this confidence score are flagged needsReview
     review_threshold: float = 0.5

@@ -35,12 +35,13 @@ weights' dtype, then the top candidates of each row are recomputed exactly in fl
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu, fbgemm, int8, onednn
+from . import cpu, fbgemm, int8, native, onednn
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # Candidates per row whose logits are recomputed in float32. With the int8 head (fbgemm.py)
@@ -198,6 +199,7 @@ class FastWeights:
         self.int8_rows = 0  # steps of at most this many rows use the int8 copies (0: never)
         self.layers8: list[tuple] = []
         self.head8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.native: native.NativeStep | None = None  # runs those steps in one call (add_native)
 
     def matrices(self, li: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer li's matrices in float32 on the device (layer_matrices)."""
@@ -251,6 +253,14 @@ class FastWeights:
             self.head8 = int8.quantize(self._model.get_output_embeddings().weight, act)
         self.int8_rows = rows
 
+    def add_native(self) -> None:
+        """Run the int8 copies' decode steps in one native call (native.py). Raises
+        RuntimeError when the library cannot be built or loaded."""
+        if not self.int8_rows or self.int8_rows > native.MAX_ROWS or not native.usable(self.device, self.dtype):
+            raise RuntimeError("no int8 copies to run natively" if not self.int8_rows
+                               else f"int8 up to {self.int8_rows} rows on {self.device}, {self.dtype}")
+        self.native = native.NativeStep(self)
+
 
 class FastLlama:
     """The lean forward with one engine's KV cache."""
@@ -268,6 +278,7 @@ class FastLlama:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.lengths = [0] * rows  # tokens in each row's cache
+        self._cache_ptrs: tuple | None = None  # the cache tensors' data, per layer, for the native step
 
     # ---- the cache -------------------------------------------------------------------
 
@@ -287,10 +298,12 @@ class FastLlama:
             for old, new in zip(self.k + self.v, new_k + new_v):
                 new[:, :, :used].copy_(old[:, :, :used])
         self.k, self.v, self.capacity = new_k, new_v, cap
+        self._cache_ptrs = None
 
     def release_all(self) -> None:
         """The batch drained: give the memory back (the next request allocates again)."""
         self.k, self.v, self.capacity = [], [], 0
+        self._cache_ptrs = None
         self.lengths = [0] * self.rows
 
     def move_row(self, src: int, dst: int) -> None:
@@ -386,6 +399,11 @@ class FastLlama:
             return _mm(h, self.head, None)
         else:
             logits = _mm(h.to(self.dtype), self.head, None).float()
+        return self._exact_top(h, logits)
+
+    def _exact_top(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, vocab] with each row's top EXACT_TOP recomputed in float32 from the
+        final-normed h [B, hidden]."""
         # bfloat16 keeps 8 bits of mantissa: a logit of 20 carries an error up to ~0.08 (int8
         # weights, a comparable one; float16 weights ~0.01; the int8 head up to ~1). The
         # candidates that matter (the argmax, the top alternatives, the bulk of the softmax
@@ -416,6 +434,8 @@ class FastLlama:
         B = tokens.shape[0]
         width = max(self.lengths[:B]) + 1
         self.reserve(width)
+        if self.w.native is not None and B <= self.w.int8_rows:
+            return self._native_decode(tokens, positions)
         h = self.embed[tokens][:, None].float()
         cols = torch.arange(width, device=self.device)
         hidden = (cols[None, :] > positions[:, None])[:, None, None]  # [B, 1, 1, width]: past each row's end
@@ -429,3 +449,16 @@ class FastLlama:
         for i in range(B):
             self.lengths[i] += 1
         return self._final(h[:, 0], decode=True)
+
+    def _native_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """decode() in one native call (native.py): the same step over the int8 copies."""
+        B = tokens.shape[0]
+        if self._cache_ptrs is None:
+            arr = ctypes.c_void_p * self.n_layers
+            self._cache_ptrs = (arr(*[t.data_ptr() for t in self.k]), arr(*[t.data_ptr() for t in self.v]))
+        h = self.embed[tokens].float()
+        logits = torch.empty(B, self.vocab, device=self.device)
+        self.w.native.step(h, *self._cache_ptrs, self.capacity, positions.tolist(), logits)
+        for i in range(B):
+            self.lengths[i] += 1
+        return self._exact_top(h, logits)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from . import cpu, fastllama, fbgemm, int8, onednn
+from . import cpu, fastllama, fbgemm, int8, native, onednn
 from .threads import in_passing_thread
 from .types import ModelInfo
 from .weights import read_marker, weights_version
@@ -32,6 +32,7 @@ class EngineOptions:
     packed_weights: str = "auto"       # auto | off: matrices prepacked for oneDNN on CPU (onednn.py)
     fp16_matrices: str = "auto"        # auto | on | off: a float32 model's matrices in float16 for fbgemm (fbgemm.py)
     decode_attention: str = "auto"     # auto | sdpa | matmuls: a CPU decode step's attention (fastllama.py)
+    native_step: str = "auto"          # auto | off: the int8 copies' decode steps in one native call (native.py)
 
     @classmethod
     def from_settings(cls, settings) -> EngineOptions:
@@ -98,13 +99,21 @@ class LoadedModel:
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed and not half,
                                                half=half, attention=self.options.decode_attention)
             setting = self.options.int8_small_batch
-            if setting == "auto" and half:
-                # int8 copies were slower than the float16 matrices even at 1 row (0.86-0.94x
-                # timed on an AVX2-only CPU): not made
+            native_on = self.options.native_step != "off" and native.usable(self.device, self.dtype)
+            if setting == "auto" and half and not native_on:
+                # through torch, int8 copies were slower than the float16 matrices even at 1 row
+                # (0.86-0.94x timed on an AVX2-only CPU): not made
                 log.info("int8 weights: none beside float16 matrices (auto)")
             elif setting != "off":
                 self._fast.add_int8(int8.ON_ROWS if setting == "on" else int8.AUTO_ROWS)
                 log.info("int8 weights for decode steps of up to %d rows (%s)", self._fast.int8_rows, setting)
+            if native_on and self._fast.int8_rows:
+                try:
+                    self._fast.add_native()
+                except RuntimeError as exc:  # no compiler, say: torch runs those steps
+                    log.warning("native decode step unavailable, decode steps stay on torch: %s", exc)
+                    if setting == "auto" and half:
+                        self._fast.add_int8(0)
             log.info("fast path: %s", self.matrix_format)
         return self._fast
 
@@ -127,7 +136,9 @@ class LoadedModel:
             form = f"{dt} matrices prepacked for oneDNN"
         else:
             form = f"{dt} matrices"
-        form += f"; int8 copies for decode steps of up to {fast.int8_rows} rows" if fast.int8_rows else ""
+        if fast.int8_rows:
+            form += f"; int8 copies for decode steps of up to {fast.int8_rows} rows"
+            form += ", run as one native call" if fast.native is not None else ""
         return form + ("; decode attention by SDPA" if fast.sdpa_decode else "; decode attention as two matmuls")
 
     def token_text(self, token_id: int) -> str:

@@ -1,0 +1,165 @@
+"""A decode step of a few rows in one native call (INFERQL_NATIVE_STEP; native/decode_step.c).
+
+At one row, SmolLM2-135M's decode step through torch is ~1000 small ops: each pays Python,
+ATen's dispatch and an OpenMP fork/join, and together they take as long as the matrix
+products. decode_step.c runs the whole step (every layer, the final norm, the head) inside
+one OpenMP parallel region over the int8 copies (int8.py), with float32 activations, and
+writes the engine's own KV cache in place. fastllama.FastLlama.decode takes it for steps of
+up to `FastWeights.int8_rows` rows; prefills and bigger steps stay on torch.
+
+The C file is compiled at first use with the machine's C compiler (`cc -O3 -march=native
+-fopenmp`, ~1 s) into ~/.cache/inferql/native (or $XDG_CACHE_HOME), named by a hash of the
+source, the flags and the CPU's flags, and loaded with ctypes, which releases the GIL for the
+call. torch is imported first, so the library's libgomp is torch's: one OpenMP thread pool
+per thread, as before (threads.py). Without a compiler, `auto` keeps the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from ctypes import POINTER, c_float, c_int, c_void_p
+from pathlib import Path
+
+import torch
+
+from . import cpu
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "decode_step.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 8  # decode_step.c's MAX_ROWS
+SETTINGS = ("auto", "off")
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("w", c_void_p), ("scale", c_void_p), ("bias", c_void_p), ("n", c_int), ("k", c_int)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", c_void_p), ("ln2", c_void_p), ("qkv", _Mat), ("o", _Mat), ("gu", _Mat), ("down", _Mat)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, c_int) for name in ("n_layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab",
+                                           "max_len")] + \
+               [("eps", c_float), ("sm_scale", c_float), ("layers", POINTER(_Layer)), ("norm", c_void_p),
+                ("head", _Mat)]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferql" / "native"
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """The compiled library's path, compiling it unless this source, these flags and this CPU
+    already have one. Raises RuntimeError (no compiler, or it failed)."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or $CC)")
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), platform.machine().encode(),
+                                     " ".join(sorted(cpu.flags())).encode()])).hexdigest()[:16]
+    folder = cache_dir or _cache_dir()
+    target = folder / f"decode_step-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # compiled beside the target, then renamed: two processes building at once both succeed
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The loaded library (built first if need be). Raises RuntimeError if it cannot be."""
+    lib = ctypes.CDLL(str(build()))
+    lib.inferql_decode_step.argtypes = [POINTER(_Model), c_int, c_void_p, c_void_p, c_void_p, c_int, c_int,
+                                        c_void_p, c_void_p, c_void_p, c_void_p, c_int]
+    lib.inferql_decode_step.restype = c_int
+    lib.inferql_gemv.argtypes = [c_void_p, c_void_p, c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_int]
+    lib.inferql_gemv.restype = None
+    return lib
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """The step runs on CPU, with a bfloat16 or float32 KV cache."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+
+
+def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, K] float32 @ (q * scales[:, None]).T (+ bias): one product through the library."""
+    B, K = x.shape
+    N = q.shape[0]
+    if B > MAX_ROWS or q.shape[1] != K:
+        raise ValueError(f"gemv of {B} rows against {tuple(q.shape)}")
+    x, s = x.float().contiguous(), scales.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    y = torch.empty(B, N)
+    library().inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B, x.data_ptr(),
+                           y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+class NativeStep:
+    """FastWeights' int8 copies, norms and head described for decode_step.c (the tensors it
+    points at are kept here)."""
+
+    def __init__(self, weights) -> None:
+        self.lib = library()
+        self._keep: list[torch.Tensor] = []
+        w = weights
+        layers = (_Layer * w.n_layers)()
+        for li, (dense, int8s) in enumerate(zip(w.layers, w.layers8)):
+            ln1, _, bqkv, _, ln2, _, _ = dense
+            qkv8, o8, gu8, d8 = int8s
+            layers[li] = _Layer(self._ptr(ln1), self._ptr(ln2), self._mat(*qkv8, bqkv), self._mat(*o8),
+                                self._mat(*gu8), self._mat(*d8))
+        self._layers = layers
+        inter = w.layers8[0][3][0].shape[1]
+        self.model = _Model(w.n_layers, w.hidden, w.n_heads, w.n_kv, w.head_dim, inter, w.vocab, w.max_len,
+                            w.eps, w.sm_scale, layers, self._ptr(w.norm), self._mat(*w.head8))
+        self.cache_bf16 = int(w.dtype == torch.bfloat16)
+        self.cos, self.sin_signed = w.cos, w.sin_signed
+
+    def _ptr(self, t: torch.Tensor) -> int:
+        t = t.float().contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _mat(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> _Mat:
+        self._keep.append(q)
+        return _Mat(q.data_ptr(), self._ptr(scales), None if bias is None else self._ptr(bias), q.shape[0], q.shape[1])
+
+    def step(self, h: torch.Tensor, k_ptrs, v_ptrs, capacity: int, positions: list[int],
+             logits: torch.Tensor) -> None:
+        """Run the step: h [B, hidden] float32 (the embeddings in, the final-normed hidden
+        states out), logits [B, vocab] float32 (filled). k_ptrs, v_ptrs: per layer, the data
+        of the cache tensors [rows, kv_heads, capacity, head_dim]."""
+        B = h.shape[0]
+        pos = (c_int * B)(*positions)
+        rc = self.lib.inferql_decode_step(ctypes.byref(self.model), B, h.data_ptr(), k_ptrs, v_ptrs, self.cache_bf16,
+                                          capacity, pos, self.cos.data_ptr(), self.sin_signed.data_ptr(),
+                                          logits.data_ptr(), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"native decode step failed ({rc}): {B} rows at {positions}, capacity {capacity}")
