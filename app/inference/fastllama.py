@@ -450,15 +450,19 @@ class FastLlama:
             self.lengths[i] += 1
         return self._final(h[:, 0], decode=True)
 
-    def _native_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """decode() in one native call (native.py): the same step over the int8 copies."""
-        B = tokens.shape[0]
+    def cache_pointers(self) -> tuple:
+        """The cache tensors' data per layer, as the native step takes them (keys, values)."""
         if self._cache_ptrs is None:
             arr = ctypes.c_void_p * self.n_layers
             self._cache_ptrs = (arr(*[t.data_ptr() for t in self.k]), arr(*[t.data_ptr() for t in self.v]))
+        return self._cache_ptrs
+
+    def _native_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """decode() in one native call (native.py): the same step over the int8 copies."""
+        B = tokens.shape[0]
         h = self.embed[tokens].float()
         logits = torch.empty(B, self.vocab, device=self.device)
-        self.w.native.step(h, *self._cache_ptrs, self.capacity, positions.tolist(), logits)
+        self.w.native.step(h, *self.cache_pointers(), self.capacity, positions.tolist(), logits)
         for i in range(B):
             self.lengths[i] += 1
         return self._exact_top(h, logits)

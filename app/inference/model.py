@@ -99,23 +99,30 @@ class LoadedModel:
             self._fast = fastllama.FastWeights(self.model, self.dtype, self.device, packed=packed and not half,
                                                half=half, attention=self.options.decode_attention)
             setting = self.options.int8_small_batch
-            native_on = self.options.native_step != "off" and native.usable(self.device, self.dtype)
+            native_on = setting != "off" and self.options.native_step != "off" \
+                and native.usable(self.device, self.dtype) and self._native_library()
             if setting == "auto" and half and not native_on:
                 # through torch, int8 copies were slower than the float16 matrices even at 1 row
                 # (0.86-0.94x timed on an AVX2-only CPU): not made
                 log.info("int8 weights: none beside float16 matrices (auto)")
             elif setting != "off":
-                self._fast.add_int8(int8.ON_ROWS if setting == "on" else int8.AUTO_ROWS)
-                log.info("int8 weights for decode steps of up to %d rows (%s)", self._fast.int8_rows, setting)
-            if native_on and self._fast.int8_rows:
-                try:
+                auto = native.AUTO_ROWS if native_on else int8.AUTO_ROWS
+                self._fast.add_int8(int8.ON_ROWS if setting == "on" else auto)
+                if native_on and self._fast.int8_rows:
                     self._fast.add_native()
-                except RuntimeError as exc:  # no compiler, say: torch runs those steps
-                    log.warning("native decode step unavailable, decode steps stay on torch: %s", exc)
-                    if setting == "auto" and half:
-                        self._fast.add_int8(0)
+                log.info("int8 weights for decode steps of up to %d rows (%s)", self._fast.int8_rows, setting)
             log.info("fast path: %s", self.matrix_format)
         return self._fast
+
+    @staticmethod
+    def _native_library() -> bool:
+        """The native step's library, built or found (native.py); False (logged) without it."""
+        try:
+            native.library()
+            return True
+        except (RuntimeError, OSError) as exc:  # no compiler, say: torch runs those steps
+            log.warning("native decode step unavailable, decode steps stay on torch: %s", exc)
+            return False
 
     def _half_matrices(self) -> bool:
         """INFERQL_FP16_MATRICES: on or auto, wherever fbgemm runs them (fbgemm.py)."""

@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # decode_step.c's MAX_ROWS
+# `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies for decode steps of up to
+# 4 rows. SmolLM2-135M on an AVX512-BF16 CPU, whole steps against the 16-bit weights through
+# torch: bfloat16 1 row 6.5 vs 22.0 ms, 2 rows 7.6 vs 24.5, 4 rows 13.4 vs 23.9, 8 rows 22.7 vs
+# 26.7; float32 model 5.4 vs 14.8 (fbgemm's float16 matrices), 9.8 vs 17.0 at 4 rows, 20.7
+# vs 22.4 at 8 (an ad-hoc script; `bench.py --kernels` prints 1 and 4 rows).
+AUTO_ROWS = 4
 SETTINGS = ("auto", "off")
 
 
@@ -98,7 +104,7 @@ def library() -> ctypes.CDLL:
                                         c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.inferql_decode_step.restype = c_int
     lib.inferql_gemv.argtypes = [c_void_p, c_void_p, c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_int]
-    lib.inferql_gemv.restype = None
+    lib.inferql_gemv.restype = c_int
     return lib
 
 
@@ -116,8 +122,10 @@ def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Ten
     x, s = x.float().contiguous(), scales.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(B, N)
-    library().inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B, x.data_ptr(),
-                           y.data_ptr(), torch.get_num_threads())
+    rc = library().inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B,
+                                x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"native gemv failed ({rc})")
     return y
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from app.inference import fbgemm
+from app.inference import fbgemm, native
 from app.inference.fastllama import FastLlama
 from app.inference.fidelity import measure
 from app.inference.model import EngineOptions, load_model
@@ -118,12 +118,15 @@ def test_the_setting_switches_every_matrix(tiny_model_dir):
 @needs_fbgemm
 def test_auto_uses_them_for_a_float32_model_without_int8_copies(tiny_model_dir):
     """Not timed at load (a timing beside another busy process could pick differently in
-    two processes on one machine): wherever fbgemm runs them; no int8 copies beside them."""
-    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32"))
+    two processes on one machine): wherever fbgemm runs them; no int8 copies beside them
+    through torch, but the native step's for steps of up to 4 rows where it runs."""
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", native_step="off"))
     w = lm.fast_weights()
     assert w.half and type(w.head) is fbgemm.Int8Head
     assert w.int8_rows == 0 and not w.layers8
     assert "the head's full pass in int8" in lm.matrix_format
+    w = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32")).fast_weights()
+    assert w.half and w.native is not None and w.int8_rows == native.AUTO_ROWS
 
 
 def test_not_for_a_bfloat16_model(tiny_model_dir):

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from app.inference import int8
+from app.inference import int8, native
 from app.inference.fastllama import FastLlama
 from app.inference.fidelity import measure
 from app.inference.model import EngineOptions, load_model
@@ -36,10 +36,11 @@ def test_quantize_rounds_each_channel_within_half_a_step():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_setting_forces_the_path_on_and_off(tiny_model_dir, dtype):
     # float16 matrices off: int8 against the float32 matrices it stands in for where bfloat16 is not native
+    # (the torch op's path: test_native.py covers the native step)
     off = load_model(tiny_model_dir, device="cpu",
                      options=EngineOptions(dtype=dtype, int8_small_batch="off", fp16_matrices="off"))
     on = load_model(tiny_model_dir, device="cpu",
-                    options=EngineOptions(dtype=dtype, int8_small_batch="on", fp16_matrices="off"))
+                    options=EngineOptions(dtype=dtype, int8_small_batch="on", fp16_matrices="off", native_step="off"))
     assert off.fast_weights().int8_rows == 0 and not off.fast_weights().layers8
     w = on.fast_weights()
     assert w.int8_rows == int8.ON_ROWS and len(w.layers8) == w.n_layers and w.head8 is not None
@@ -69,7 +70,8 @@ def test_setting_forces_the_path_on_and_off(tiny_model_dir, dtype):
 def test_a_float32_model_multiplies_its_int8_copies_in_bfloat16(tiny_model_dir):
     # the op runs float32 activations many times slower than bfloat16 ones, even without
     # native bfloat16: the copies' scales (and so the products) are bfloat16
-    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", int8_small_batch="on"))
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", int8_small_batch="on",
+                                                                        native_step="off"))
     w = lm.fast_weights()
     assert all(s.dtype == torch.bfloat16 for layer in w.layers8 for _, s in layer) and w.head8[1].dtype == torch.bfloat16
     q, s = w.layers8[0][0]
@@ -80,18 +82,21 @@ def test_a_float32_model_multiplies_its_int8_copies_in_bfloat16(tiny_model_dir):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_auto_takes_int8_for_one_row_steps_without_timing(monkeypatch, tiny_model_dir, dtype):
-    """A fixed rule, so every process on a machine (replicas, the bench's engine) decides alike."""
+@pytest.mark.parametrize("natively", [False, True])
+def test_auto_takes_int8_for_small_steps_without_timing(monkeypatch, tiny_model_dir, dtype, natively):
+    """A fixed rule, so every process on a machine (replicas, the bench's engine) decides alike:
+    1-row steps through torch, up to 4 rows with the native step."""
     def no_timing(*args, **kwargs):
         raise AssertionError("auto must not time anything")
 
     monkeypatch.setattr(time, "perf_counter", no_timing)
-    lm = load_model(tiny_model_dir, device="cpu",
-                    options=EngineOptions(dtype=dtype, int8_small_batch="auto", fp16_matrices="off"))
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(
+        dtype=dtype, int8_small_batch="auto", fp16_matrices="off", native_step="auto" if natively else "off"))
     w = lm.fast_weights()
     monkeypatch.undo()
-    assert w.int8_rows == int8.AUTO_ROWS == 1 and len(w.layers8) == w.n_layers
-    assert "int8 copies for decode steps of up to 1 rows" in lm.matrix_format
+    rows = native.AUTO_ROWS if natively else int8.AUTO_ROWS
+    assert (w.native is not None) == natively and w.int8_rows == rows and len(w.layers8) == w.n_layers
+    assert f"int8 copies for decode steps of up to {rows} rows" in lm.matrix_format
 
 
 def test_the_setting_reaches_engine_options(monkeypatch):
@@ -104,9 +109,12 @@ def test_the_setting_reaches_engine_options(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_int8_matches_float32_eager_on_the_real_model(real_model_dir, dtype):
-    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="on"))
+@pytest.mark.parametrize("step", ["auto", "off"])  # the native step, torch's int8 op
+def test_int8_matches_float32_eager_on_the_real_model(real_model_dir, dtype, step):
+    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="on",
+                                                                        native_step=step))
     assert lm.fast_weights().int8_rows >= 1  # measure() decodes one row: every step runs int8
+    assert (lm.fast_weights().native is not None) == (step == "auto")
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
     fid = measure(lm, prompts, tokens=12)
     assert fid.positions == 48

@@ -49,21 +49,28 @@ typedef struct {
     Mat head;           /* [vocab, hidden] */
 } Model;
 
-/* ---- dot products of an int8 row with float32 activations ------------------------------ */
+/* ---- products of int8 weights with int16 activations --------------------------------- */
 
-static inline float hsum_tail(const int8_t *w, const float *x, int k, int n, float acc) {
-    for (; k < n; k++) acc += (float)w[k] * x[k];
-    return acc;
-}
+/* A product's input rows are quantized to int16 first, each row with its own scale (its
+ * largest |value| / 32767): 15 bits, against bfloat16's 8 bits of mantissa that the torch path
+ * multiplies in. Widening int8 weights to int16 and multiply-adding pairs into int32
+ * (vpmaddwd; vpdpwssd with VNNI) costs a third of the instructions per weight of widening them
+ * to float32 for an FMA; at 1-4 rows the float32 form was bound by those instructions, not by
+ * memory (11 GB/s per core against 28 GB/s for a plain sum). One int32 lane takes one pair-sum
+ * (at most 2 * 127 * 32767) per 32 (AVX512) or 16 (AVX2) weights, so a lane holds 258 of them
+ * without overflow: each lane's sums go to float every BLOCK weights. */
 
-#if defined(__AVX512F__)
-static inline __m512 widen16(const int8_t *w) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+#if defined(__AVX512BW__)
+#define BLOCK 8192
+static inline __m512i madd_acc(__m512i acc, __m512i w, __m512i x) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
 }
 #elif defined(__AVX2__)
-static inline __m256 widen8(const int8_t *w) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
-}
+#define BLOCK 4096
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -72,45 +79,102 @@ static inline float hsum256(__m256 v) {
 }
 #endif
 
-/* out[b] = dot(w[0:k], x[b][0:k]) for b < B; x rows `ldx` apart. Each weight is widened
- * once and multiplied into every row. */
-static void dot_rows(const int8_t *w, const float *x, int ldx, int k, int B, float *out) {
+/* out[b] = dot(w[0:k], xq[b][0:k]) for b < B (unscaled); xq rows `ldq` apart. Each weight is
+ * widened once and multiplied into every row. */
+static void dot_rows(const int8_t *w, const int16_t *xq, int ldq, int k, int B, float *out) {
     int i = 0;
-#if defined(__AVX512F__)
-    __m512 acc[MAX_ROWS];
-    for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
-    for (; i + 16 <= k; i += 16) {
-        __m512 wv = widen16(w + i);
-        for (int b = 0; b < B; b++) acc[b] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (size_t)b * ldx + i), acc[b]);
+#if defined(__AVX512BW__)
+    __m512 total[MAX_ROWS];
+    for (int b = 0; b < B; b++) total[b] = _mm512_setzero_ps();
+    for (int start = 0; start + 32 <= k; start += BLOCK) {
+        int stop = start + BLOCK < k ? start + BLOCK : k;
+        __m512i acc[MAX_ROWS];
+        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_si512();
+        for (i = start; i + 32 <= stop; i += 32) {
+            __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
+            for (int b = 0; b < B; b++)
+                acc[b] = madd_acc(acc[b], wv, _mm512_loadu_si512((const void *)(xq + (size_t)b * ldq + i)));
+        }
+        for (int b = 0; b < B; b++) total[b] = _mm512_add_ps(total[b], _mm512_cvtepi32_ps(acc[b]));
     }
-    for (int b = 0; b < B; b++) out[b] = hsum_tail(w, x + (size_t)b * ldx, i, k, _mm512_reduce_add_ps(acc[b]));
+    for (int b = 0; b < B; b++) out[b] = _mm512_reduce_add_ps(total[b]);
 #elif defined(__AVX2__)
-    __m256 acc[MAX_ROWS];
-    for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_ps();
-    for (; i + 8 <= k; i += 8) {
-        __m256 wv = widen8(w + i);
-        for (int b = 0; b < B; b++) acc[b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (size_t)b * ldx + i), acc[b]);
+    __m256 total[MAX_ROWS];
+    for (int b = 0; b < B; b++) total[b] = _mm256_setzero_ps();
+    for (int start = 0; start + 16 <= k; start += BLOCK) {
+        int stop = start + BLOCK < k ? start + BLOCK : k;
+        __m256i acc[MAX_ROWS];
+        for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
+        for (i = start; i + 16 <= stop; i += 16) {
+            __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
+            for (int b = 0; b < B; b++)
+                acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, _mm256_loadu_si256(
+                    (const __m256i *)(xq + (size_t)b * ldq + i))));
+        }
+        for (int b = 0; b < B; b++) total[b] = _mm256_add_ps(total[b], _mm256_cvtepi32_ps(acc[b]));
     }
-    for (int b = 0; b < B; b++) out[b] = hsum_tail(w, x + (size_t)b * ldx, i, k, hsum256(acc[b]));
+    for (int b = 0; b < B; b++) out[b] = hsum256(total[b]);
 #else
-    for (int b = 0; b < B; b++) out[b] = hsum_tail(w, x + (size_t)b * ldx, 0, k, 0.0f);
+    for (int b = 0; b < B; b++) out[b] = 0.0f;
 #endif
+    for (; i < k; i++)  /* the tail (and the whole product without AVX2) */
+        for (int b = 0; b < B; b++) out[b] += (float)w[i] * (float)xq[(size_t)b * ldq + i];
 }
 
+/* Rows x[b][0:k] (`ldx` apart) -> int16 xq[b] (`ldq` apart) and their scales. */
+static void quantize(const float *x, int ldx, int k, int B, int16_t *xq, int ldq, float *scale) {
+    for (int b = 0; b < B; b++) {
+        const float *r = x + (size_t)b * ldx;
+        int16_t *q = xq + (size_t)b * ldq;
+        float top = 0.0f;
+        #pragma omp simd reduction(max:top)
+        for (int i = 0; i < k; i++) top = fmaxf(top, fabsf(r[i]));
+        float s = top > 0.0f ? top / 32767.0f : 1.0f, inv = 1.0f / s;
+        #pragma omp simd
+        for (int i = 0; i < k; i++) q[i] = (int16_t)lrintf(r[i] * inv);
+        scale[b] = s;
+    }
+}
+
+/* Activations quantized for a product (private to a thread). */
+typedef struct {
+    int16_t *q;    /* [B][ld] */
+    float s[MAX_ROWS];
+    int ld;
+} Quantized;
+
 /* y[b][j] (= or +=) x[b] . m[j] * scale[j] (+ bias[j]), the output channels shared out among
- * the team's threads (an orphaned `omp for`: called inside the step's parallel region; its
- * implicit barrier ends the product). */
-static void gemv(const Mat *m, int B, const float *x, int ldx, float *y, int ldy, int accumulate) {
+ * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
+ * barrier ends the product). */
+static void gemv(const Mat *m, int B, const Quantized *x, float *y, int ldy, int accumulate) {
     #pragma omp for schedule(static)
     for (int j = 0; j < m->n; j++) {
         float d[MAX_ROWS];
-        dot_rows(m->w + (size_t)j * m->k, x, ldx, m->k, B, d);
+        dot_rows(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, d);
         float s = m->scale[j], bias = m->bias ? m->bias[j] : 0.0f;
         for (int b = 0; b < B; b++) {
-            float v = d[b] * s + bias;
+            float v = d[b] * x->s[b] * s + bias;
             if (accumulate) y[(size_t)b * ldy + j] += v;
             else y[(size_t)b * ldy + j] = v;
         }
+    }
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* out[b][j] = silu(gate_j . x[b]) * (up_j . x[b]) for j < inter, with gate_j the row j of the
+ * stacked [gate; up] matrix and up_j the row inter + j: both halves of one output in one
+ * thread, so the activation needs no pass (nor barrier) of its own. */
+static void gated_gemv(const Mat *m, int B, const Quantized *x, float *out, int ldo) {
+    const int inter = m->n / 2;
+    #pragma omp for schedule(static)
+    for (int j = 0; j < inter; j++) {
+        float g[MAX_ROWS], u[MAX_ROWS];
+        dot_rows(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, g);
+        dot_rows(m->w + (size_t)(inter + j) * m->k, x->q, x->ld, m->k, B, u);
+        float sg = m->scale[j], su = m->scale[inter + j];
+        for (int b = 0; b < B; b++)
+            out[(size_t)b * ldo + j] = silu(g[b] * x->s[b] * sg) * (u[b] * x->s[b] * su);
     }
 }
 
@@ -188,9 +252,34 @@ static void attend(const float *q, const void *keys, const void *values, int bf1
     }
 }
 
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
-
 /* ---- the step ----------------------------------------------------------------------- */
+
+/* Row b's normed h, quantized into this thread's own buffer: every thread norms the same
+ * rows for itself rather than one thread norming them between two barriers. */
+static void norm_rows(const float *h, int B, int hid, const float *weight, float eps, float *normed, Quantized *x) {
+    for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * hid, weight, hid, eps, normed + (size_t)b * hid);
+    quantize(normed, hid, hid, B, x->q, x->ld, x->s);
+}
+
+/* Rope on row b's key head g and the query heads that share it, the new key and value into
+ * the cache, then those query heads' attention over positions 0..p: out [H D]. */
+static void attend_group(const Model *m, float *r, int p, int g, void *k_cache, void *v_cache, int bf16,
+                         size_t base, const float *cos, const float *sin_signed, float *scores, float *out) {
+    const int H = m->heads, KV = m->kv_heads, D = m->head_dim, group = H / KV;
+    const float *c = cos + (size_t)p * D, *sn = sin_signed + (size_t)p * D;
+    float *k = r + (H + g) * D, *v = r + (H + KV + g) * D;
+    rope(k, c, sn, D);
+    for (int i = 0; i < D; i++) {
+        cache_put(k_cache, bf16, base + (size_t)p * D + i, k[i]);
+        cache_put(v_cache, bf16, base + (size_t)p * D + i, v[i]);
+    }
+    const void *keys = bf16 ? (const void *)((const uint16_t *)k_cache + base) : (const void *)((const float *)k_cache + base);
+    const void *vals = bf16 ? (const void *)((const uint16_t *)v_cache + base) : (const void *)((const float *)v_cache + base);
+    for (int hd = g * group; hd < (g + 1) * group; hd++) {
+        rope(r + hd * D, c, sn, D);
+        attend(r + hd * D, keys, vals, bf16, p + 1, D, m->sm_scale, scores, out + hd * D);
+    }
+}
 
 /* One token for rows 0..B-1 (B <= MAX_ROWS): h [B, hidden] holds their embeddings and comes
  * back as the final-normed hidden states; logits [B, vocab] get the head's products.
@@ -207,80 +296,68 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
         if (positions[b] + 1 > width) width = positions[b] + 1;
     }
     const int H = m->heads, KV = m->kv_heads, D = m->head_dim, hid = m->hidden, inter = m->inter;
-    const int group = H / KV, qkv_n = (H + 2 * KV) * D;
-    int widest = hid > 2 * inter ? hid : 2 * inter;
-    if (qkv_n > widest) widest = qkv_n;
-    /* x: normed input; y: a product's output; att: attention output; scores: per (row, head) */
-    float *x = malloc(sizeof(float) * (size_t)B * widest);
-    float *y = malloc(sizeof(float) * (size_t)B * widest);
+    const int qkv_n = (H + 2 * KV) * D;
+    int widest = hid > inter ? hid : inter;
+    if (H * D > widest) widest = H * D;
+    /* shared: qkv's output, the attention's, the MLP's activation; scores per (row, kv head) */
+    float *y = malloc(sizeof(float) * (size_t)B * qkv_n);
     float *att = malloc(sizeof(float) * (size_t)B * H * D);
-    float *scores = malloc(sizeof(float) * (size_t)B * H * width);
-    if (!x || !y || !att || !scores) {
-        free(x); free(y); free(att); free(scores);
-        return -2;
-    }
+    float *act = malloc(sizeof(float) * (size_t)B * inter);
+    float *scores = malloc(sizeof(float) * (size_t)B * KV * width);
+    int failed = !y || !att || !act || !scores;
     const size_t row_stride = (size_t)KV * capacity * D, head_stride = (size_t)capacity * D;
 
-    #pragma omp parallel num_threads(threads)
+    #pragma omp parallel num_threads(threads) if (!failed)
     {
-        for (int l = 0; l < m->n_layers; l++) {
-            const Layer *ly = &m->layers[l];
-            #pragma omp for schedule(static)
-            for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * hid, ly->ln1, hid, m->eps, x + (size_t)b * hid);
-            gemv(&ly->qkv, B, x, hid, y, qkv_n, 0);
-            /* rope on q and k, the new key and value into the cache */
-            #pragma omp for schedule(static)
-            for (int b = 0; b < B; b++) {
-                float *r = y + (size_t)b * qkv_n;
-                int p = positions[b];
-                for (int hd = 0; hd < H + KV; hd++) rope(r + hd * D, cos + (size_t)p * D, sin_signed + (size_t)p * D, D);
-                for (int g = 0; g < KV; g++) {
-                    size_t at = b * row_stride + g * head_stride + (size_t)p * D;
-                    for (int i = 0; i < D; i++) {
-                        cache_put(k_cache[l], cache_bf16, at + i, r[(H + g) * D + i]);
-                        cache_put(v_cache[l], cache_bf16, at + i, r[(H + KV + g) * D + i]);
-                    }
+        /* this thread's own: the normed rows and the quantized input of the next product */
+        float *normed = malloc(sizeof(float) * (size_t)B * hid);
+        Quantized x = {malloc(sizeof(int16_t) * (size_t)B * widest), {0}, widest};
+        int mine = normed && x.q;
+        #pragma omp atomic
+        failed += !mine;
+        #pragma omp barrier
+        if (!failed) {
+            for (int l = 0; l < m->n_layers; l++) {
+                const Layer *ly = &m->layers[l];
+                norm_rows(h, B, hid, ly->ln1, m->eps, normed, &x);
+                gemv(&ly->qkv, B, &x, y, qkv_n, 0);
+                #pragma omp for schedule(static)
+                for (int task = 0; task < B * KV; task++) {
+                    int b = task / KV, g = task % KV;
+                    attend_group(m, y + (size_t)b * qkv_n, positions[b], g, k_cache[l], v_cache[l], cache_bf16,
+                                 b * row_stride + g * head_stride, cos, sin_signed, scores + (size_t)task * width,
+                                 att + (size_t)b * H * D);
                 }
+                quantize(att, H * D, H * D, B, x.q, x.ld, x.s);
+                gemv(&ly->o, B, &x, h, hid, 1);
+                norm_rows(h, B, hid, ly->ln2, m->eps, normed, &x);
+                gated_gemv(&ly->gu, B, &x, act, inter);
+                quantize(act, inter, inter, B, x.q, x.ld, x.s);
+                gemv(&ly->down, B, &x, h, hid, 1);
             }
-            #pragma omp for schedule(static)
-            for (int task = 0; task < B * H; task++) {
-                int b = task / H, hd = task % H, g = hd / group;
-                size_t base = b * row_stride + g * head_stride;
-                const void *keys = cache_bf16 ? (const void *)((const uint16_t *)k_cache[l] + base)
-                                              : (const void *)((const float *)k_cache[l] + base);
-                const void *vals = cache_bf16 ? (const void *)((const uint16_t *)v_cache[l] + base)
-                                              : (const void *)((const float *)v_cache[l] + base);
-                attend(y + (size_t)b * qkv_n + hd * D, keys, vals, cache_bf16, positions[b] + 1, D, m->sm_scale,
-                       scores + (size_t)task * width, att + (size_t)b * H * D + hd * D);
-            }
-            gemv(&ly->o, B, att, H * D, h, hid, 1);
-            #pragma omp for schedule(static)
-            for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * hid, ly->ln2, hid, m->eps, x + (size_t)b * hid);
-            gemv(&ly->gu, B, x, hid, y, 2 * inter, 0);
-            #pragma omp for schedule(static)
-            for (int i = 0; i < B * inter; i++) {
-                int b = i / inter, j = i % inter;
-                float *r = y + (size_t)b * 2 * inter;
-                x[(size_t)b * inter + j] = silu(r[j]) * r[inter + j];
-            }
-            gemv(&ly->down, B, x, inter, h, hid, 1);
+            norm_rows(h, B, hid, m->norm, m->eps, normed, &x);
+            #pragma omp barrier
+            #pragma omp master
+            memcpy(h, normed, sizeof(float) * (size_t)B * hid);
+            gemv(&m->head, B, &x, logits, m->vocab, 0);
         }
-        #pragma omp for schedule(static)
-        for (int b = 0; b < B; b++) {
-            rms_norm(h + (size_t)b * hid, m->norm, hid, m->eps, x + (size_t)b * hid);
-            memcpy(h + (size_t)b * hid, x + (size_t)b * hid, sizeof(float) * hid);
-        }
-        gemv(&m->head, B, h, hid, logits, m->vocab, 0);
+        free(normed);
+        free(x.q);
     }
-    free(x); free(y); free(att); free(scores);
-    return 0;
+    free(y); free(att); free(act); free(scores);
+    return failed ? -2 : 0;
 }
 
 /* y [B, n] = x [B, k] @ (w * scale[:, None]).T + bias: one product alone (tests, the bench). */
-void inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, int k, int B, const float *x,
-                  float *y, int threads) {
+int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, int k, int B, const float *x,
+                 float *y, int threads) {
+    if (B < 1 || B > MAX_ROWS) return -1;
     Mat m = {w, scale, bias, n, k};
-    if (B > MAX_ROWS) return;
+    Quantized q = {malloc(sizeof(int16_t) * (size_t)B * k), {0}, k};
+    if (!q.q) return -2;
+    quantize(x, k, k, B, q.q, q.ld, q.s);
     #pragma omp parallel num_threads(threads)
-    gemv(&m, B, x, k, y, n, 0);
+    gemv(&m, B, &q, y, n, 0);
+    free(q.q);
+    return 0;
 }

@@ -1,0 +1,165 @@
+"""The native decode step (native.py, native/decode_step.c) against torch.
+
+Its products multiply the int8 copies by activations quantized to 15 bits, so against a
+float32 forward over the same int8 weights (dequantized) it differs only by that and by the
+order of the sums: the tiny model's weights are replaced by their int8 round trip first,
+which makes the dense float32 path an exact reference for the kernel. The real model checks
+fidelity against the float32 eager reference (test_int8.py runs both int8 paths).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.inference import int8, native
+from app.inference.fastllama import FastLlama, FastWeights
+from app.inference.model import EngineOptions, load_model
+from app.settings import Settings
+
+
+@pytest.mark.parametrize("k", [576, 1536, 40, 100])  # 40, 100: tails past the vector width
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gemv_equals_the_float_product(k, rows):
+    torch.manual_seed(k + rows)
+    w = torch.randn(200, k) * torch.linspace(0.05, 2.0, 200)[:, None]
+    q, s = int8.quantize(w, torch.float32)
+    x = torch.randn(rows, k) * 3
+    x[:, 7] = 40.0  # an outlier channel: every row's scale follows its largest value
+    bias = torch.randn(200)
+    ref = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
+    got = native.gemv(q, s, x, bias)
+    assert got.shape == (rows, 200) and got.dtype == torch.float32
+    # 15-bit activations: each term within |w| * max|x| / 65534 of exact
+    bound = (q.double().abs() * s.double()[:, None]).sum(1) * x.abs().amax(1, keepdim=True).double() / 65534
+    assert ((got.double() - ref).abs() <= bound + 1e-4).all()
+
+
+def test_gemv_rejects_too_many_rows():
+    q, s = int8.quantize(torch.randn(8, 32), torch.float32)
+    with pytest.raises(ValueError):
+        native.gemv(q, s, torch.randn(native.MAX_ROWS + 1, 32))
+
+
+def _int8_round_trip(model: torch.nn.Module) -> None:
+    """Every matrix of the layers and the head replaced by its int8 copy, dequantized. The
+    copies' scales are bfloat16 for float32 and bfloat16 models alike (int8.activations), and
+    quantizing the result again gives the same int8 weights and scales."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # the head is tied to the embeddings here
+            if p.dim() == 2:
+                q, s = int8.quantize(p, torch.bfloat16)
+                p.copy_(q.float() * s.float()[:, None])
+
+
+@pytest.fixture(scope="module")
+def rounded(tiny_model_dir):
+    lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32", fast_path="auto",
+                                                                        int8_small_batch="off", fp16_matrices="off"))
+    _int8_round_trip(lm.model)
+    return lm
+
+
+def _weights(lm, dtype: torch.dtype, natively: bool) -> FastWeights:
+    w = FastWeights(lm.model, dtype, torch.device("cpu"))
+    if natively:
+        w.add_int8(native.AUTO_ROWS)
+        w.add_native()
+    return w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_step_equals_torch_over_the_same_weights(rounded, dtype):
+    ids = rounded.encode_raw("The quick brown fox jumps over the lazy dog and keeps on running far away")
+    ref_w, nat_w = _weights(rounded, torch.float32, False), _weights(rounded, dtype, True)
+    assert nat_w.native is not None and nat_w.int8_rows == native.AUTO_ROWS
+    rows = 4
+    tol = 2e-4 if dtype == torch.float32 else 0.05  # a bfloat16 cache rounds keys and values
+    with torch.inference_mode():
+        ref, nat = FastLlama(ref_w, rows), FastLlama(nat_w, rows)
+        for fast in (ref, nat):
+            for r in range(rows):  # rows of different lengths
+                fast.prefill(r, ids[:3 + 2 * r], 0, logits=False)
+        for step in range(5):
+            batch = [1, 2, 4, 3, 4][step]
+            toks = torch.tensor(ids[step:step + batch])
+            pos = torch.tensor(ref.lengths[:batch])
+            a, b = ref.decode(toks, pos), nat.decode(toks, pos)
+            assert b.shape == a.shape == (batch, nat_w.vocab) and b.dtype == torch.float32
+            assert (a - b).abs().max() < tol
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            assert nat.lengths == ref.lengths
+        # the new keys and values went where torch's would
+        for li in range(nat_w.n_layers):
+            n = nat.lengths[0]
+            assert (ref.k[li][0, :, :n].float() - nat.k[li][0, :, :n].float()).abs().max() < tol
+            assert (ref.v[li][0, :, :n].float() - nat.v[li][0, :, :n].float()).abs().max() < tol
+
+
+def test_a_bigger_step_stays_on_torch(rounded):
+    w = _weights(rounded, torch.float32, True)
+    calls = []
+    real = w.native.step
+    w.native.step = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1]
+    ids = rounded.encode_raw("one two three four five six seven eight nine ten")
+    rows = native.AUTO_ROWS + 1
+    with torch.inference_mode():
+        fast = FastLlama(w, rows)
+        for r in range(rows):
+            fast.prefill(r, ids[:4], 0, logits=False)
+        fast.decode(torch.tensor(ids[:rows]), torch.tensor([4] * rows))
+        fast.decode(torch.tensor(ids[:2]), torch.tensor([5] * 2))
+    assert calls == [2]
+
+
+def test_a_position_past_the_cache_is_an_error_not_a_write(rounded):
+    w = _weights(rounded, torch.float32, True)
+    with torch.inference_mode():
+        fast = FastLlama(w, 1)
+        fast.prefill(0, rounded.encode_raw("hello there"), 0, logits=False)
+        h = torch.zeros(1, w.hidden)
+        with pytest.raises(RuntimeError, match="native decode step failed"):
+            w.native.step(h, *fast.cache_pointers(), fast.capacity, [fast.capacity], torch.empty(1, w.vocab))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_runs_four_rows_natively_and_off_keeps_torch(tiny_model_dir, dtype):
+    on = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype))
+    assert on.fast_weights().native is not None and on.fast_weights().int8_rows == native.AUTO_ROWS == 4
+    assert "run as one native call" in on.matrix_format
+    off = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, native_step="off",
+                                                                         fp16_matrices="off"))
+    assert off.fast_weights().native is None and off.fast_weights().int8_rows == int8.AUTO_ROWS
+    none = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="off"))
+    assert none.fast_weights().native is None and none.fast_weights().int8_rows == 0
+
+
+def test_without_a_compiler_the_steps_stay_on_torch(monkeypatch, tmp_path, tiny_model_dir, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    monkeypatch.setattr(native.shutil, "which", lambda name: "/bin/false" if name == "false" else None)
+    native.library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="failed"):
+            native.build()
+        lm = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="bfloat16"))
+        w = lm.fast_weights()
+    finally:
+        native.library.cache_clear()
+    assert w.native is None and w.int8_rows == int8.AUTO_ROWS
+    assert "native decode step unavailable" in caplog.text
+
+
+def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = native.build()
+    stamp = first.stat().st_mtime_ns
+    assert native.build() == first and first.stat().st_mtime_ns == stamp
+    assert first.parent == tmp_path / "inferql" / "native" and list(first.parent.iterdir()) == [first]
+
+
+def test_the_setting_reaches_engine_options(monkeypatch):
+    monkeypatch.setenv("INFERQL_NATIVE_STEP", "off")
+    assert EngineOptions.from_settings(Settings(_env_file=None)).native_step == "off"
+    monkeypatch.delenv("INFERQL_NATIVE_STEP")
+    assert Settings(_env_file=None).native_step == EngineOptions().native_step == "auto"
