@@ -41,7 +41,7 @@ MAX_ROWS = 8  # decode_step.c's MAX_ROWS
 # 4 rows. SmolLM2-135M on an AVX512-BF16 CPU, whole steps against the 16-bit weights through
 # torch: bfloat16 1 row 6.5 vs 22.0 ms, 2 rows 7.6 vs 24.5, 4 rows 13.4 vs 23.9, 8 rows 22.7 vs
 # 26.7; float32 model 5.4 vs 14.8 (fbgemm's float16 matrices), 9.8 vs 17.0 at 4 rows, 20.7
-# vs 22.4 at 8 (an ad-hoc script; `bench.py --kernels` prints 1 and 4 rows).
+# vs 22.4 at 8 (an ad-hoc script; `bench.py --kernels` prints 1, 2 and 4 rows).
 AUTO_ROWS = 4
 SETTINGS = ("auto", "off")
 

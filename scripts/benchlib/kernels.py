@@ -8,6 +8,9 @@ anything). About a minute; no server.
   `_decode_attention` (app/inference/fastllama.py);
 * one OpenMP pool: a decode step on a thread of its own, with no other OpenMP pool alive,
   then while another thread that has run a parallel op is alive (app/inference/threads.py);
+* the native step: a whole decode step of 1, 2 and 4 rows as one native call over the int8
+  copies (app/inference/native.py), against torch's int8 op over the same copies and against
+  the model's dense (packed) matrices;
 * float16 matrices (a float32 model only): a whole decode step with the oneDNN-packed
   float32 matrices against fbgemm's float16 ones, the head's full pass in int8 as served
   (app/inference/fbgemm.py), by rows.
@@ -156,6 +159,39 @@ def _float16_matrices(lm, quick: bool) -> None:
         print(f"    {rows:4d} rows: float32 {ta:7.1f} ms, float16 {tb:7.1f} ms   {ta / tb:.2f}x")
 
 
+def _native_step(lm, quick: bool) -> None:
+    import torch
+
+    from app.inference import int8, native, onednn
+    from app.inference.fastllama import FastWeights
+
+    if not native.usable(lm.device, lm.dtype):
+        print(f"  native step: not for this model here ({lm.device.type}, {lm.dtype}): skipped")
+        return
+    try:
+        native.library()
+    except (RuntimeError, OSError) as exc:
+        print(f"  native step: unavailable ({exc}): skipped")
+        return
+    packed = onednn.usable(lm.device, lm.dtype)
+    dense = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
+    through_torch = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
+    through_torch.add_int8(int8.ON_ROWS)
+    natively = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
+    natively.add_int8(native.AUTO_ROWS)
+    natively.add_native()
+    print(f"  a decode step ({str(lm.dtype).removeprefix('torch.')}): {'packed' if packed else 'plain'} matrices,"
+          " torch's int8 op, the native step over the same int8 copies:")
+    for rows in (1, 4) if quick else (1, 2, 4):
+        times: list[list[float]] = [[], [], []]
+        for _ in range(1 if quick else 3):
+            for t, w in zip(times, (dense, through_torch, natively)):
+                t.append(_decode_ms(w, rows, 6 if quick else 12))
+        a, b, c = (statistics.median(t) for t in times)
+        print(f"    {rows:4d} rows: dense {a:7.1f} ms, int8 op {b:7.1f} ms, native {c:7.1f} ms"
+              f"   {a / c:.2f}x, {b / c:.2f}x")
+
+
 def kernels_section(lm, quick: bool = False) -> None:
     import torch
 
@@ -167,6 +203,7 @@ def kernels_section(lm, quick: bool = False) -> None:
         _matrices(lm, quick)
         _attention(lm, quick)
         _one_pool(lm, quick)
+        _native_step(lm, quick)
         _float16_matrices(lm, quick)
 
     in_passing_thread(run)

@@ -65,6 +65,8 @@ def test_bench_kernels_runs_and_reports(tiny_model_dir):
     assert re.search(r"^\s+1 rows: plain\s+[0-9.]+ us, packed\s+[0-9.]+ us\s+[0-9.]+x", out, re.M), out
     assert re.search(r"^\s+16 rows: SDPA\s+[0-9.]+ us, two matmuls\s+[0-9.]+ us\s+[0-9.]+x", out, re.M), out
     assert re.search(r"^\s+1 rows: alone\s+[0-9.]+ ms, beside a second pool\s+[0-9.]+ ms\s+[0-9.]+x", out, re.M), out
+    assert re.search(r"^\s+4 rows: dense\s+[0-9.]+ ms, int8 op\s+[0-9.]+ ms, native\s+[0-9.]+ ms\s+[0-9.]+x, [0-9.]+x"
+                     r"|native step: (not for this model here|unavailable)", out, re.M), out
     # float16 matrices: timed for a float32 model (a CPU without native bfloat16), else skipped
     assert re.search(r"^\s+16 rows: float32\s+[0-9.]+ ms, float16\s+[0-9.]+ ms\s+[0-9.]+x"
                      r"|float16 matrices: not for this model here", out, re.M), out
