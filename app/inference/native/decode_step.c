@@ -80,8 +80,10 @@ static inline float hsum256(__m256 v) {
 #endif
 
 /* out[b] = dot(w[0:k], xq[b][0:k]) for b < B (unscaled); xq rows `ldq` apart. Each weight is
- * widened once and multiplied into every row. */
-static void dot_rows(const int8_t *w, const int16_t *xq, int ldq, int k, int B, float *out) {
+ * widened once and multiplied into every row. Inlined with B a constant (dot_rows), so the
+ * accumulators stay in registers: with B known only at run time they went through memory. */
+static inline __attribute__((always_inline)) void dot_rows_of(const int8_t *w, const int16_t *xq, int ldq, int k,
+                                                              const int B, float *out) {
     int i = 0;
 #if defined(__AVX512BW__)
     __m512 total[MAX_ROWS];
@@ -119,6 +121,19 @@ static void dot_rows(const int8_t *w, const int16_t *xq, int ldq, int k, int B, 
 #endif
     for (; i < k; i++)  /* the tail (and the whole product without AVX2) */
         for (int b = 0; b < B; b++) out[b] += (float)w[i] * (float)xq[(size_t)b * ldq + i];
+}
+
+static void dot_rows(const int8_t *w, const int16_t *xq, int ldq, int k, int B, float *out) {
+    switch (B) {
+    case 1: dot_rows_of(w, xq, ldq, k, 1, out); break;
+    case 2: dot_rows_of(w, xq, ldq, k, 2, out); break;
+    case 3: dot_rows_of(w, xq, ldq, k, 3, out); break;
+    case 4: dot_rows_of(w, xq, ldq, k, 4, out); break;
+    case 5: dot_rows_of(w, xq, ldq, k, 5, out); break;
+    case 6: dot_rows_of(w, xq, ldq, k, 6, out); break;
+    case 7: dot_rows_of(w, xq, ldq, k, 7, out); break;
+    default: dot_rows_of(w, xq, ldq, k, MAX_ROWS, out); break;
+    }
 }
 
 /* Rows x[b][0:k] (`ldx` apart) -> int16 xq[b] (`ldq` apart) and their scales. */
