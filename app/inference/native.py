@@ -38,12 +38,12 @@ SOURCE = Path(__file__).with_name("native") / "decode_step.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # decode_step.c's MAX_ROWS
 # `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies for decode steps of up to
-# 4 rows. SmolLM2-135M on an AVX512-BF16 CPU, whole steps against the 16-bit weights through
-# torch: bfloat16 1 row 6.5 vs 22.0 ms, 2 rows 7.6 vs 24.5, 4 rows 13.4 vs 23.9, 8 rows 22.7 vs
-# 26.7; float32 model 5.4 vs 14.8 (fbgemm's float16 matrices), 9.8 vs 17.0 at 4 rows, 20.7
-# vs 22.4 at 8 (an ad-hoc script; `bench.py --kernels` prints 1, 2 and 4 rows).
+# 4 rows. SmolLM2-135M on an AVX512-BF16 CPU, whole steps natively against the packed bfloat16
+# matrices through torch: 1 row 4.4 vs 20.7 ms, 2 rows 6.2 vs 25.4, 4 rows 9.2 vs 22.0, 8 rows
+# 19.5 vs 25.4, where the native products are bound by their multiply-adds (on a CPU with AMX
+# the dense bfloat16 products may well win there; untested). An ad-hoc script; `bench.py
+# --kernels` prints 1, 2 and 4 rows.
 AUTO_ROWS = 4
-SETTINGS = ("auto", "off")
 
 
 class _Mat(ctypes.Structure):
