@@ -258,7 +258,8 @@ async def test_rpm_is_one_window_across_replicas(cluster):
 async def test_a_replica_started_while_others_are_busy_takes_no_live_job(cluster):
     a = cluster.apis[0]
     async with a.client() as ca:
-        busy = [await submit(ca, f"List {n} fruits, one per line.", 48) for n in (3, 4)]
+        # long enough to be seen RUNNING: the native decode step writes a short list in ~0.2 s
+        busy = [await submit(ca, f"Write a long story about the number {n}.", 400) for n in (3, 4)]
         for job_id in busy:
             await until_status(ca, job_id, "RUNNING")
         late = cluster.add_api()
@@ -278,7 +279,7 @@ async def test_sigkill_of_a_worker_mid_job(cluster):
     a, b = cluster.apis[:2]
     async with a.client() as ca, b.client() as cb:
         before = [w.jobs_started() for w in cluster.workers]
-        job_id = await submit(ca, "Explain how tides work, step by step.", 48)
+        job_id = await submit(ca, "Explain how tides work, step by step.", 400)  # still running when killed
         await until_status(ca, job_id, "RUNNING")
         runner = next(w for w, n in zip(cluster.workers, before) if w.jobs_started() > n)
         runner.proc.send_signal(signal.SIGKILL)
