@@ -230,9 +230,58 @@ static inline void cache_put(void *base, int bf16, size_t i, float v) {
     else ((float *)base)[i] = v;
 }
 
+#if defined(__AVX512F__)
+/* 16 values of the cache at element i, as float32 (bfloat16: the high half of a float32). */
+static inline __attribute__((always_inline)) __m512 load16(const void *base, const int bf16, size_t i) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i))), 16));
+    return _mm512_loadu_ps((const float *)base + i);
+}
+
+/* attend() for a head size D (a multiple of 16) known at compile time: q and the output
+ * accumulators live in registers, each key and value row is 16 lanes at a time. */
+static inline __attribute__((always_inline)) void attend_of(const float *q, const void *keys, const void *values,
+                                                           const int bf16, int n, const int D, float scale,
+                                                           float *scores, float *out) {
+    __m512 qv[D / 16], o[D / 16];
+    for (int c = 0; c < D / 16; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+    float top = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        __m512 acc = _mm512_mul_ps(qv[0], load16(keys, bf16, (size_t)t * D));
+        for (int c = 1; c < D / 16; c++) acc = _mm512_fmadd_ps(qv[c], load16(keys, bf16, (size_t)t * D + 16 * c), acc);
+        float s = _mm512_reduce_add_ps(acc);
+        scores[t] = s;
+        top = s > top ? s : top;
+    }
+    float total = 0.0f;
+    #pragma omp simd reduction(+:total)
+    for (int t = 0; t < n; t++) total += (scores[t] = expf(scores[t] - top));
+    for (int c = 0; c < D / 16; c++) o[c] = _mm512_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        __m512 p = _mm512_set1_ps(scores[t]);
+        for (int c = 0; c < D / 16; c++) o[c] = _mm512_fmadd_ps(p, load16(values, bf16, (size_t)t * D + 16 * c), o[c]);
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / total);
+    for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+#endif
+
 /* One query head of one row against its key/value head, positions 0..n-1: out [D]. */
 static void attend(const float *q, const void *keys, const void *values, int bf16, int n, int d, float scale,
                    float *scores, float *out) {
+#if defined(__AVX512F__)
+    if (d == 64) {
+        if (bf16) attend_of(q, keys, values, 1, n, 64, scale, scores, out);
+        else attend_of(q, keys, values, 0, n, 64, scale, scores, out);
+        return;
+    }
+    if (d == 128) {
+        if (bf16) attend_of(q, keys, values, 1, n, 128, scale, scores, out);
+        else attend_of(q, keys, values, 0, n, 128, scale, scores, out);
+        return;
+    }
+#endif
     float top = -INFINITY;
     for (int t = 0; t < n; t++) {
         float s = 0.0f;
