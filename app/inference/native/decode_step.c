@@ -2,14 +2,15 @@
  *
  * Built at first use by native.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * The matrices are the fast path's int8 copies (int8.py): int8 weights, one float32 scale per
- * output channel. Activations, norms, rope and attention are float32; the KV cache is the
- * engine's own tensor (bfloat16 or float32), written and read in place.
+ * output channel. A product's input rows are quantized to int16 (below); the residual stream,
+ * norms, rope, attention and SiLU are float32; the KV cache is the engine's own tensor
+ * (bfloat16 or float32), written and read in place.
  *
  * Why: at 1-4 rows a decode step reads every weight once and does little arithmetic with it,
  * so its floor is the bytes it reads. Through torch it is ~1000 small ops (~33 per layer), each
  * paying Python and ATen dispatch and an OpenMP fork/join, for as much time as the products.
  * Here one OpenMP parallel region spans the whole step: each product is an `omp for` over its
- * output channels, the small ops run between two barriers, and nothing is dispatched.
+ * output channels, five barriers per layer, and nothing is dispatched.
  *
  * Layouts (row-major, contiguous):
  *   h      [B, hidden] float32, the residual stream, updated in place
