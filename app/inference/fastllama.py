@@ -253,13 +253,13 @@ class FastWeights:
             self.head8 = int8.quantize(self._model.get_output_embeddings().weight, act)
         self.int8_rows = rows
 
-    def add_native(self) -> None:
-        """Run the int8 copies' decode steps in one native call (native.py). Raises
-        RuntimeError when the library cannot be built or loaded."""
+    def add_native(self, march: str = "native") -> None:
+        """Run the int8 copies' decode steps in one native call (native.py), built for `march`.
+        Raises RuntimeError when the library cannot be built or loaded."""
         if not self.int8_rows or self.int8_rows > native.MAX_ROWS or not native.usable(self.device, self.dtype):
             raise RuntimeError("no int8 copies to run natively" if not self.int8_rows
                                else f"int8 up to {self.int8_rows} rows on {self.device}, {self.dtype}")
-        self.native = native.NativeStep(self)
+        self.native = native.NativeStep(self, march)
 
 
 class FastLlama:

@@ -35,7 +35,7 @@ from . import cpu
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
 MAX_ROWS = 8  # decode_step.c's MAX_ROWS
 # `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies for decode steps of up to
 # 4 rows. SmolLM2-135M on an AVX512-BF16 CPU, whole steps natively against the packed bfloat16
@@ -69,13 +69,16 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def build(cache_dir: Path | None = None) -> Path:
+def build(cache_dir: Path | None = None, march: str = "native") -> Path:
     """The compiled library's path, compiling it unless this source, these flags and this CPU
-    already have one. Raises RuntimeError (no compiler, or it failed)."""
+    already have one. march: the instruction set (`native`: this CPU's; the tests also build
+    `x86-64-v3`, AVX2 only, and `x86-64`, no vectors, to run the other code paths). Raises
+    RuntimeError (no compiler, or it failed)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc or $CC)")
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), platform.machine().encode(),
+    flags = (*FLAGS, f"-march={march}")
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(flags).encode(), platform.machine().encode(),
                                      " ".join(sorted(cpu.flags())).encode()])).hexdigest()[:16]
     folder = cache_dir or _cache_dir()
     target = folder / f"decode_step-{key}.so"
@@ -86,7 +89,7 @@ def build(cache_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -97,9 +100,9 @@ def build(cache_dir: Path | None = None) -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
+def library(march: str = "native") -> ctypes.CDLL:
     """The loaded library (built first if need be). Raises RuntimeError if it cannot be."""
-    lib = ctypes.CDLL(str(build()))
+    lib = ctypes.CDLL(str(build(march=march)))
     lib.inferql_decode_step.argtypes = [POINTER(_Model), c_int, c_void_p, c_void_p, c_void_p, c_int, c_int,
                                         c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.inferql_decode_step.restype = c_int
@@ -109,11 +112,16 @@ def library() -> ctypes.CDLL:
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """The step runs on CPU, with a bfloat16 or float32 KV cache."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+    """The step runs on an x86-64 CPU with AVX2 and FMA, with a bfloat16 or float32 KV cache.
+    Its products and attention are written for AVX2 and AVX512; built without them (the plain
+    loops) a 1-row step took 70 ms against 24 ms through torch (`-march=x86-64`, ad hoc), so
+    such a CPU keeps torch (and so would another architecture, not measured)."""
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+            and platform.machine() == "x86_64" and {"avx2", "fma"} <= cpu.flags())
 
 
-def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+         march: str = "native") -> torch.Tensor:
     """x [B, K] float32 @ (q * scales[:, None]).T (+ bias): one product through the library."""
     B, K = x.shape
     N = q.shape[0]
@@ -122,7 +130,7 @@ def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Ten
     x, s = x.float().contiguous(), scales.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(B, N)
-    rc = library().inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B,
+    rc = library(march).inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B,
                                 x.data_ptr(), y.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native gemv failed ({rc})")
@@ -133,8 +141,8 @@ class NativeStep:
     """FastWeights' int8 copies, norms and head described for decode_step.c (the tensors it
     points at are kept here)."""
 
-    def __init__(self, weights) -> None:
-        self.lib = library()
+    def __init__(self, weights, march: str = "native") -> None:
+        self.lib = library(march)
         self._keep: list[torch.Tensor] = []
         w = weights
         layers = (_Layer * w.n_layers)()

@@ -94,6 +94,7 @@ def test_auto_takes_int8_for_small_steps_without_timing(monkeypatch, tiny_model_
         dtype=dtype, int8_small_batch="auto", fp16_matrices="off", native_step="auto" if natively else "off"))
     w = lm.fast_weights()
     monkeypatch.undo()
+    natively = natively and native.usable(lm.device, lm.dtype)  # an x86-64 CPU with AVX2
     rows = native.AUTO_ROWS if natively else int8.AUTO_ROWS
     assert (w.native is not None) == natively and w.int8_rows == rows and len(w.layers8) == w.n_layers
     assert f"int8 copies for decode steps of up to {rows} rows" in lm.matrix_format
@@ -114,7 +115,8 @@ def test_int8_matches_float32_eager_on_the_real_model(real_model_dir, dtype, ste
     lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype, int8_small_batch="on",
                                                                         native_step=step))
     assert lm.fast_weights().int8_rows >= 1  # measure() decodes one row: every step runs int8
-    assert (lm.fast_weights().native is not None) == (step == "auto")
+    natively = step == "auto" and native.usable(lm.device, lm.dtype)
+    assert (lm.fast_weights().native is not None) == natively
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
     fid = measure(lm, prompts, tokens=12)
     assert fid.positions == 48

@@ -12,15 +12,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.inference import int8, native
+import platform
+
+from app.inference import cpu, int8, native
 from app.inference.fastllama import FastLlama, FastWeights
 from app.inference.model import EngineOptions, load_model
 from app.settings import Settings
 
+# Where the engine runs the step at all (an x86-64 CPU with AVX2); the products and the
+# library build are tested everywhere.
+needs_step = pytest.mark.skipif(not native.usable(torch.device("cpu"), torch.float32),
+                                reason="the native step runs on x86-64 CPUs with AVX2")
+
+# The machine's own instruction set, and on x86-64 the library built for AVX2 alone (the
+# AVX2 products) and for no vector extension (the plain loops), where this CPU runs them.
+MARCHES = ["native"]
+if platform.machine() == "x86_64":
+    if {"avx2", "fma", "bmi2", "f16c", "movbe"} <= cpu.flags():
+        MARCHES.append("x86-64-v3")
+    MARCHES.append("x86-64")
+
 
 @pytest.mark.parametrize("k", [576, 1536, 40, 100])  # 40, 100: tails past the vector width
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_gemv_equals_the_float_product(k, rows):
+@pytest.mark.parametrize("march", MARCHES)
+def test_gemv_equals_the_float_product(k, rows, march):
     torch.manual_seed(k + rows)
     w = torch.randn(200, k) * torch.linspace(0.05, 2.0, 200)[:, None]
     q, s = int8.quantize(w, torch.float32)
@@ -28,7 +44,7 @@ def test_gemv_equals_the_float_product(k, rows):
     x[:, 7] = 40.0  # an outlier channel: every row's scale follows its largest value
     bias = torch.randn(200)
     ref = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
-    got = native.gemv(q, s, x, bias)
+    got = native.gemv(q, s, x, bias, march=march)
     assert got.shape == (rows, 200) and got.dtype == torch.float32
     # 15-bit activations: each term within |w| * max|x| / 65534 of exact
     bound = (q.double().abs() * s.double()[:, None]).sum(1) * x.abs().amax(1, keepdim=True).double() / 65534
@@ -74,23 +90,25 @@ def rounded64():
     return model
 
 
-def _weights(lm, dtype: torch.dtype, natively: bool) -> FastWeights:
+def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native") -> FastWeights:
     model = lm if isinstance(lm, torch.nn.Module) else lm.model
     w = FastWeights(model, dtype, torch.device("cpu"))
     if natively:
         w.add_int8(native.AUTO_ROWS)
-        w.add_native()
+        w.add_native(march)
     return w
 
 
+@needs_step
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", ["16 wide", "64 wide"])
-def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dtype, heads):
+@pytest.mark.parametrize("march", MARCHES)
+def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dtype, heads, march):
     if heads == "16 wide":
         model, ids = rounded, rounded.encode_raw("The quick brown fox jumps over the lazy dog and keeps on running far")
     else:
         model, ids = request.getfixturevalue("rounded64"), list(range(40, 200, 7))
-    ref_w, nat_w = _weights(model, torch.float32, False), _weights(model, dtype, True)
+    ref_w, nat_w = _weights(model, torch.float32, False), _weights(model, dtype, True, march)
     assert nat_w.native is not None and nat_w.int8_rows == native.AUTO_ROWS
     rows = 4
     tol = 2e-4 if dtype == torch.float32 else 0.05  # a bfloat16 cache rounds keys and values
@@ -115,6 +133,7 @@ def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dt
             assert (ref.v[li][0, :, :n].float() - nat.v[li][0, :, :n].float()).abs().max() < tol
 
 
+@needs_step
 def test_a_bigger_step_stays_on_torch(rounded):
     w = _weights(rounded, torch.float32, True)
     calls = []
@@ -131,6 +150,7 @@ def test_a_bigger_step_stays_on_torch(rounded):
     assert calls == [2]
 
 
+@needs_step
 def test_a_position_past_the_cache_is_an_error_not_a_write(rounded):
     w = _weights(rounded, torch.float32, True)
     with torch.inference_mode():
@@ -141,6 +161,7 @@ def test_a_position_past_the_cache_is_an_error_not_a_write(rounded):
             w.native.step(h, *fast.cache_pointers(), fast.capacity, [fast.capacity], torch.empty(1, w.vocab))
 
 
+@needs_step
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_auto_runs_four_rows_natively_and_off_keeps_torch(tiny_model_dir, dtype):
     on = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype))
@@ -153,6 +174,14 @@ def test_auto_runs_four_rows_natively_and_off_keeps_torch(tiny_model_dir, dtype)
     assert none.fast_weights().native is None and none.fast_weights().int8_rows == 0
 
 
+def test_a_cpu_without_avx2_keeps_torch(monkeypatch, tiny_model_dir):
+    """Built without vectors the step is several times slower than torch's (see usable)."""
+    monkeypatch.setattr(cpu, "flags", lambda: frozenset({"sse4_2"}))
+    w = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="bfloat16")).fast_weights()
+    assert w.native is None and w.int8_rows == int8.AUTO_ROWS
+
+
+@needs_step
 def test_without_a_compiler_the_steps_stay_on_torch(monkeypatch, tmp_path, tiny_model_dir, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails
