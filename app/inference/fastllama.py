@@ -256,9 +256,11 @@ class FastWeights:
     def add_native(self, march: str = "native") -> None:
         """Run the int8 copies' decode steps in one native call (native.py), built for `march`.
         Raises RuntimeError when the library cannot be built or loaded."""
-        if not self.int8_rows or self.int8_rows > native.MAX_ROWS or not native.usable(self.device, self.dtype):
-            raise RuntimeError("no int8 copies to run natively" if not self.int8_rows
-                               else f"int8 up to {self.int8_rows} rows on {self.device}, {self.dtype}")
+        if not self.int8_rows:
+            raise RuntimeError("no int8 copies to run natively")
+        if self.int8_rows > native.MAX_ROWS or not native.usable(self.device, self.dtype):
+            raise RuntimeError(f"the native step runs up to {native.MAX_ROWS} rows on an x86-64 CPU with AVX2, for"
+                               f" bfloat16 or float32: not {self.int8_rows} rows, {self.device}, {self.dtype}")
         self.native = native.NativeStep(self, march)
 
 

@@ -3,8 +3,8 @@
 At one row, SmolLM2-135M's decode step through torch is ~1000 small ops: each pays Python,
 ATen's dispatch and an OpenMP fork/join, and together they take as long as the matrix
 products. decode_step.c runs the whole step (every layer, the final norm, the head) inside
-one OpenMP parallel region over the int8 copies (int8.py), with float32 activations, and
-writes the engine's own KV cache in place. fastllama.FastLlama.decode takes it for steps of
+one OpenMP parallel region over the int8 copies (int8.py), each product's input quantized per
+row to 15 bits and everything else in float32, and writes the engine's own KV cache in place. fastllama.FastLlama.decode takes it for steps of
 up to `FastWeights.int8_rows` rows; prefills and bigger steps stay on torch.
 
 The C file is compiled at first use with the machine's C compiler (`cc -O3 -march=native
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -31,8 +30,6 @@ from pathlib import Path
 import torch
 
 from . import cpu
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
@@ -131,7 +128,7 @@ def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Ten
     b = None if bias is None else bias.float().contiguous()
     y = torch.empty(B, N)
     rc = library(march).inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B,
-                                x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                                     x.data_ptr(), y.data_ptr(), torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native gemv failed ({rc})")
     return y

@@ -20,7 +20,6 @@ from app.inference.types import ModelInfo
 from .domain import GenerationResult, Job, JobError, JobStatus, TokenRecord
 
 
-
 def numbered(item, seq: int):
     """A copy of a frozen event (or TokenRecord) with its seq: what dataclasses.replace gives
     for these plain dataclasses, without its generic path through __init__ (two per token)."""
@@ -28,6 +27,7 @@ def numbered(item, seq: int):
     new.__dict__.update(item.__dict__)
     new.__dict__["seq"] = seq
     return new
+
 
 @dataclass(frozen=True)
 class JobQueued:
