@@ -5,7 +5,8 @@ streams) would otherwise cost one GraphQL result per token, on the same CPU that
 the model. A subscription whose selection names `TokensGenerated` gets the tokens that
 piled up since its last message in one TokensGenerated event instead (each token with
 its own seq, in order); one that keeps up still gets one TokenGenerated per token, and
-one that does not name the type always does.
+one that does not name the type always does. What piled up comes from the event bus in
+one read (EventBus.follow_batches), with no task reading ahead.
 """
 
 from __future__ import annotations
@@ -46,47 +47,6 @@ def wants_token_batches(info: Info) -> bool:
     return any(_names_type(f.selections, BATCH_TYPE) for f in fields)
 
 
-_END = object()
-
-
-async def backlog(events: AsyncIterator[ev.JobEvent]) -> AsyncIterator[list[ev.JobEvent]]:
-    """The events in order, as lists: each list holds what arrived while the consumer was
-    busy with the previous one (one event when it keeps up). A task reads ahead into a queue."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for event in events:
-                queue.put_nowait(event)
-        except Exception as exc:  # handed to the consumer, raised there in order
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(_END)
-
-    task = asyncio.get_running_loop().create_task(pump())
-    try:
-        while True:
-            ready = [await queue.get()]
-            while not queue.empty():
-                ready.append(queue.get_nowait())
-            end = next((i for i, e in enumerate(ready) if e is _END or isinstance(e, Exception)), None)
-            if end is None:
-                yield ready
-                continue
-            if end:
-                yield ready[:end]
-            if isinstance(ready[end], Exception):
-                raise ready[end]
-            return
-    finally:
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-
-
 def group_tokens(ready: list[ev.JobEvent]) -> list[ev.JobEvent | list[ev.TokenGenerated]]:
     """Runs of two or more consecutive token events become one list; other events stay."""
     out: list = []
@@ -104,14 +64,17 @@ def group_tokens(ready: list[ev.JobEvent]) -> list[ev.JobEvent | list[ev.TokenGe
     return out
 
 
-async def deliver(info: Info, events: AsyncIterator[ev.JobEvent]) -> AsyncIterator[GenerationEvent]:
-    if not wants_token_batches(info):
-        async for event in events:
-            yield event_of(event)
-        return
-    async with aclosing(backlog(events)) as batches:
-        async for ready in batches:
-            for item in group_tokens(ready):
+async def deliver(info: Info, batches: AsyncIterator[list[ev.JobEvent]]) -> AsyncIterator[GenerationEvent]:
+    """The job's events as GraphQL events. Each batch holds what arrived while this
+    subscription was busy with the previous one (JobService.event_batches)."""
+    grouped = wants_token_batches(info)
+    async with aclosing(batches):
+        async for batch in batches:
+            if not grouped:
+                for event in batch:
+                    yield event_of(event)
+                continue
+            for item in group_tokens(batch):
                 yield TokensGenerated.of(item) if isinstance(item, list) else event_of(item)
 
 
@@ -130,7 +93,7 @@ class Subscription:
         async with subscription_slot(info):
             job = await jobs.submit(input.to_spec(), JobOptions.to_data(options), caller)
             try:
-                async with aclosing(deliver(info, await jobs.events(job.id, 0, caller))) as stream:
+                async with aclosing(deliver(info, await jobs.event_batches(job.id, 0, caller))) as stream:
                     async for event in stream:
                         yield event
                 finished = True
@@ -148,6 +111,6 @@ class Subscription:
     ) -> AsyncGenerator[GenerationEvent, None]:
         caller = await admitted(info)
         async with subscription_slot(info):
-            async with aclosing(deliver(info, await info.context.jobs.events(str(id), after, caller))) as stream:
+            async with aclosing(deliver(info, await info.context.jobs.event_batches(str(id), after, caller))) as stream:
                 async for event in stream:
                     yield event

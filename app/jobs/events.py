@@ -105,9 +105,28 @@ class EventBus(Protocol):
     async def ended(self, job_id: str) -> bool | None:
         """Whether the job's stream holds its terminal event; None when the bus has no stream."""
 
+    async def follow_batches(self, job_id: str, after: int = 0) -> AsyncIterator[list[JobEvent]] | None:
+        """Events with seq > after, then live ones up to the terminal event, in order, as
+        lists: each holds what had arrived when the follower asked for more (one event when
+        it keeps up). None when the bus has no stream for the job."""
+
     async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
-        """Events with seq > after, then live ones up to the terminal event; None when the
-        bus has no stream for the job."""
+        """follow_batches, one event at a time."""
+
+
+def flatten_or_none(batches: AsyncIterator[list[JobEvent]] | None) -> AsyncIterator[JobEvent] | None:
+    return None if batches is None else flatten(batches)
+
+
+async def flatten(batches: AsyncIterator[list[JobEvent]]) -> AsyncIterator[JobEvent]:
+    """Batches of events, one event at a time."""
+    try:
+        async for batch in batches:
+            for event in batch:
+                yield event
+    finally:
+        if (aclose := getattr(batches, "aclose", None)) is not None:
+            await aclose()
 
 
 class _Stream:
@@ -115,25 +134,29 @@ class _Stream:
 
     def __init__(self) -> None:
         self.events: list[JobEvent] = []
-        self.changed = asyncio.Condition()
+        # Followers waiting for the next event: one future each, set by append (an
+        # asyncio.Condition costs a lock round trip per event on each side).
+        self.waiters: list[asyncio.Future] = []
 
     @property
     def ended(self) -> bool:
         return bool(self.events) and isinstance(self.events[-1], TERMINAL)
 
-    async def follow(self, after: int) -> AsyncIterator[JobEvent]:
+    async def follow(self, after: int) -> AsyncIterator[list[JobEvent]]:
         sent = after
         while True:
-            while sent < len(self.events):
-                event = self.events[sent]
-                sent += 1
-                yield event
-                if isinstance(event, TERMINAL):
+            if sent < len(self.events):
+                batch = self.events[sent:]
+                sent += len(batch)
+                yield batch
+                if isinstance(batch[-1], TERMINAL):
                     return
+                continue
             if self.ended:  # `after` was at or past the end: nothing more will come
                 return
-            async with self.changed:
-                await self.changed.wait_for(lambda: len(self.events) > sent)
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
 
 
 class MemoryEventBus:
@@ -153,8 +176,11 @@ class MemoryEventBus:
             raise RuntimeError(f"job {event.job_id}: event after the terminal one")
         event = numbered(event, len(stream.events) + 1)
         stream.events.append(event)
-        async with stream.changed:
-            stream.changed.notify_all()
+        if stream.waiters:
+            waiters, stream.waiters = stream.waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         if isinstance(event, TERMINAL):
             self._retire(event.job_id)
         return event
@@ -167,9 +193,12 @@ class MemoryEventBus:
         stream = self._streams.get(job_id)
         return stream.ended if stream is not None else None
 
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+    async def follow_batches(self, job_id: str, after: int = 0) -> AsyncIterator[list[JobEvent]] | None:
         stream = self._streams.get(job_id)
         return stream.follow(after) if stream is not None else None
+
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+        return flatten_or_none(await self.follow_batches(job_id, after))
 
     def _retire(self, job_id: str) -> None:
         self._ended[job_id] = None

@@ -38,6 +38,7 @@ from .events import (
     JobEvent,
     JobQueued,
     TokenGenerated,
+    flatten_or_none,
     numbered,
 )
 
@@ -192,23 +193,29 @@ class RedisEventBus:
         last = await self._last(job_id)
         return last[1] if last is not None else None
 
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+    async def follow_batches(self, job_id: str, after: int = 0) -> AsyncIterator[list[JobEvent]] | None:
         if not await self._redis.exists(self.key(job_id)):
             return None
         return self._follow(job_id, after)
 
-    async def _follow(self, job_id: str, after: int) -> AsyncIterator[JobEvent]:
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
+        return flatten_or_none(await self.follow_batches(job_id, after))
+
+    async def _follow(self, job_id: str, after: int) -> AsyncIterator[list[JobEvent]]:
         key, sent = self.key(job_id), after
         block: int | None = None  # the first read does not wait: a finished stream ends at once
         while True:
             reply = await self._redis.xread({key: f"{sent}-0"}, count=512, block=block)
             entries = reply[0][1] if reply else []
+            batch: list[JobEvent] = []
             for entry_id, fields in entries:
                 sent = _seq(entry_id)
-                yield event_from_json(fields[b"e"], sent)
+                batch.append(event_from_json(fields[b"e"], sent))
                 if fields[b"t"] == b"1":
+                    yield batch
                     return
-            if entries:
+            if batch:
+                yield batch
                 continue
             last = await self._last(job_id)
             if last is None or last[1]:  # expired meanwhile, or `after` was at or past the end

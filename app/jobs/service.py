@@ -21,7 +21,7 @@ from app.logs import bind_job
 from .admission import Admission
 from .domain import Caller, GenerationSpec, Job, JobOptions, JobProgress, JobStatus, Page
 from .errors import InvalidInput, NotFound
-from .events import TERMINAL, EventBus, JobEvent, JobQueued, TokenGenerated, replay_finished
+from .events import EventBus, JobEvent, JobQueued, TokenGenerated, flatten, replay_finished
 from .persistence.store import IdempotentReplay, JobStore
 from .queue import JobQueue
 from .quotas import QuotaStore
@@ -170,7 +170,7 @@ class JobService:
                 log.warning("job %s: cancel not settled within %.1fs", job.id, CANCEL_WAIT_SECONDS)
 
     async def _until_ended(self, job_id: str, after: int) -> None:
-        stream = await self._bus.follow(job_id, after)
+        stream = await self._bus.follow_batches(job_id, after)
         if stream is not None:
             async for _ in stream:
                 pass
@@ -179,6 +179,11 @@ class JobService:
 
     async def events(self, job_id: str, after: int, caller: Caller) -> AsyncIterator[JobEvent]:
         """Replay events with seq > after, then follow live ones to the end."""
+        return flatten(await self.event_batches(job_id, after, caller))
+
+    async def event_batches(self, job_id: str, after: int, caller: Caller) -> AsyncIterator[list[JobEvent]]:
+        """events(), as lists: each holds what had arrived when the consumer asked for more
+        (EventBus.follow_batches)."""
         if after < 0:
             raise InvalidInput("`after` must be 0 or more", field="after")
         job = await self._get_or_404(job_id, caller)
@@ -194,33 +199,32 @@ class JobService:
             raise InvalidInput(f"`after` is past this job's last event (seq {last})", field="after", lastSeq=last)
         return self._follow(job, after)
 
-    async def _follow(self, job: Job, after: int) -> AsyncIterator[JobEvent]:
-        stream = await self._bus.follow(job.id, after)
+    async def _follow(self, job: Job, after: int) -> AsyncIterator[list[JobEvent]]:
+        stream = await self._bus.follow_batches(job.id, after)
         if stream is not None:
-            async for event in self._with_positions(job.id, stream):
-                yield event
+            async for batch in self._with_positions(job.id, stream):
+                yield batch
             return
         if not job.status.terminal:  # it ended (and left the bus) after it was read: read its end
             job = await self._store.get(job.id)
-        for event in replay_finished(job):
-            if event.seq > after:
-                yield event
-                if isinstance(event, TERMINAL):
-                    return
+        events = [event for event in replay_finished(job) if event.seq > after]
+        if events:
+            yield events
 
-    async def _with_positions(self, job_id: str, stream: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
-        """The stream's events, and while the job waits in the queue (its last event is
-        JobQueued), that JobQueued again with the new `position` each time its place
-        changes. These updates are not stored in the log (they would shift every later
+    async def _with_positions(self, job_id: str, stream: AsyncIterator[list[JobEvent]],
+                              ) -> AsyncIterator[list[JobEvent]]:
+        """The stream's batches, and while the job waits in the queue (its last event is
+        JobQueued), that JobQueued again (a batch of its own) with the new `position` each
+        time its place changes. These updates are not stored in the log (they would shift every later
         seq): they repeat the seq of the JobQueued they update, and a replay shows only the
         stored one. The queue is asked, so this works with any JobQueue and EventBus."""
         queued: JobQueued | None = None
         pending: asyncio.Future | None = None
         try:
             while True:
-                if queued is None:  # the common path: no task per event
+                if queued is None:  # the common path: no task per batch
                     try:
-                        event = await anext(stream)
+                        batch = await anext(stream)
                     except StopAsyncIteration:
                         return
                 else:
@@ -231,15 +235,15 @@ class JobService:
                         position = await self._queue.position(job_id)
                         if position is not None and position != queued.position:
                             queued = replace(queued, position=position, at=datetime.now(UTC))
-                            yield queued
+                            yield [queued]
                         continue
                     finished, pending = pending, None
                     try:
-                        event = finished.result()
+                        batch = finished.result()
                     except StopAsyncIteration:
                         return
-                queued = event if isinstance(event, JobQueued) else None
-                yield event
+                queued = batch[-1] if isinstance(batch[-1], JobQueued) else None
+                yield batch
         finally:
             if pending is not None:
                 pending.cancel()

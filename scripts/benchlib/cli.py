@@ -52,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--jobs-client", choices=("lean", "httpx"), default="lean",
                     help="the job section's load generator: a lean keep-alive HTTP/1.1 client (default), or the"
                     "\nbundled httpx client, whose own CPU per request competes with the server on a small machine")
+    ap.add_argument("--ws-client", choices=("lean", "websockets"), default="lean",
+                    help="the streaming phases' websocket client: a lean one (benchlib/wsclient.py: each message\n"
+                    "handled as it arrives, no task woken per message; the default), or app.client's, on the\n"
+                    "websockets library's asyncio connection")
     ap.add_argument("--cluster", action="store_true",
                     help="only the scale-out section: an API-only replica and 2 workers on PostgreSQL + Redis\n"
                     "against the embedded server and the direct engine (benchlib/cluster.py): a few minutes")
@@ -170,7 +174,7 @@ async def bench(args: argparse.Namespace) -> int:
             phases, connect_ms, modes = await streaming_section(
                 base_url, api_key, lm, peer, concurrency=args.concurrency, rounds=args.rounds,
                 requests=args.requests, max_tokens=args.max_tokens, max_batch=args.max_batch,
-                server_pid=server.proc.pid if server is not None else None)
+                server_pid=server.proc.pid if server is not None else None, ws_client=args.ws_client)
             if peer is not None:
                 peer.stop()
                 peer = None

@@ -118,7 +118,8 @@ def phase_prompts(concurrency: int, requests: int) -> list[str]:
 
 
 async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
-    """One `generate` subscription. Its TTFT starts when the subscribe message goes out: the
+    """One `generate` subscription, through the lean client (wsclient.LeanSubscriptions) or
+    `app.client.InferQLClient`. Its TTFT starts when the subscribe message goes out: the
     client's send hook notes that moment (the connect + connection_init before it is t_call)."""
     sent: dict[str, float] = {}
 
@@ -128,28 +129,34 @@ async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
 
     variables = {"input": {"prompt": prompt, "maxTokens": max_tokens, "temperature": 0}}
     t_call = time.perf_counter()
-    first = done = None
-    tokens = messages = 0
-    completion_tokens = None
-    async for data in client.subscribe(SUBSCRIPTION, variables, on_send=on_send):
+    seen = {"first": None, "done": None, "tokens": 0, "messages": 0, "completion_tokens": None}
+
+    def on_data(data: dict) -> None:
         event = data["generate"]
         kind = event["__typename"]
         if kind in ("TokenGenerated", "TokensGenerated"):  # several tokens that piled up in one message
-            tokens += len(event["tokens"]) if kind == "TokensGenerated" else 1
-            messages += 1
-            if first is None:
-                first = time.perf_counter()
+            seen["tokens"] += len(event["tokens"]) if kind == "TokensGenerated" else 1
+            seen["messages"] += 1
+            if seen["first"] is None:
+                seen["first"] = time.perf_counter()
         elif kind == "GenerationCompleted":
-            done = time.perf_counter()
-            completion_tokens = event["result"]["usage"]["completionTokens"]
+            seen["done"] = time.perf_counter()
+            seen["completion_tokens"] = event["result"]["usage"]["completionTokens"]
         elif kind in ("GenerationFailed", "GenerationCancelled"):
             raise RuntimeError(f"generation ended with {kind}")
-    if done is None:
+
+    if hasattr(client, "run"):
+        await client.run(SUBSCRIPTION, variables, on_data=on_data, on_send=on_send)
+    else:
+        async for data in client.subscribe(SUBSCRIPTION, variables, on_send=on_send):
+            on_data(data)
+    if seen["done"] is None:
         raise RuntimeError("the subscription ended without GenerationCompleted")
-    if completion_tokens is not None and completion_tokens != tokens:
-        print(f"  warning: received {tokens} tokens, the server counted {completion_tokens}", flush=True)
-    return Stream(t_submit=sent.get("subscribe", t_call), t_first=first, t_done=done, tokens=tokens, t_call=t_call,
-                  messages=messages)
+    tokens = seen["tokens"]
+    if seen["completion_tokens"] is not None and seen["completion_tokens"] != tokens:
+        print(f"  warning: received {tokens} tokens, the server counted {seen['completion_tokens']}", flush=True)
+    return Stream(t_submit=sent.get("subscribe", t_call), t_first=seen["first"], t_done=seen["done"], tokens=tokens,
+                  t_call=t_call, messages=seen["messages"])
 
 
 _HIST = re.compile(r'^inferql_engine_batch_size_steps\{size="(\d+)"\}\s+([0-9.eE+]+)\s*$', re.M)
@@ -257,11 +264,15 @@ class Direct:
 
 async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, concurrency: list[int], rounds: int,
                             requests: int, max_tokens: int, max_batch: int, server_pid: int | None = None,
+                            ws_client: str = "lean",
                             ) -> tuple[dict[tuple[str, int], list[Phase]], list[float], list[str]]:
     """Every (mode, concurrency) phase of every round; returns them, the API's connect times
     (ms, the websocket connect + connection_init before each subscribe) and the modes.
-    server_pid: the server's process, when started here, to read its event loop's CPU time."""
+    server_pid: the server's process, when started here, to read its event loop's CPU time.
+    ws_client: the subscriptions' client, "lean" (wsclient.py) or "websockets" (app.client)."""
     from app.client import InferQLClient
+
+    from .wsclient import LeanSubscriptions
 
     direct = Direct(lm, max_batch)
     modes = ["API", "direct"] + (["peer"] if peer else [])
@@ -274,9 +285,13 @@ async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, con
         print(f"server: {', '.join(m['id'] + ' ' + m['dtype'] for m in models)}; max batch {max_batch}",
               flush=True)
 
+        subscriber = LeanSubscriptions(base_url, api_key) if ws_client == "lean" else client
+        print(f"API client: {'the lean websocket client' if ws_client == 'lean' else 'app.client (websockets)'}",
+              flush=True)
+
         async def run_mode(mode: str, c: int, prompts: list[str], max_tokens: int) -> Phase:
             if mode == "API":
-                return await api_phase(client, http, base_url, c, prompts, max_tokens, server_pid)
+                return await api_phase(subscriber, http, base_url, c, prompts, max_tokens, server_pid)
             if mode == "peer":
                 return await peer.phase(http, c, prompts, max_tokens)
             await direct.start()

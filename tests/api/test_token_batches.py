@@ -1,6 +1,7 @@
 """Tokens that piled up while a subscriber was busy go out in one TokensGenerated event
 (each token with its own seq, in order, exactly once); a subscriber that keeps up, or one
-whose selection does not name TokensGenerated, gets one TokenGenerated per token."""
+whose selection does not name TokensGenerated, gets one TokenGenerated per token. What
+piled up is what the event bus hands a follower in one read."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from app.api.subscriptions import backlog, group_tokens
+from app.api.subscriptions import group_tokens
 from app.jobs import events as ev
 from app.jobs.domain import TokenRecord
 from tests.gql import EVENT_FIELDS, JOB_EVENTS, SUBMIT, collect
@@ -34,11 +35,11 @@ def job_events(n_tokens: int) -> list[ev.JobEvent]:
             ev.GenerationFailed("j", NOW, ev.JobError("X", "x"), seq=3 + n_tokens)]
 
 
-async def source(events, gaps: float):
-    """Events arriving `gaps` seconds apart, like tokens from decode steps."""
+async def produce(bus: ev.MemoryEventBus, events, gaps: float) -> None:
+    """Events appended `gaps` seconds apart, like tokens from decode steps."""
     for event in events:
         await asyncio.sleep(gaps)
-        yield event
+        await bus.append(event)
 
 
 def flatten(grouped):
@@ -50,12 +51,16 @@ def flatten(grouped):
 
 async def messages_of(events, gaps: float, busy: float = 0.0) -> list:
     """What a consumer taking `busy` seconds per message is sent for events `gaps` apart."""
+    bus = ev.MemoryEventBus()
+    await bus.append(events[0])
+    producer = asyncio.ensure_future(produce(bus, events[1:], gaps))
     messages = []
-    async with aclosing(backlog(source(events, gaps))) as ready_lists:
-        async for ready in ready_lists:
+    async with aclosing(await bus.follow_batches("j")) as batches:
+        async for ready in batches:
             messages += group_tokens(ready)
             if busy:
                 await asyncio.sleep(busy)
+    await producer
     return messages
 
 
@@ -81,36 +86,37 @@ def test_grouping_keeps_non_token_events_between_runs():
     assert group_tokens(events[:3]) == events[:3]  # a run of one stays a plain token event
 
 
-async def test_an_error_reaches_the_consumer_after_the_events_before_it():
-    async def failing():
-        yield token(3)
-        yield token(4)
-        raise RuntimeError("bus lost")
+async def test_a_follower_that_leaves_while_waiting_leaves_nothing_behind():
+    events = job_events(0)  # queued, started, failed
+    bus = ev.MemoryEventBus()
+    await bus.append(events[0])
+    follower = await bus.follow_batches("j")
+    assert [e.seq for e in await anext(follower)] == [1]
+    waiting = asyncio.ensure_future(anext(follower))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await follower.aclose()
+    await bus.append(events[1])  # wakes no one, fails nothing
+    assert bus._streams["j"].waiters == []
+    await bus.append(events[2])
+    assert [e.seq async for e in await bus.follow("j")] == [1, 2, 3]
 
-    seen = []
-    with pytest.raises(RuntimeError, match="bus lost"):
-        async for ready in backlog(failing()):
-            seen += ready
-    assert [e.seq for e in seen] == [3, 4]
+
+async def test_followers_share_one_stream_and_each_gets_all_of_it():
+    events = job_events(6)
+    bus = ev.MemoryEventBus()
+    await bus.append(events[0])
+    followers = [await bus.follow("j") for _ in range(3)]
+    producer = asyncio.ensure_future(produce(bus, events[1:], 0.001))
+    seen = await asyncio.gather(*[asyncio.wait_for(collect_all(f), 5) for f in followers])
+    await producer
+    assert all([e.seq for e in s] == list(range(1, len(events) + 1)) for s in seen)
 
 
-async def test_leaving_early_stops_the_reader():
-    closed = asyncio.Event()
-
-    async def endless():
-        try:
-            seq = 3
-            while True:
-                await asyncio.sleep(0.001)
-                yield token(seq)
-                seq += 1
-        finally:
-            closed.set()
-
-    async with aclosing(backlog(endless())) as ready_lists:
-        async for _ in ready_lists:
-            break
-    await asyncio.wait_for(closed.wait(), 1)
+async def collect_all(events) -> list:
+    return [e async for e in events]
 
 
 # ---- through the server ---------------------------------------------------------------------

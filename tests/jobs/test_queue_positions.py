@@ -9,7 +9,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from app.inference.types import ModelInfo
-from app.jobs.events import GenerationStarted, JobQueued, MemoryEventBus
+from app.jobs.events import GenerationStarted, JobQueued, MemoryEventBus, flatten
 from app.jobs.service import JobService
 from tests.jobs.test_seams import bus  # noqa: F401  (the fixture: one EventBus per backend)
 
@@ -37,7 +37,7 @@ async def test_a_waiting_job_gets_its_jobqueued_again_when_its_position_changes(
     queue = StillQueue(2)
     now = datetime.now(UTC)
     await bus.append(JobQueued("j", now, 2))
-    stream = service(queue, bus)._with_positions("j", await bus.follow("j"))
+    stream = flatten(service(queue, bus)._with_positions("j", await bus.follow_batches("j")))
     first = await anext(stream)
     assert (type(first), first.seq, first.position) == (JobQueued, 1, 2)
     queue.value = 1
@@ -59,7 +59,7 @@ async def test_a_waiting_job_gets_its_jobqueued_again_when_its_position_changes(
 async def test_a_follower_that_leaves_while_waiting_stops_cleanly():
     bus, queue = MemoryEventBus(), StillQueue(0)
     await bus.append(JobQueued("k", datetime.now(UTC), 0))
-    stream = service(queue, bus)._with_positions("k", await bus.follow("k"))
+    stream = flatten(service(queue, bus)._with_positions("k", await bus.follow_batches("k")))
     assert (await anext(stream)).position == 0
     nxt = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.1)  # polling, nothing changes
