@@ -1,15 +1,17 @@
 """A lean graphql-transport-ws client: the streaming phases' load generator.
 
 On a 2-core machine whose cores the engine keeps busy, the client's CPU per token competes
-with the server it measures, and the direct phase has no such client. `app.client`'s
-subscribe (the `websockets` library's asyncio connection: a reader task, a frame assembler,
-a queue hop per message) cost 50-75 us of CPU per token at 16-64 streams and 230-310 us at
-one stream (measured by the bench's own per-phase CPU figures). This one keeps
-`websockets`' sans-I/O protocol for the handshake and the framing and drops the rest: an
-asyncio.Protocol feeds received bytes to it and hands each text message to the consumer.
-Each message is handled in the protocol's data_received, by a callback, with no task
-woken per message. A real client runs on another machine; `--ws-client websockets`
-measures with the stock one.
+with the server it measures, and the direct phase has no such client. This one keeps
+`websockets`' sans-I/O protocol for the handshake and the framing and drops the rest of its
+asyncio connection (a reader task, a frame assembler, a queue hop per message): an
+asyncio.Protocol feeds received bytes to it and each message is handled in data_received,
+by a callback, with no task woken per message.
+
+Measured by the bench's per-phase CPU figures (a Xeon with AMX): 45-63 us per token at 16-64
+streams and 208-291 us at 1 stream, against 52-78 and 270-312 us for `app.client`. Only a
+little less: most of a client's cost per token there is being woken once per token with cold
+caches (README, "Figures", the G runs). A real client runs on another machine;
+`--ws-client websockets` measures with `app.client`.
 """
 
 from __future__ import annotations
