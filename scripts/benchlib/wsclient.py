@@ -7,10 +7,10 @@ asyncio connection (a reader task, a frame assembler, a queue hop per message): 
 asyncio.Protocol feeds received bytes to it and each message is handled in data_received,
 by a callback, with no task woken per message.
 
-Measured by the bench's per-phase CPU figures (a Xeon with AMX): 45-63 us per token at 16-64
-streams and 208-291 us at 1 stream, against 52-78 and 270-312 us for `app.client`. Only a
-little less: most of a client's cost per token there is being woken once per token with cold
-caches (README, "Figures", the G runs). A real client runs on another machine;
+Measured by the bench's per-phase CPU figures (a Xeon with AMX, README "Figures", runs G0-G2):
+45-78 us per token at 16-64 streams and 208-291 us at 1 stream, against 52-78 and 270-312 us
+for `app.client`. About the same: most of a client's cost per token there is being woken once
+per token with cold caches, not the code per message. A real client runs on another machine;
 `--ws-client websockets` measures with `app.client`.
 """
 
