@@ -33,18 +33,37 @@ from . import cpu
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
-MAX_ROWS = 8  # decode_step.c's MAX_ROWS
+MAX_ROWS = 16  # decode_step.c's MAX_ROWS
+BLOCKED_FROM = 5  # decode_step.c's BLOCKED_FROM: steps of this many rows take the blocked products
 # `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies for decode steps of up to
-# 4 rows. SmolLM2-135M on an AVX512-BF16 CPU, whole steps natively against the packed bfloat16
-# matrices through torch: 1 row 4.4 vs 20.7 ms, 2 rows 6.2 vs 25.4, 4 rows 9.2 vs 22.0, 8 rows
-# 19.5 vs 25.4, where the native products are bound by their multiply-adds (on a CPU with AMX
-# the dense bfloat16 products may well win there; untested). An ad-hoc script; `bench.py
-# --kernels` prints 1, 2 and 4 rows.
+# 4 rows, or 16 where the blocked products run in AVX512 (auto_rows). SmolLM2-135M on an
+# AVX512-BF16 CPU, whole steps natively against the packed bfloat16 matrices through torch:
+# 1 row 4.4 vs 20.7 ms, 2 rows 6.2 vs 25.4, 4 rows 9.2 vs 22.0; from 5 rows the dot products
+# are bound by their multiply-adds and horizontal sums (8 rows 19.5 vs 25.4), and the blocked
+# ones take over. An ad-hoc script; `bench.py --kernels` prints 1, 2, 4, 8 and 16 rows.
 AUTO_ROWS = 4
+BLOCKED_AUTO_ROWS = 16
+
+
+def auto_rows() -> int:
+    """The rows `auto` gives the native step: 16 where the CPU runs the blocked products in
+    AVX512 (their plain loops elsewhere are only a fallback), else 4."""
+    return BLOCKED_AUTO_ROWS if "avx512bw" in cpu.flags() else AUTO_ROWS
+
+
+def blocked(q: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """The first outputs of int8 weights q [n, k] in blocks of 32 (decode_step.c's Mat.wb), and
+    how many outputs they cover; (None, 0) when there is no whole block or k is odd."""
+    n, k = q.shape
+    nb = n - n % 32
+    if nb == 0 or k % 2:
+        return None, 0
+    return q[:nb].reshape(nb // 32, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous(), nb
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", c_void_p), ("scale", c_void_p), ("bias", c_void_p), ("n", c_int), ("k", c_int)]
+    _fields_ = [("w", c_void_p), ("scale", c_void_p), ("bias", c_void_p), ("n", c_int), ("k", c_int),
+                ("wb", c_void_p), ("nb", c_int)]
 
 
 class _Layer(ctypes.Structure):
@@ -103,7 +122,8 @@ def library(march: str = "native") -> ctypes.CDLL:
     lib.inferql_decode_step.argtypes = [POINTER(_Model), c_int, c_void_p, c_void_p, c_void_p, c_int, c_int,
                                         c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.inferql_decode_step.restype = c_int
-    lib.inferql_gemv.argtypes = [c_void_p, c_void_p, c_void_p, c_int, c_int, c_int, c_void_p, c_void_p, c_int]
+    lib.inferql_gemv.argtypes = [c_void_p, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int, c_int, c_void_p,
+                                 c_void_p, c_int]
     lib.inferql_gemv.restype = c_int
     return lib
 
@@ -118,17 +138,20 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
-         march: str = "native") -> torch.Tensor:
-    """x [B, K] float32 @ (q * scales[:, None]).T (+ bias): one product through the library."""
+         march: str = "native", with_blocks: bool = False) -> torch.Tensor:
+    """x [B, K] float32 @ (q * scales[:, None]).T (+ bias): one product through the library;
+    with_blocks: given the blocked copy too (taken from BLOCKED_FROM rows)."""
     B, K = x.shape
     N = q.shape[0]
     if B > MAX_ROWS or q.shape[1] != K:
         raise ValueError(f"gemv of {B} rows against {tuple(q.shape)}")
     x, s = x.float().contiguous(), scales.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
+    wb, nb = blocked(q) if with_blocks else (None, 0)
     y = torch.empty(B, N)
-    rc = library(march).inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K, B,
-                                     x.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    rc = library(march).inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K,
+                                     None if wb is None else wb.data_ptr(), nb, B, x.data_ptr(), y.data_ptr(),
+                                     torch.get_num_threads())
     if rc:
         raise RuntimeError(f"native gemv failed ({rc})")
     return y
@@ -142,6 +165,8 @@ class NativeStep:
         self.lib = library(march)
         self._keep: list[torch.Tensor] = []
         w = weights
+        # the blocked copies (as many bytes again) only where steps of BLOCKED_FROM rows run here
+        self._blocks = w.int8_rows >= BLOCKED_FROM
         layers = (_Layer * w.n_layers)()
         for li, (dense, int8s) in enumerate(zip(w.layers, w.layers8)):
             ln1, _, bqkv, _, ln2, _, _ = dense
@@ -162,7 +187,11 @@ class NativeStep:
 
     def _mat(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> _Mat:
         self._keep.append(q)
-        return _Mat(q.data_ptr(), self._ptr(scales), None if bias is None else self._ptr(bias), q.shape[0], q.shape[1])
+        wb, nb = blocked(q) if self._blocks else (None, 0)
+        if wb is not None:
+            self._keep.append(wb)
+        return _Mat(q.data_ptr(), self._ptr(scales), None if bias is None else self._ptr(bias), q.shape[0], q.shape[1],
+                    None if wb is None else wb.data_ptr(), nb)
 
     def step(self, h: torch.Tensor, k_ptrs, v_ptrs, capacity: int, positions: list[int],
              logits: torch.Tensor) -> None:

@@ -10,7 +10,8 @@ anything). About a minute; no server.
   then while another thread that has run a parallel op is alive (app/inference/threads.py);
 * the native step: a whole decode step of 1, 2 and 4 rows as one native call over the int8
   copies (app/inference/native.py), against torch's int8 op over the same copies and against
-  the model's dense (packed) matrices;
+  the model's dense (packed) matrices; on AVX512 also 8 and 16 rows (the blocked products)
+  against the dense matrices;
 * float16 matrices (a float32 model only): a whole decode step with the oneDNN-packed
   float32 matrices against fbgemm's float16 ones, the head's full pass in int8 as served
   (app/inference/fbgemm.py), by rows.
@@ -178,7 +179,7 @@ def _native_step(lm, quick: bool) -> None:
     through_torch = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
     through_torch.add_int8(int8.ON_ROWS)
     natively = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
-    natively.add_int8(native.AUTO_ROWS)
+    natively.add_int8(native.auto_rows())
     natively.add_native()
     print(f"  a decode step ({str(lm.dtype).removeprefix('torch.')}): {'packed' if packed else 'plain'} matrices,"
           " torch's int8 op, the native step over the same int8 copies:")
@@ -190,6 +191,15 @@ def _native_step(lm, quick: bool) -> None:
         a, b, c = (statistics.median(t) for t in times)
         print(f"    {rows:4d} rows: dense {a:7.1f} ms, int8 op {b:7.1f} ms, native {c:7.1f} ms"
               f"   {a / c:.2f}x, {b / c:.2f}x")
+    # from native.BLOCKED_FROM rows, where the CPU runs them: the blocked products (torch's
+    # int8 op is not used past int8.ON_ROWS rows)
+    for rows in (() if quick else (8, 16)) if natively.int8_rows >= 16 else ():
+        times = [[], []]
+        for _ in range(3):
+            for t, w in zip(times, (dense, natively)):
+                t.append(_decode_ms(w, rows, 12))
+        a, c = (statistics.median(t) for t in times)
+        print(f"    {rows:4d} rows: dense {a:7.1f} ms, native {c:7.1f} ms (blocked products)   {a / c:.2f}x")
 
 
 def kernels_section(lm, quick: bool = False) -> None:

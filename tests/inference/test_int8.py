@@ -95,7 +95,7 @@ def test_auto_takes_int8_for_small_steps_without_timing(monkeypatch, tiny_model_
     w = lm.fast_weights()
     monkeypatch.undo()
     natively = natively and native.usable(lm.device, lm.dtype)  # an x86-64 CPU with AVX2
-    rows = native.AUTO_ROWS if natively else int8.AUTO_ROWS
+    rows = native.auto_rows() if natively else int8.AUTO_ROWS
     assert (w.native is not None) == natively and w.int8_rows == rows and len(w.layers8) == w.n_layers
     assert f"int8 copies for decode steps of up to {rows} rows" in lm.matrix_format
 

@@ -34,9 +34,10 @@ if platform.machine() == "x86_64":
 
 
 @pytest.mark.parametrize("k", [576, 1536, 40, 100])  # 40, 100: tails past the vector width
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 16])
 @pytest.mark.parametrize("march", MARCHES)
-def test_gemv_equals_the_float_product(k, rows, march):
+@pytest.mark.parametrize("with_blocks", [False, True])  # the blocked products from 5 rows (200 = 6 blocks + 8)
+def test_gemv_equals_the_float_product(k, rows, march, with_blocks):
     torch.manual_seed(k + rows)
     w = torch.randn(200, k) * torch.linspace(0.05, 2.0, 200)[:, None]
     q, s = int8.quantize(w, torch.float32)
@@ -44,7 +45,7 @@ def test_gemv_equals_the_float_product(k, rows, march):
     x[:, 7] = 40.0  # an outlier channel: every row's scale follows its largest value
     bias = torch.randn(200)
     ref = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
-    got = native.gemv(q, s, x, bias, march=march)
+    got = native.gemv(q, s, x, bias, march=march, with_blocks=with_blocks)
     assert got.shape == (rows, 200) and got.dtype == torch.float32
     # 15-bit activations: each term within |w| * max|x| / 65534 of exact
     bound = (q.double().abs() * s.double()[:, None]).sum(1) * x.abs().amax(1, keepdim=True).double() / 65534
@@ -90,11 +91,12 @@ def rounded64():
     return model
 
 
-def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native") -> FastWeights:
+def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native", rows: int = native.AUTO_ROWS,
+             ) -> FastWeights:
     model = lm if isinstance(lm, torch.nn.Module) else lm.model
     w = FastWeights(model, dtype, torch.device("cpu"))
     if natively:
-        w.add_int8(native.AUTO_ROWS)
+        w.add_int8(rows)
         w.add_native(march)
     return w
 
@@ -103,14 +105,15 @@ def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native") -> F
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", ["16 wide", "64 wide"])
 @pytest.mark.parametrize("march", MARCHES)
-def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dtype, heads, march):
+@pytest.mark.parametrize("rows", [4, 16])  # 16: steps of 5-16 rows take the blocked products
+def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dtype, heads, march, rows):
     if heads == "16 wide":
-        model, ids = rounded, rounded.encode_raw("The quick brown fox jumps over the lazy dog and keeps on running far")
+        model, ids = rounded, rounded.encode_raw("The quick brown fox jumps over the lazy dog and keeps on running far"
+                                                 " and then it stops by the river for a drink of cold water")
     else:
-        model, ids = request.getfixturevalue("rounded64"), list(range(40, 200, 7))
-    ref_w, nat_w = _weights(model, torch.float32, False), _weights(model, dtype, True, march)
-    assert nat_w.native is not None and nat_w.int8_rows == native.AUTO_ROWS
-    rows = 4
+        model, ids = request.getfixturevalue("rounded64"), list(range(40, 400, 7))
+    ref_w, nat_w = _weights(model, torch.float32, False), _weights(model, dtype, True, march, rows)
+    assert nat_w.native is not None and nat_w.int8_rows == rows
     tol = 2e-4 if dtype == torch.float32 else 0.05  # a bfloat16 cache rounds keys and values
     with torch.inference_mode():
         ref, nat = FastLlama(ref_w, rows), FastLlama(nat_w, rows)
@@ -118,7 +121,7 @@ def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dt
             for r in range(rows):  # rows of different lengths
                 fast.prefill(r, ids[:3 + 2 * r], 0, logits=False)
         for step in range(5):
-            batch = [1, 2, 4, 3, 4][step]
+            batch = ([1, 2, 4, 3, 4] if rows == 4 else [16, 5, 9, 16, 13])[step]
             toks = torch.tensor(ids[step:step + batch])
             pos = torch.tensor(ref.lengths[:batch])
             a, b = ref.decode(toks, pos), nat.decode(toks, pos)
@@ -140,7 +143,7 @@ def test_a_bigger_step_stays_on_torch(rounded):
     real = w.native.step
     w.native.step = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1]
     ids = rounded.encode_raw("one two three four five six seven eight nine ten")
-    rows = native.AUTO_ROWS + 1
+    rows = w.int8_rows + 1
     with torch.inference_mode():
         fast = FastLlama(w, rows)
         for r in range(rows):
@@ -163,9 +166,10 @@ def test_a_position_past_the_cache_is_an_error_not_a_write(rounded):
 
 @needs_step
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_auto_runs_four_rows_natively_and_off_keeps_torch(tiny_model_dir, dtype):
+def test_auto_runs_four_rows_natively_or_sixteen_with_avx512_and_off_keeps_torch(tiny_model_dir, dtype):
     on = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype))
-    assert on.fast_weights().native is not None and on.fast_weights().int8_rows == native.AUTO_ROWS == 4
+    rows = 16 if "avx512bw" in cpu.flags() else 4
+    assert on.fast_weights().native is not None and on.fast_weights().int8_rows == native.auto_rows() == rows
     assert "run as one native call" in on.matrix_format
     off = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, native_step="off",
                                                                          fp16_matrices="off"))

@@ -1,4 +1,4 @@
-/* A Llama decode step of a few rows, in one call: every layer, then the final norm and the head.
+/* A Llama decode step of up to 16 rows, in one call: every layer, then the final norm and the head.
  *
  * Built at first use by native.py (cc -O3 -march=native -fopenmp) and called through ctypes.
  * The matrices are the fast path's int8 copies (int8.py): int8 weights, one float32 scale per
@@ -10,7 +10,8 @@
  * so its floor is the bytes it reads. Through torch it is ~1000 small ops (~33 per layer), each
  * paying Python and ATen dispatch and an OpenMP fork/join, for as much time as the products.
  * Here one OpenMP parallel region spans the whole step: each product is an `omp for` over its
- * output channels, five barriers per layer, and nothing is dispatched.
+ * output channels, five barriers per layer, and nothing is dispatched. Up to 16 rows: from 5
+ * rows on, where a Mat has a blocked copy, its products are the blocked ones (block_rows).
  *
  * Layouts (row-major, contiguous):
  *   h      [B, hidden] float32, the residual stream, updated in place
@@ -28,13 +29,19 @@
 #include <immintrin.h>
 #endif
 
-#define MAX_ROWS 8
+#define MAX_ROWS 16
+#define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
+#define BLOCKED_FROM 5 /* steps of this many rows or more take the blocked products where a Mat has them */
 
 typedef struct {
     const int8_t *w;     /* [n, k] */
     const float *scale;  /* [n] */
     const float *bias;   /* [n] or NULL */
     int n, k;
+    /* The first nb outputs again, blocked (or NULL, nb 0): blocks of 32 outputs, and in a
+     * block, for each pair of inputs (k/2 of them), 64 bytes: [2 halves][16 outputs][2 inputs]. */
+    const int8_t *wb;
+    int nb;
 } Mat;
 
 typedef struct {
@@ -133,7 +140,78 @@ static void dot_rows(const int8_t *w, const int16_t *xq, int ldq, int k, int B, 
     case 5: dot_rows_of(w, xq, ldq, k, 5, out); break;
     case 6: dot_rows_of(w, xq, ldq, k, 6, out); break;
     case 7: dot_rows_of(w, xq, ldq, k, 7, out); break;
-    default: dot_rows_of(w, xq, ldq, k, MAX_ROWS, out); break;
+    default: dot_rows_of(w, xq, ldq, k, DOT_ROWS, out); break;
+    }
+}
+
+/* dot_rows for any number of rows, DOT_ROWS at a time. */
+static void dot_many(const int8_t *w, const int16_t *xq, int ldq, int k, int B, float *out) {
+    for (int b0 = 0; b0 < B; b0 += DOT_ROWS)
+        dot_rows(w, xq + (size_t)b0 * ldq, ldq, k, B - b0 < DOT_ROWS ? B - b0 : DOT_ROWS, out + b0);
+}
+
+/* The products of one block of 32 outputs (Mat.wb's layout) with B rows: out[b][o]. From 5
+ * rows on, the dot form above is bound by its multiply-adds and their horizontal sums; here
+ * the outputs lie across a vector's lanes and each row's input pair is broadcast to them, so
+ * one widened weight vector serves every row and nothing is summed across lanes (the way
+ * oneDNN blocks its matrices). Rows go 8 at a time: 16 accumulators, two per row. Sums go to
+ * float every KPAIRS input pairs, before an int32 lane could overflow (see BLOCK). */
+#define KPAIRS 256
+static inline __attribute__((always_inline)) void block_group(const int8_t *wb, const int16_t *xq, int ldq, int k,
+                                                              const int R, float out[][32]) {
+#if defined(__AVX512BW__)
+    __m512 total[16];
+    for (int r = 0; r < 2 * R; r++) total[r] = _mm512_setzero_ps();
+    for (int p0 = 0; p0 < k / 2; p0 += KPAIRS) {
+        int p1 = p0 + KPAIRS < k / 2 ? p0 + KPAIRS : k / 2;
+        __m512i acc[16];
+        for (int r = 0; r < 2 * R; r++) acc[r] = _mm512_setzero_si512();
+        for (int p = p0; p < p1; p++) {
+            __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + (size_t)p * 64)));
+            __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + (size_t)p * 64 + 32)));
+            for (int r = 0; r < R; r++) {
+                int32_t pair;
+                memcpy(&pair, xq + (size_t)r * ldq + 2 * p, 4);
+                __m512i xv = _mm512_set1_epi32(pair);
+                acc[2 * r] = madd_acc(acc[2 * r], w0, xv);
+                acc[2 * r + 1] = madd_acc(acc[2 * r + 1], w1, xv);
+            }
+        }
+        for (int r = 0; r < 2 * R; r++) total[r] = _mm512_add_ps(total[r], _mm512_cvtepi32_ps(acc[r]));
+    }
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(out[r], total[2 * r]);
+        _mm512_storeu_ps(out[r] + 16, total[2 * r + 1]);
+    }
+#else  /* plain loops: correct, not fast (native.auto_rows keeps such CPUs at 4 rows) */
+    for (int r = 0; r < R; r++) {
+        const int16_t *x = xq + (size_t)r * ldq;
+        for (int o = 0; o < 32; o++) {
+            float sum = 0.0f;
+            for (int p = 0; p < k / 2; p++) {
+                const int8_t *wp = wb + (size_t)p * 64 + (o / 16) * 32 + (o % 16) * 2;
+                sum += (float)((int32_t)wp[0] * x[2 * p] + (int32_t)wp[1] * x[2 * p + 1]);
+            }
+            out[r][o] = sum;
+        }
+    }
+#endif
+}
+
+/* Rows 8 at a time, each group's row count a constant (its accumulators stay in registers). */
+static void block_rows(const int8_t *wb, const int16_t *xq, int ldq, int k, int B, float out[][32]) {
+    for (int b0 = 0; b0 < B; b0 += 8) {
+        const int16_t *x = xq + (size_t)b0 * ldq;
+        switch (B - b0 < 8 ? B - b0 : 8) {
+        case 1: block_group(wb, x, ldq, k, 1, out + b0); break;
+        case 2: block_group(wb, x, ldq, k, 2, out + b0); break;
+        case 3: block_group(wb, x, ldq, k, 3, out + b0); break;
+        case 4: block_group(wb, x, ldq, k, 4, out + b0); break;
+        case 5: block_group(wb, x, ldq, k, 5, out + b0); break;
+        case 6: block_group(wb, x, ldq, k, 6, out + b0); break;
+        case 7: block_group(wb, x, ldq, k, 7, out + b0); break;
+        default: block_group(wb, x, ldq, k, 8, out + b0); break;
+        }
     }
 }
 
@@ -162,16 +240,33 @@ typedef struct {
 /* y[b][j] (= or +=) x[b] . m[j] * scale[j] (+ bias[j]), the output channels shared out among
  * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
  * barrier ends the product). */
+static inline void put(const Mat *m, int B, const Quantized *x, int j, const float *d, float *y, int ldy,
+                       int accumulate) {
+    float s = m->scale[j], bias = m->bias ? m->bias[j] : 0.0f;
+    for (int b = 0; b < B; b++) {
+        float v = d[b] * x->s[b] * s + bias;
+        if (accumulate) y[(size_t)b * ldy + j] += v;
+        else y[(size_t)b * ldy + j] = v;
+    }
+}
+
 static void gemv(const Mat *m, int B, const Quantized *x, float *y, int ldy, int accumulate) {
+    /* tasks: the blocks of 32 outputs (when blocked), then one task per remaining output */
+    const int blocks = B >= BLOCKED_FROM && m->wb ? m->nb / 32 : 0, first = blocks * 32;
     #pragma omp for schedule(static)
-    for (int j = 0; j < m->n; j++) {
-        float d[MAX_ROWS];
-        dot_rows(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, d);
-        float s = m->scale[j], bias = m->bias ? m->bias[j] : 0.0f;
-        for (int b = 0; b < B; b++) {
-            float v = d[b] * x->s[b] * s + bias;
-            if (accumulate) y[(size_t)b * ldy + j] += v;
-            else y[(size_t)b * ldy + j] = v;
+    for (int t = 0; t < blocks + m->n - first; t++) {
+        if (t < blocks) {
+            float d[MAX_ROWS][32], col[MAX_ROWS];
+            block_rows(m->wb + (size_t)t * 32 * m->k, x->q, x->ld, m->k, B, d);
+            for (int o = 0; o < 32; o++) {
+                for (int b = 0; b < B; b++) col[b] = d[b][o];
+                put(m, B, x, t * 32 + o, col, y, ldy, accumulate);
+            }
+        } else {
+            int j = first + t - blocks;
+            float d[MAX_ROWS];
+            dot_many(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, d);
+            put(m, B, x, j, d, y, ldy, accumulate);
         }
     }
 }
@@ -183,11 +278,27 @@ static inline float silu(float x) { return x / (1.0f + expf(-x)); }
  * thread, so the activation needs no pass (nor barrier) of its own. */
 static void gated_gemv(const Mat *m, int B, const Quantized *x, float *out, int ldo) {
     const int inter = m->n / 2;
+    if (B >= BLOCKED_FROM && m->wb && m->nb == m->n && inter % 32 == 0) {
+        /* gate block t and up block inter / 32 + t: the same 32 outputs */
+        #pragma omp for schedule(static)
+        for (int t = 0; t < inter / 32; t++) {
+            float g[MAX_ROWS][32], u[MAX_ROWS][32];
+            block_rows(m->wb + (size_t)t * 32 * m->k, x->q, x->ld, m->k, B, g);
+            block_rows(m->wb + (size_t)(inter / 32 + t) * 32 * m->k, x->q, x->ld, m->k, B, u);
+            for (int o = 0; o < 32; o++) {
+                int j = t * 32 + o;
+                float sg = m->scale[j], su = m->scale[inter + j];
+                for (int b = 0; b < B; b++)
+                    out[(size_t)b * ldo + j] = silu(g[b][o] * x->s[b] * sg) * (u[b][o] * x->s[b] * su);
+            }
+        }
+        return;
+    }
     #pragma omp for schedule(static)
     for (int j = 0; j < inter; j++) {
         float g[MAX_ROWS], u[MAX_ROWS];
-        dot_rows(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, g);
-        dot_rows(m->w + (size_t)(inter + j) * m->k, x->q, x->ld, m->k, B, u);
+        dot_many(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, g);
+        dot_many(m->w + (size_t)(inter + j) * m->k, x->q, x->ld, m->k, B, u);
         float sg = m->scale[j], su = m->scale[inter + j];
         for (int b = 0; b < B; b++)
             out[(size_t)b * ldo + j] = silu(g[b] * x->s[b] * sg) * (u[b] * x->s[b] * su);
@@ -413,11 +524,12 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
     return failed ? -2 : 0;
 }
 
-/* y [B, n] = x [B, k] @ (w * scale[:, None]).T + bias: one product alone (tests, the bench). */
-int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, int k, int B, const float *x,
-                 float *y, int threads) {
+/* y [B, n] = x [B, k] @ (w * scale[:, None]).T + bias: one product alone (tests, the bench); wb, nb:
+ * its blocked copy (Mat), or NULL, 0. */
+int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, int k, const int8_t *wb, int nb,
+                 int B, const float *x, float *y, int threads) {
     if (B < 1 || B > MAX_ROWS) return -1;
-    Mat m = {w, scale, bias, n, k};
+    Mat m = {w, scale, bias, n, k, wb, nb};
     Quantized q = {malloc(sizeof(int16_t) * (size_t)B * k), {0}, k};
     if (!q.q) return -2;
     quantize(x, k, k, B, q.q, q.ld, q.s);
