@@ -4,8 +4,9 @@ At one row, SmolLM2-135M's decode step through torch is ~1000 small ops: each pa
 ATen's dispatch and an OpenMP fork/join, and together they take as long as the matrix
 products. decode_step.c runs the whole step (every layer, the final norm, the head) inside
 one OpenMP parallel region over the int8 copies (int8.py), each product's input quantized per
-row to 15 bits and everything else in float32, and writes the engine's own KV cache in place. fastllama.FastLlama.decode takes it for steps of
-up to `FastWeights.int8_rows` rows; prefills and bigger steps stay on torch.
+row to 15 bits and everything else in float32, and writes the engine's own KV cache in place.
+fastllama.FastLlama.decode takes it for steps of up to `FastWeights.int8_rows` rows;
+prefills and bigger steps stay on torch.
 
 The C file is compiled at first use with the machine's C compiler (`cc -O3 -march=native
 -fopenmp`, ~1 s) into ~/.cache/inferql/native (or $XDG_CACHE_HOME), named by a hash of the
@@ -42,13 +43,12 @@ BLOCKED_FROM = 5  # decode_step.c's BLOCKED_FROM: steps of this many rows take t
 # are bound by their multiply-adds and horizontal sums (8 rows 19.5 vs 25.4), and the blocked
 # ones take over. An ad-hoc script; `bench.py --kernels` prints 1, 2, 4, 8 and 16 rows.
 AUTO_ROWS = 4
-BLOCKED_AUTO_ROWS = 16
 
 
 def auto_rows() -> int:
     """The rows `auto` gives the native step: 16 where the CPU runs the blocked products in
     AVX512 (their plain loops elsewhere are only a fallback), else 4."""
-    return BLOCKED_AUTO_ROWS if "avx512bw" in cpu.flags() else AUTO_ROWS
+    return MAX_ROWS if "avx512bw" in cpu.flags() else AUTO_ROWS
 
 
 def blocked(q: torch.Tensor) -> tuple[torch.Tensor | None, int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol
@@ -111,22 +112,17 @@ class EventBus(Protocol):
         it keeps up). None when the bus has no stream for the job."""
 
     async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
-        """follow_batches, one event at a time."""
+        """follow_batches, one event at a time (the buses inherit this)."""
+        batches = await self.follow_batches(job_id, after)
+        return None if batches is None else flatten(batches)
 
 
-def flatten_or_none(batches: AsyncIterator[list[JobEvent]] | None) -> AsyncIterator[JobEvent] | None:
-    return None if batches is None else flatten(batches)
-
-
-async def flatten(batches: AsyncIterator[list[JobEvent]]) -> AsyncIterator[JobEvent]:
+async def flatten(batches: AsyncGenerator[list[JobEvent], None]) -> AsyncIterator[JobEvent]:
     """Batches of events, one event at a time."""
-    try:
+    async with aclosing(batches):
         async for batch in batches:
             for event in batch:
                 yield event
-    finally:
-        if (aclose := getattr(batches, "aclose", None)) is not None:
-            await aclose()
 
 
 class _Stream:
@@ -159,7 +155,7 @@ class _Stream:
             await waiter
 
 
-class MemoryEventBus:
+class MemoryEventBus(EventBus):
     """The in-process EventBus: streams in a dict; the last `keep_ended` ended ones stay
     for cheap replay, older ones are rebuilt from the database."""
 
@@ -196,9 +192,6 @@ class MemoryEventBus:
     async def follow_batches(self, job_id: str, after: int = 0) -> AsyncIterator[list[JobEvent]] | None:
         stream = self._streams.get(job_id)
         return stream.follow(after) if stream is not None else None
-
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
-        return flatten_or_none(await self.follow_batches(job_id, after))
 
     def _retire(self, job_id: str) -> None:
         self._ended[job_id] = None

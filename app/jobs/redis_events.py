@@ -31,6 +31,7 @@ from .redis_client import redis_client
 from .domain import GenerationResult, JobError, JobStatus, TokenRecord
 from .events import (
     TERMINAL,
+    EventBus,
     GenerationCancelled,
     GenerationCompleted,
     GenerationFailed,
@@ -38,7 +39,6 @@ from .events import (
     JobEvent,
     JobQueued,
     TokenGenerated,
-    flatten_or_none,
     numbered,
 )
 
@@ -120,7 +120,7 @@ def _seq(entry_id: bytes | str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
-class RedisEventBus:
+class RedisEventBus(EventBus):
     """EventBus on Redis Streams (see the module doc)."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "inferql:",
@@ -197,9 +197,6 @@ class RedisEventBus:
         if not await self._redis.exists(self.key(job_id)):
             return None
         return self._follow(job_id, after)
-
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent] | None:
-        return flatten_or_none(await self.follow_batches(job_id, after))
 
     async def _follow(self, job_id: str, after: int) -> AsyncIterator[list[JobEvent]]:
         key, sent = self.key(job_id), after

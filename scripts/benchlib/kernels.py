@@ -193,7 +193,8 @@ def _native_step(lm, quick: bool) -> None:
               f"   {a / c:.2f}x, {b / c:.2f}x")
     # from native.BLOCKED_FROM rows, where the CPU runs them: the blocked products (torch's
     # int8 op is not used past int8.ON_ROWS rows)
-    for rows in (() if quick else (8, 16)) if natively.int8_rows >= 16 else ():
+    wide = (8, 16) if natively.int8_rows >= 16 and not quick else ()
+    for rows in wide:
         times = [[], []]
         for _ in range(3):
             for t, w in zip(times, (dense, natively)):

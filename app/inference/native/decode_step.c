@@ -237,36 +237,35 @@ typedef struct {
     int ld;
 } Quantized;
 
-/* y[b][j] (= or +=) x[b] . m[j] * scale[j] (+ bias[j]), the output channels shared out among
- * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
- * barrier ends the product). */
-static inline void put(const Mat *m, int B, const Quantized *x, int j, const float *d, float *y, int ldy,
+/* Output j of every row from its unscaled products d[b * ldd]: y[b][j] (= or +=) d * x's row
+ * scale * m's channel scale (+ bias). */
+static inline void put(const Mat *m, int B, const Quantized *x, int j, const float *d, int ldd, float *y, int ldy,
                        int accumulate) {
     float s = m->scale[j], bias = m->bias ? m->bias[j] : 0.0f;
     for (int b = 0; b < B; b++) {
-        float v = d[b] * x->s[b] * s + bias;
+        float v = d[(size_t)b * ldd] * x->s[b] * s + bias;
         if (accumulate) y[(size_t)b * ldy + j] += v;
         else y[(size_t)b * ldy + j] = v;
     }
 }
 
+/* y[b][j] (= or +=) x[b] . m[j] * scale[j] (+ bias[j]), the output channels shared out among
+ * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
+ * barrier ends the product). The tasks: the blocks of 32 outputs (from BLOCKED_FROM rows,
+ * where m has them), then one task per remaining output. */
 static void gemv(const Mat *m, int B, const Quantized *x, float *y, int ldy, int accumulate) {
-    /* tasks: the blocks of 32 outputs (when blocked), then one task per remaining output */
     const int blocks = B >= BLOCKED_FROM && m->wb ? m->nb / 32 : 0, first = blocks * 32;
     #pragma omp for schedule(static)
     for (int t = 0; t < blocks + m->n - first; t++) {
         if (t < blocks) {
-            float d[MAX_ROWS][32], col[MAX_ROWS];
+            float d[MAX_ROWS][32];
             block_rows(m->wb + (size_t)t * 32 * m->k, x->q, x->ld, m->k, B, d);
-            for (int o = 0; o < 32; o++) {
-                for (int b = 0; b < B; b++) col[b] = d[b][o];
-                put(m, B, x, t * 32 + o, col, y, ldy, accumulate);
-            }
+            for (int o = 0; o < 32; o++) put(m, B, x, t * 32 + o, &d[0][o], 32, y, ldy, accumulate);
         } else {
             int j = first + t - blocks;
             float d[MAX_ROWS];
             dot_many(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, d);
-            put(m, B, x, j, d, y, ldy, accumulate);
+            put(m, B, x, j, d, 1, y, ldy, accumulate);
         }
     }
 }
