@@ -47,6 +47,32 @@ def test_float32_prefill_and_decode_equal_the_hf_forward(tiny32):
             assert torch.allclose(out[0], ref[pos], atol=1e-4), pos
 
 
+def test_cache_rows_are_allocated_as_they_are_used(tiny32):
+    """The cache holds the rows in use, doubling as rows join (zeroing every row of the
+    largest batch made an idle engine's next request wait), and growing it keeps what the
+    rows hold: row 0 decodes exactly as alone while seven rows join beside it."""
+    ids = tiny32.encode_raw("The quick brown fox jumps over the lazy dog and keeps running")
+    other = tiny32.encode_raw("Once upon a time")
+    ref = hf_logits(tiny32, ids)
+    with torch.inference_mode():
+        fast = FastLlama(tiny32.fast_weights(), rows=8)
+        fast.prefill(0, ids[:5], 0)
+        assert fast.allocated == 1 and fast.k[0].shape[0] == 1
+        held, B = {1}, 1
+        for pos in range(5, len(ids)):
+            if B < 8:
+                fast.prefill(B, other, 0)  # a row joins
+                B += 1
+                held.add(fast.allocated)
+                assert fast.allocated >= B and fast.k[0].shape[0] == fast.allocated
+            tokens = torch.tensor([ids[pos]] + [other[0]] * (B - 1))
+            out = fast.decode(tokens, torch.tensor(fast.lengths[:B]))
+            assert torch.allclose(out[0], ref[pos], atol=1e-4), pos
+        assert held == {1, 2, 4, 8}
+        fast.release_all()
+        assert fast.allocated == 0 and not fast.k
+
+
 @pytest.mark.parametrize("chunk", [1, 4, 7])
 def test_chunked_prefill_equals_whole(tiny32, chunk):
     ids = tiny32.encode_raw("Once upon a time in a land far away, there lived a very old tortoise")
