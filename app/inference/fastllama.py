@@ -302,10 +302,7 @@ class FastLlama:
                 cap *= 2
             cap = min(cap, max(self.max_len, tokens))
         held = self.allocated
-        if rows > held:
-            rows = min(self.rows, max(rows, 2 * held))
-        else:
-            rows = held
+        rows = min(self.rows, max(rows, 2 * held)) if rows > held else held
         shape = (rows, self.n_kv, cap, self.head_dim)
         new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
         new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]

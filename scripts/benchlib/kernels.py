@@ -183,24 +183,21 @@ def _native_step(lm, quick: bool) -> None:
     natively.add_native()
     print(f"  a decode step ({str(lm.dtype).removeprefix('torch.')}): {'packed' if packed else 'plain'} matrices,"
           " torch's int8 op, the native step over the same int8 copies:")
-    for rows in (1, 4) if quick else (1, 2, 4):
-        times: list[list[float]] = [[], [], []]
-        for _ in range(1 if quick else 3):
-            for t, w in zip(times, (dense, through_torch, natively)):
-                t.append(_decode_ms(w, rows, 6 if quick else 12))
-        a, b, c = (statistics.median(t) for t in times)
-        print(f"    {rows:4d} rows: dense {a:7.1f} ms, int8 op {b:7.1f} ms, native {c:7.1f} ms"
-              f"   {a / c:.2f}x, {b / c:.2f}x")
-    # from native.BLOCKED_FROM rows, where the CPU runs them: the blocked products (torch's
-    # int8 op is not used past int8.ON_ROWS rows)
+    # 8 and 16 rows where the CPU runs the blocked products (from native.BLOCKED_FROM rows);
+    # torch's int8 op is not used past int8.ON_ROWS rows
     wide = (8, 16) if natively.int8_rows >= 16 and not quick else ()
-    for rows in wide:
-        times = [[], []]
-        for _ in range(3):
-            for t, w in zip(times, (dense, natively)):
-                t.append(_decode_ms(w, rows, 12))
-        a, c = (statistics.median(t) for t in times)
-        print(f"    {rows:4d} rows: dense {a:7.1f} ms, native {c:7.1f} ms (blocked products)   {a / c:.2f}x")
+    for rows in ((1, 4) if quick else (1, 2, 4)) + wide:
+        ways = (dense, through_torch, natively) if rows <= int8.ON_ROWS else (dense, natively)
+        times: list[list[float]] = [[] for _ in ways]
+        for _ in range(1 if quick else 3):
+            for t, w in zip(times, ways):
+                t.append(_decode_ms(w, rows, 6 if quick else 12))
+        a, *b, c = (statistics.median(t) for t in times)
+        if b:
+            print(f"    {rows:4d} rows: dense {a:7.1f} ms, int8 op {b[0]:7.1f} ms, native {c:7.1f} ms"
+                  f"   {a / c:.2f}x, {b[0] / c:.2f}x")
+        else:
+            print(f"    {rows:4d} rows: dense {a:7.1f} ms, native {c:7.1f} ms (blocked products)   {a / c:.2f}x")
 
 
 def kernels_section(lm, quick: bool = False) -> None:

@@ -272,6 +272,16 @@ static void gemv(const Mat *m, int B, const Quantized *x, float *y, int ldy, int
 
 static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
+/* Output j of the gated product from its unscaled gate and up products g, u [b * ldd]:
+ * out[b][j] = silu(gate) * up. */
+static inline void put_gated(const Mat *m, int B, const Quantized *x, int j, const float *g, const float *u,
+                             int ldd, float *out, int ldo) {
+    const int inter = m->n / 2;
+    float sg = m->scale[j], su = m->scale[inter + j];
+    for (int b = 0; b < B; b++)
+        out[(size_t)b * ldo + j] = silu(g[(size_t)b * ldd] * x->s[b] * sg) * (u[(size_t)b * ldd] * x->s[b] * su);
+}
+
 /* out[b][j] = silu(gate_j . x[b]) * (up_j . x[b]) for j < inter, with gate_j the row j of the
  * stacked [gate; up] matrix and up_j the row inter + j: both halves of one output in one
  * thread, so the activation needs no pass (nor barrier) of its own. */
@@ -284,12 +294,7 @@ static void gated_gemv(const Mat *m, int B, const Quantized *x, float *out, int 
             float g[MAX_ROWS][32], u[MAX_ROWS][32];
             block_rows(m->wb + (size_t)t * 32 * m->k, x->q, x->ld, m->k, B, g);
             block_rows(m->wb + (size_t)(inter / 32 + t) * 32 * m->k, x->q, x->ld, m->k, B, u);
-            for (int o = 0; o < 32; o++) {
-                int j = t * 32 + o;
-                float sg = m->scale[j], su = m->scale[inter + j];
-                for (int b = 0; b < B; b++)
-                    out[(size_t)b * ldo + j] = silu(g[b][o] * x->s[b] * sg) * (u[b][o] * x->s[b] * su);
-            }
+            for (int o = 0; o < 32; o++) put_gated(m, B, x, t * 32 + o, &g[0][o], &u[0][o], 32, out, ldo);
         }
         return;
     }
@@ -298,9 +303,7 @@ static void gated_gemv(const Mat *m, int B, const Quantized *x, float *out, int 
         float g[MAX_ROWS], u[MAX_ROWS];
         dot_many(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, g);
         dot_many(m->w + (size_t)(inter + j) * m->k, x->q, x->ld, m->k, B, u);
-        float sg = m->scale[j], su = m->scale[inter + j];
-        for (int b = 0; b < B; b++)
-            out[(size_t)b * ldo + j] = silu(g[b] * x->s[b] * sg) * (u[b] * x->s[b] * su);
+        put_gated(m, B, x, j, g, u, 1, out, ldo);
     }
 }
 
