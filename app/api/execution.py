@@ -255,6 +255,8 @@ class LeanExtensionsRunner(SchemaExtensionsRunner):
             manager = StreamResultContextManager(self.extensions, result)
             self._stream_hooks = manager.hooks
             return manager
+        if not self._stream_hooks:  # no extension has the hook: no exit stacks per result
+            return _NO_HOOKS
         return _KeptHooks(self._stream_hooks, result)
 
     async def get_extensions_results(self, ctx) -> dict[str, Any]:
@@ -263,6 +265,28 @@ class LeanExtensionsRunner(SchemaExtensionsRunner):
             data.update(await await_maybe(extension.get_results()))
         data.update(ctx.extensions_results)
         return data
+
+
+class _NoHooks:
+    """A streamed result's context when no extension has an on_stream_result hook: strawberry
+    would still build two exit stacks for it (~5 us per token event)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc) -> bool:
+        return False
+
+
+_NO_HOOKS = _NoHooks()
 
 
 class _KeptHooks(StreamResultContextManager):

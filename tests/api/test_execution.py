@@ -294,3 +294,29 @@ async def test_the_extensions_see_each_result_as_with_strawberrys_runner():
     assert ours == await stamped(strawberry.Schema)
     assert [data["events"]["n"] for data, _ in ours] == [0, 1, -2, 3, 4]
     assert [ext for _, ext in ours] == [{"seen": n} for n in range(5)]  # results are read before the hook runs
+
+
+async def test_without_a_stream_hook_a_result_costs_no_exit_stacks():
+    from app.api.execution import _NO_HOOKS
+
+    class Quiet(SchemaExtension):
+        pass
+
+    managers = []
+
+    class Watched(LeanExtensionsRunner):
+        def on_stream_result(self, result):
+            managers.append(super().on_stream_result(result))
+            return managers[-1]
+
+    class WatchedSchema(strawberry.Schema):
+        def create_extensions_runner(self, execution_context, extensions):
+            return Watched(execution_context=execution_context, extensions=extensions)
+
+    async def run(schema_class) -> list:
+        s = schema_class(query=Query, subscription=Subscription, extensions=[Quiet])
+        stream = await s.subscribe("subscription { events(count: 4) { ... on Tick { n label } } }")
+        return [(r.data, r.errors, r.extensions) async for r in stream]
+
+    assert await run(WatchedSchema) == await run(strawberry.Schema)
+    assert len(managers) == 4 and all(m is _NO_HOOKS for m in managers[1:]) and managers[0] is not _NO_HOOKS
