@@ -61,3 +61,31 @@ async def test_a_refused_key_raises(tiny_server):
     lean = wsclient.LeanSubscriptions(tiny_server.url, "iq_not-a-key")
     with pytest.raises((RuntimeError, ConnectionError)):
         await lean.run(GENERATE, {"input": {"prompt": "hi", "maxTokens": 2}}, on_data=lambda data: None)
+
+
+async def test_one_socket_serves_subscriptions_one_after_another(tiny_server):
+    variables = {"input": {"prompt": "hello there", "maxTokens": 6, "temperature": 0}}
+    lean = wsclient.LeanSubscriptions(tiny_server.url, tiny_server.key)
+    runs = []
+    for _ in range(3):
+        sent, got = [], []
+        await lean.run(GENERATE, variables, on_data=got.append, on_send=lambda m: sent.append(m["type"]))
+        runs.append((sent, got))
+    assert [sent for sent, _ in runs] == [["connection_init", "subscribe"], ["subscribe"], ["subscribe"]]
+    assert len(lean._idle) == 1
+    for _, got in runs:
+        assert got[-1]["generate"]["__typename"] == "GenerationCompleted"
+        assert tokens_of(got) == tokens_of(runs[0][1]) and len(tokens_of(got)) == 6
+    await lean.aclose()
+    assert not lean._idle
+
+
+async def test_a_failed_subscription_does_not_leave_its_socket_for_the_next(tiny_server):
+    lean = wsclient.LeanSubscriptions(tiny_server.url, tiny_server.key)
+    with pytest.raises(RuntimeError, match="GraphQL errors"):
+        await lean.run(GENERATE, {"input": {"prompt": "hi", "maxTokens": -1}}, on_data=lambda data: None)
+    assert not lean._idle
+    got = []
+    await lean.run(GENERATE, {"input": {"prompt": "hi", "maxTokens": 2, "temperature": 0}}, on_data=got.append)
+    assert got[-1]["generate"]["__typename"] == "GenerationCompleted"
+    await lean.aclose()

@@ -45,7 +45,7 @@ class Stream:
     t_first: float | None      # first token received
     t_done: float              # completion received
     tokens: int                # tokens received
-    t_call: float | None = None  # API only: before the websocket connect
+    t_call: float | None = None  # API only: before the websocket connect (None: a connection reused)
     messages: int | None = None  # API only: token messages received (TokensGenerated carries several)
 
     @property
@@ -126,6 +126,8 @@ async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
     def on_send(message: dict) -> None:
         if message.get("type") in ("subscribe", "start"):
             sent["subscribe"] = time.perf_counter()
+        elif message.get("type") == "connection_init":
+            sent["init"] = time.perf_counter()
 
     variables = {"input": {"prompt": prompt, "maxTokens": max_tokens, "temperature": 0}}
     t_call = time.perf_counter()
@@ -155,8 +157,9 @@ async def api_stream(client, prompt: str, max_tokens: int) -> Stream:
     tokens = seen["tokens"]
     if seen["completion_tokens"] is not None and seen["completion_tokens"] != tokens:
         print(f"  warning: received {tokens} tokens, the server counted {seen['completion_tokens']}", flush=True)
+    # t_call only where this subscription opened its websocket (the lean client reuses an idle one)
     return Stream(t_submit=sent.get("subscribe", t_call), t_first=seen["first"], t_done=seen["done"], tokens=tokens,
-                  t_call=t_call, messages=seen["messages"])
+                  t_call=t_call if "init" in sent else None, messages=seen["messages"])
 
 
 _HIST = re.compile(r'^inferql_engine_batch_size_steps\{size="(\d+)"\}\s+([0-9.eE+]+)\s*$', re.M)
@@ -291,7 +294,11 @@ async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, con
 
         async def run_mode(mode: str, c: int, prompts: list[str], max_tokens: int) -> Phase:
             if mode == "API":
-                return await api_phase(subscriber, http, base_url, c, prompts, max_tokens, server_pid)
+                try:
+                    return await api_phase(subscriber, http, base_url, c, prompts, max_tokens, server_pid)
+                finally:  # each phase's workers connect afresh (once each: the lean client reuses a socket)
+                    if hasattr(subscriber, "aclose"):
+                        await subscriber.aclose()
             if mode == "peer":
                 return await peer.phase(http, c, prompts, max_tokens)
             await direct.start()
