@@ -269,7 +269,8 @@ class LeanExtensionsRunner(SchemaExtensionsRunner):
 
 class _NoHooks:
     """A streamed result's context when no extension has an on_stream_result hook: strawberry
-    would still build two exit stacks for it (~5 us per token event)."""
+    would still build two exit stacks for it (~5 % of the event loop's samples in a py-spy
+    profile of 64 streams, one result per token)."""
 
     __slots__ = ()
 

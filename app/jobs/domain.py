@@ -146,7 +146,7 @@ class GenerationResult:
     def to_dict(self) -> dict[str, Any]:
         # Field by field: asdict(self) would also convert every token and alternative through
         # its generic recursive copy, only for the tokens to be replaced by their compact form
-        # (3.1 ms for 128 tokens with 5 alternatives, against ~0.3 ms; once per job's end).
+        # (3.1 ms for 128 tokens with 5 alternatives, against 0.16 ms, timeit; once per job's end).
         return {"text": self.text, "finish_reason": self.finish_reason.value, "confidence": asdict(self.confidence),
                 "needs_review": self.needs_review, "tokens": [t.to_dict() for t in self.tokens],
                 "model": asdict(self.model), "usage": asdict(self.usage), "timing": asdict(self.timing)}
