@@ -23,7 +23,8 @@ instead, with the model's own weights:
   Running requests occupy rows 0..B-1; when one ends the last row moves into its place,
   so a decode step reads a view of the cache, never a gathered copy. Each row keeps its
   own length; the attention mask hides the columns past it. The capacity grows by
-  doubling when a row outgrows it and shrinks back when the batch drains;
+  doubling when a row outgrows it, the rows as they are used, and both shrink back when the
+  batch drains;
 * a prompt is prefilled in chunks that append to its row, so a long prompt can be
   interleaved with decode steps of the other rows, and a cached prefix (copied from the
   prefix cache) is simply the first chunk already done.
@@ -285,7 +286,7 @@ class FastLlama:
 
     # ---- the cache -------------------------------------------------------------------
 
-    def reserve(self, tokens: int, rows: int = 0) -> None:
+    def reserve(self, tokens: int, rows: int) -> None:
         """Make the cache hold `tokens` positions per row, in at least `rows` rows.
 
         Both grow by doubling. Rows are allocated as they are used, not all `self.rows` at

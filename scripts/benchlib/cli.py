@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts (default 1,4,16,64)")
     ap.add_argument("--max-tokens", type=int, default=128, help="maxTokens per generation (default 128)")
     # 3: a target's verdict is the median of the per-round ratios, and on a shared 2-core machine one
-    # round in a few lands 0.05-0.3 off the others (README "Performance"); with 2 the median is their mean
+    # round in a few lands 0.1-0.35 off the others (README "Performance"); with 2 the median is their mean
     ap.add_argument("--rounds", type=int, default=3, help="rounds of API+direct(+peer) phases (default 3)")
     ap.add_argument("--requests", type=int, default=4,
                     help="generations per phase, at least the concurrency (default 4)")

@@ -154,12 +154,8 @@ class LeanSubscriptions:
 
     async def run(self, query: str, variables: dict | None, *, on_data: Callable[[dict], None],
                   on_send: Callable[[dict], None] | None = None) -> None:
-        conn = None
-        while self._idle and conn is None:
-            conn = self._idle.pop()
-            conn = None if conn.broken else conn
-        if conn is None:
-            conn = await self._open(on_send)
+        self._idle = [c for c in self._idle if not c.broken]  # the server may have closed some
+        conn = self._idle.pop() if self._idle else await self._open(on_send)
         op = conn.op = _Operation(str(next(self._ids)), on_data)
         try:
             conn.send({"id": op.id, "type": "subscribe", "payload": {"query": query, "variables": variables or {}}},
