@@ -33,22 +33,26 @@ import torch
 from . import cpu
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
+# -fno-tree-pre: with gcc's partial redundancy elimination on, the blocked products' inner
+# loop (block_group) kept copies of its accumulators and spilled some to the stack: AVX2, 6
+# rows, 52 instructions per pair of inputs with 19 stack accesses, against 36 and none
+# without it (the AVX512 build: 65 with 6, against 34 with 3). A whole 16-row step on an
+# AVX2-only EPYC: 71.2 -> 60.3 ms, 12 rows 56.7 -> 46.5, 1 row unchanged (ad hoc, SmolLM2-135M).
+FLAGS = ("-O3", "-fno-tree-pre", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
 MAX_ROWS = 16  # decode_step.c's MAX_ROWS
-BLOCKED_FROM = 5  # decode_step.c's BLOCKED_FROM: steps of this many rows take the blocked products
 # `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies for decode steps of up to
-# 4 rows, or 16 where the blocked products run in AVX512 (auto_rows). SmolLM2-135M on an
-# AVX512-BF16 CPU, whole steps natively against the packed bfloat16 matrices through torch:
-# 1 row 4.4 vs 20.7 ms, 2 rows 6.2 vs 25.4, 4 rows 9.2 vs 22.0; from 5 rows the dot products
-# are bound by their multiply-adds and horizontal sums (8 rows 19.5 vs 25.4), and the blocked
-# ones take over. An ad-hoc script; `bench.py --kernels` prints 1, 2, 4, 8 and 16 rows.
-AUTO_ROWS = 4
+# 16 rows wherever the step runs (an x86-64 CPU with AVX2, `usable`). From a few rows on
+# (blocked_from) the products are the blocked ones, in AVX512 or AVX2 registers.
+# SmolLM2-135M, whole steps natively against the matrices torch's bigger steps take
+# (`bench.py --kernels` prints them): on an AVX512-BF16 CPU against the packed bfloat16
+# matrices, 1 row 4.4 vs 20.7 ms, 4 rows 9.2 vs 22.0, 8 rows 14.1 vs 25.6, 16 rows 25.4 vs
+# 34.3; on an AVX2-only EPYC against fbgemm's float16 matrices, 4 rows 21.0 vs 49.1 ms, 8
+# rows 35.9 vs 65.6, 16 rows 60.3 vs 79.5 (ad hoc).
 
 
 def auto_rows() -> int:
-    """The rows `auto` gives the native step: 16 where the CPU runs the blocked products in
-    AVX512 (their plain loops elsewhere are only a fallback), else 4."""
-    return MAX_ROWS if "avx512bw" in cpu.flags() else AUTO_ROWS
+    """The rows `auto` gives the native step: all it takes (MAX_ROWS)."""
+    return MAX_ROWS
 
 
 def blocked(q: torch.Tensor) -> tuple[torch.Tensor | None, int]:
@@ -125,7 +129,16 @@ def library(march: str = "native") -> ctypes.CDLL:
     lib.inferql_gemv.argtypes = [c_void_p, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int, c_int, c_void_p,
                                  c_void_p, c_int]
     lib.inferql_gemv.restype = c_int
+    lib.inferql_blocked_from.argtypes = []
+    lib.inferql_blocked_from.restype = c_int
     return lib
+
+
+def blocked_from(march: str = "native") -> int:
+    """From how many rows the build for `march` takes the blocked products (decode_step.c's
+    BLOCKED_FROM: 5 with AVX512, where the dot products hold up to 4 rows; 2 with AVX2 alone,
+    where a 2-row product of a layer's matrices was already ~1.2-1.7x faster blocked, ad hoc)."""
+    return library(march).inferql_blocked_from()
 
 
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -140,7 +153,7 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
          march: str = "native", with_blocks: bool = False) -> torch.Tensor:
     """x [B, K] float32 @ (q * scales[:, None]).T (+ bias): one product through the library;
-    with_blocks: given the blocked copy too (taken from BLOCKED_FROM rows)."""
+    with_blocks: given the blocked copy too (taken from blocked_from rows)."""
     B, K = x.shape
     N = q.shape[0]
     if B > MAX_ROWS or q.shape[1] != K:
@@ -165,8 +178,8 @@ class NativeStep:
         self.lib = library(march)
         self._keep: list[torch.Tensor] = []
         w = weights
-        # the blocked copies (as many bytes again) only where steps of BLOCKED_FROM rows run here
-        self._blocks = w.int8_rows >= BLOCKED_FROM
+        # the blocked copies (as many bytes again) only where steps that take them run here
+        self._blocks = w.int8_rows >= self.lib.inferql_blocked_from()
         layers = (_Layer * w.n_layers)()
         for li, (dense, int8s) in enumerate(zip(w.layers, w.layers8)):
             ln1, _, bqkv, _, ln2, _, _ = dense

@@ -10,8 +10,9 @@ anything). About a minute; no server.
   then while another thread that has run a parallel op is alive (app/inference/threads.py);
 * the native step: a whole decode step of 1, 2 and 4 rows as one native call over the int8
   copies (app/inference/native.py), against torch's int8 op over the same copies and against
-  the model's dense (packed) matrices; on AVX512 also 8 and 16 rows (the blocked products)
-  against the dense matrices;
+  the dense matrices the server's bigger steps take (fbgemm's float16 ones for a float32
+  model where fbgemm runs, else packed); also 8 and 16 rows (the blocked products) against
+  the dense matrices;
 * float16 matrices (a float32 model only): a whole decode step with the oneDNN-packed
   float32 matrices against fbgemm's float16 ones, the head's full pass in int8 as served
   (app/inference/fbgemm.py), by rows.
@@ -163,7 +164,7 @@ def _float16_matrices(lm, quick: bool) -> None:
 def _native_step(lm, quick: bool) -> None:
     import torch
 
-    from app.inference import int8, native, onednn
+    from app.inference import fbgemm, int8, native, onednn
     from app.inference.fastllama import FastWeights
 
     if not native.usable(lm.device, lm.dtype):
@@ -174,17 +175,20 @@ def _native_step(lm, quick: bool) -> None:
     except (RuntimeError, OSError) as exc:
         print(f"  native step: unavailable ({exc}): skipped")
         return
-    packed = onednn.usable(lm.device, lm.dtype)
-    dense = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
+    # dense: the matrices the server's bigger steps take (float16 ones where fbgemm runs them)
+    half = fbgemm.usable(lm.device, lm.dtype)
+    packed = onednn.usable(lm.device, lm.dtype) and not half
+    dense = FastWeights(lm.model, lm.dtype, lm.device, packed=packed, half=half)
     through_torch = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
     through_torch.add_int8(int8.ON_ROWS)
     natively = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
     natively.add_int8(native.auto_rows())
     natively.add_native()
-    print(f"  a decode step ({str(lm.dtype).removeprefix('torch.')}): {'packed' if packed else 'plain'} matrices,"
+    form = "float16 (fbgemm)" if half else "packed" if packed else "plain"
+    print(f"  a decode step ({str(lm.dtype).removeprefix('torch.')}): dense = {form} matrices,"
           " torch's int8 op, the native step over the same int8 copies:")
-    # 8 and 16 rows where the CPU runs the blocked products (from native.BLOCKED_FROM rows);
-    # torch's int8 op is not used past int8.ON_ROWS rows
+    # 8 and 16 rows: the blocked products (from native.blocked_from() rows); torch's int8 op
+    # is not used past int8.ON_ROWS rows
     wide = (8, 16) if natively.int8_rows >= 16 and not quick else ()
     for rows in ((1, 4) if quick else (1, 2, 4)) + wide:
         ways = (dense, through_torch, natively) if rows <= int8.ON_ROWS else (dense, natively)

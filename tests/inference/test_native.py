@@ -36,7 +36,7 @@ if platform.machine() == "x86_64":
 @pytest.mark.parametrize("k", [576, 1536, 40, 100])  # 40, 100: tails past the vector width
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 16])
 @pytest.mark.parametrize("march", MARCHES)
-@pytest.mark.parametrize("with_blocks", [False, True])  # the blocked products from 5 rows (200 = 6 blocks + 8)
+@pytest.mark.parametrize("with_blocks", [False, True])  # the blocked products from blocked_from rows (200 = 6 blocks + 8)
 def test_gemv_equals_the_float_product(k, rows, march, with_blocks):
     torch.manual_seed(k + rows)
     w = torch.randn(200, k) * torch.linspace(0.05, 2.0, 200)[:, None]
@@ -50,6 +50,19 @@ def test_gemv_equals_the_float_product(k, rows, march, with_blocks):
     # 15-bit activations: each term within |w| * max|x| / 65534 of exact
     bound = (q.double().abs() * s.double()[:, None]).sum(1) * x.abs().amax(1, keepdim=True).double() / 65534
     assert ((got.double() - ref).abs() <= bound + 1e-4).all()
+
+
+@needs_step
+@pytest.mark.parametrize("march", MARCHES)
+def test_each_build_says_from_how_many_rows_it_takes_the_blocked_products(march, rounded):
+    avx512 = march == "native" and "avx512bw" in cpu.flags()
+    avx2_alone = march == "x86-64-v3" or (march == "native" and not avx512 and "avx2" in cpu.flags())
+    assert native.blocked_from(march) == (2 if avx2_alone else 5)
+    # the blocked copies (as many bytes again) are made only where a step takes them
+    for rows, made in ((native.blocked_from(march) - 1, False), (native.blocked_from(march), True)):
+        step = _weights(rounded, torch.float32, True, march, rows).native
+        assert all((m.wb is not None) == made for layer in step._layers for m in (layer.qkv, layer.o, layer.gu,
+                                                                                   layer.down))
 
 
 def test_gemv_rejects_too_many_rows():
@@ -91,8 +104,7 @@ def rounded64():
     return model
 
 
-def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native", rows: int = native.AUTO_ROWS,
-             ) -> FastWeights:
+def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native", rows: int = 4) -> FastWeights:
     model = lm if isinstance(lm, torch.nn.Module) else lm.model
     w = FastWeights(model, dtype, torch.device("cpu"))
     if natively:
@@ -105,7 +117,7 @@ def _weights(lm, dtype: torch.dtype, natively: bool, march: str = "native", rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", ["16 wide", "64 wide"])
 @pytest.mark.parametrize("march", MARCHES)
-@pytest.mark.parametrize("rows", [4, 16])  # 16: steps of 5-16 rows take the blocked products
+@pytest.mark.parametrize("rows", [4, 16])  # blocked products from 2 rows (AVX2 builds) or 5 (the others)
 def test_the_native_step_equals_torch_over_the_same_weights(request, rounded, dtype, heads, march, rows):
     if heads == "16 wide":
         model, ids = rounded, rounded.encode_raw("The quick brown fox jumps over the lazy dog and keeps on running far"
@@ -166,10 +178,9 @@ def test_a_position_past_the_cache_is_an_error_not_a_write(rounded):
 
 @needs_step
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_auto_runs_four_rows_natively_or_sixteen_with_avx512_and_off_keeps_torch(tiny_model_dir, dtype):
+def test_auto_runs_sixteen_rows_natively_and_off_keeps_torch(tiny_model_dir, dtype):
     on = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype))
-    rows = 16 if "avx512bw" in cpu.flags() else 4
-    assert on.fast_weights().native is not None and on.fast_weights().int8_rows == native.auto_rows() == rows
+    assert on.fast_weights().native is not None and on.fast_weights().int8_rows == native.auto_rows() == 16
     assert "run as one native call" in on.matrix_format
     off = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype=dtype, native_step="off",
                                                                          fp16_matrices="off"))

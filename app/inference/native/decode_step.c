@@ -10,8 +10,9 @@
  * so its floor is the bytes it reads. Through torch it is ~1000 small ops (~33 per layer), each
  * paying Python and ATen dispatch and an OpenMP fork/join, for as much time as the products.
  * Here one OpenMP parallel region spans the whole step: each product is an `omp for` over its
- * output channels, five barriers per layer, and nothing is dispatched. Up to 16 rows: from 5
- * rows on, where a Mat has a blocked copy, its products are the blocked ones (block_rows).
+ * output channels, five barriers per layer, and nothing is dispatched. Up to 16 rows: from
+ * BLOCKED_FROM rows on, where a Mat has a blocked copy, its products are the blocked ones
+ * (block_rows).
  *
  * Layouts (row-major, contiguous):
  *   h      [B, hidden] float32, the residual stream, updated in place
@@ -31,7 +32,16 @@
 
 #define MAX_ROWS 16
 #define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
-#define BLOCKED_FROM 5 /* steps of this many rows or more take the blocked products where a Mat has them */
+/* Steps of this many rows or more take the blocked products where a Mat has them (below).
+ * With AVX512 the dot products hold up to 4 rows; with AVX2 alone the blocked ones were
+ * already faster at 2 (native.blocked_from). */
+#ifndef BLOCKED_FROM
+#if defined(__AVX512BW__) || !defined(__AVX2__)
+#define BLOCKED_FROM 5
+#else
+#define BLOCKED_FROM 2
+#endif
+#endif
 
 typedef struct {
     const int8_t *w;     /* [n, k] */
@@ -183,7 +193,41 @@ static inline __attribute__((always_inline)) void block_group(const int8_t *wb, 
         _mm512_storeu_ps(out[r], total[2 * r]);
         _mm512_storeu_ps(out[r] + 16, total[2 * r + 1]);
     }
-#else  /* plain loops: correct, not fast (native.auto_rows keeps such CPUs at 4 rows) */
+#elif defined(__AVX2__)
+    /* 8 int32 lanes: a row's 32 outputs are 4 vectors, so 16 registers cannot hold 8 rows'
+     * accumulators. One half of the block (16 outputs, 32 bytes per pair) at a time, up to 6
+     * rows: 12 accumulators, 2 weight vectors and the broadcast; the running float sums wait
+     * in `out` (in registers too, they made gcc spill the accumulators to the stack). The
+     * second half's bytes come from cache (a block is 32 x k bytes: 18 KB at k 576). */
+    for (int half = 0; half < 2; half++) {
+        for (int r = 0; r < R; r++) {
+            _mm256_storeu_ps(out[r] + half * 16, _mm256_setzero_ps());
+            _mm256_storeu_ps(out[r] + half * 16 + 8, _mm256_setzero_ps());
+        }
+        for (int p0 = 0; p0 < k / 2; p0 += KPAIRS) {
+            int p1 = p0 + KPAIRS < k / 2 ? p0 + KPAIRS : k / 2;
+            __m256i acc[12];
+            for (int r = 0; r < 2 * R; r++) acc[r] = _mm256_setzero_si256();
+            for (int p = p0; p < p1; p++) {
+                const int8_t *wp = wb + (size_t)p * 64 + half * 32;
+                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wp));
+                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + 16)));
+                for (int r = 0; r < R; r++) {
+                    int32_t pair;
+                    memcpy(&pair, xq + (size_t)r * ldq + 2 * p, 4);
+                    __m256i xv = _mm256_set1_epi32(pair);
+                    acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(w0, xv));
+                    acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(w1, xv));
+                }
+            }
+            for (int r = 0; r < R; r++)
+                for (int c = 0; c < 2; c++) {
+                    float *o = out[r] + half * 16 + c * 8;
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(acc[2 * r + c])));
+                }
+        }
+    }
+#else  /* plain loops: correct, not fast (native.usable keeps such CPUs on torch) */
     for (int r = 0; r < R; r++) {
         const int16_t *x = xq + (size_t)r * ldq;
         for (int o = 0; o < 32; o++) {
@@ -198,19 +242,31 @@ static inline __attribute__((always_inline)) void block_group(const int8_t *wb, 
 #endif
 }
 
-/* Rows 8 at a time, each group's row count a constant (its accumulators stay in registers). */
+/* block_group's widest group: the rows whose accumulators fit the vector registers. */
+#if defined(__AVX512BW__) || !defined(__AVX2__)
+#define GROUP_ROWS 8
+#else
+#define GROUP_ROWS 6
+#endif
+
+/* Rows GROUP_ROWS at a time, each group's row count a constant (its accumulators stay in
+ * registers). */
 static void block_rows(const int8_t *wb, const int16_t *xq, int ldq, int k, int B, float out[][32]) {
-    for (int b0 = 0; b0 < B; b0 += 8) {
+    for (int b0 = 0; b0 < B; b0 += GROUP_ROWS) {
         const int16_t *x = xq + (size_t)b0 * ldq;
-        switch (B - b0 < 8 ? B - b0 : 8) {
+        switch (B - b0 < GROUP_ROWS ? B - b0 : GROUP_ROWS) {
         case 1: block_group(wb, x, ldq, k, 1, out + b0); break;
         case 2: block_group(wb, x, ldq, k, 2, out + b0); break;
         case 3: block_group(wb, x, ldq, k, 3, out + b0); break;
         case 4: block_group(wb, x, ldq, k, 4, out + b0); break;
         case 5: block_group(wb, x, ldq, k, 5, out + b0); break;
+#if GROUP_ROWS == 8
         case 6: block_group(wb, x, ldq, k, 6, out + b0); break;
         case 7: block_group(wb, x, ldq, k, 7, out + b0); break;
         default: block_group(wb, x, ldq, k, 8, out + b0); break;
+#else
+        default: block_group(wb, x, ldq, k, 6, out + b0); break;
+#endif
         }
     }
 }
@@ -540,3 +596,6 @@ int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, 
     free(q.q);
     return 0;
 }
+
+/* The build's BLOCKED_FROM (native.py asks, to make the blocked copies only where they run). */
+int inferql_blocked_from(void) { return BLOCKED_FROM; }
