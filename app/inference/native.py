@@ -35,8 +35,9 @@ from . import cpu
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
 # -fno-tree-pre: with gcc's partial redundancy elimination on, the blocked products' inner
 # loop (block_group) kept copies of its accumulators and spilled some to the stack: AVX2, 6
-# rows, 52 instructions per pair of inputs with 19 stack accesses, against 36 and none
-# without it (the AVX512 build: 65 with 6, against 34 with 3). A whole 16-row step on an
+# rows, 48 instructions per pair of inputs, 18 of them stack accesses, against 36 and none
+# without it (the AVX512 build, 8 rows: 62 with 4 stack accesses and 32 register copies,
+# against 30; read from gcc 12's assembly). A whole 16-row step on an
 # AVX2-only EPYC: 71.2 -> 60.3 ms, 12 rows 56.7 -> 46.5, 1 row unchanged (ad hoc, SmolLM2-135M).
 FLAGS = ("-O3", "-fno-tree-pre", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
 MAX_ROWS = 16  # decode_step.c's MAX_ROWS

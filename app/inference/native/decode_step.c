@@ -1,6 +1,6 @@
 /* A Llama decode step of up to 16 rows, in one call: every layer, then the final norm and the head.
  *
- * Built at first use by native.py (cc -O3 -march=native -fopenmp) and called through ctypes.
+ * Built at first use by native.py (cc -O3 -march=native -fopenmp: native.FLAGS) and called through ctypes.
  * The matrices are the fast path's int8 copies (int8.py): int8 weights, one float32 scale per
  * output channel. A product's input rows are quantized to int16 (below); the residual stream,
  * norms, rope, attention and SiLU are float32; the KV cache is the engine's own tensor
