@@ -76,7 +76,7 @@ async def test_one_socket_serves_subscriptions_one_after_another(tiny_server):
     for _, got in runs:
         assert got[-1]["generate"]["__typename"] == "GenerationCompleted"
         assert tokens_of(got) == tokens_of(runs[0][1]) and len(tokens_of(got)) == 6
-    await lean.aclose()
+    await lean.close_idle()
     assert not lean._idle
 
 
@@ -88,4 +88,4 @@ async def test_a_failed_subscription_does_not_leave_its_socket_for_the_next(tiny
     got = []
     await lean.run(GENERATE, {"input": {"prompt": "hi", "maxTokens": 2, "temperature": 0}}, on_data=got.append)
     assert got[-1]["generate"]["__typename"] == "GenerationCompleted"
-    await lean.aclose()
+    await lean.close_idle()

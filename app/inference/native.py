@@ -180,7 +180,7 @@ class NativeStep:
         self._keep: list[torch.Tensor] = []
         w = weights
         # the blocked copies (as many bytes again) only where steps that take them run here
-        self._blocks = w.int8_rows >= self.lib.inferql_blocked_from()
+        self._blocks = w.int8_rows >= blocked_from(march)
         layers = (_Layer * w.n_layers)()
         for li, (dense, int8s) in enumerate(zip(w.layers, w.layers8)):
             ln1, _, bqkv, _, ln2, _, _ = dense

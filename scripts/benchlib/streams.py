@@ -297,8 +297,8 @@ async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, con
                 try:
                     return await api_phase(subscriber, http, base_url, c, prompts, max_tokens, server_pid)
                 finally:  # each phase's workers connect afresh (once each: the lean client reuses a socket)
-                    if hasattr(subscriber, "aclose"):
-                        await subscriber.aclose()
+                    if isinstance(subscriber, LeanSubscriptions):
+                        await subscriber.close_idle()
             if mode == "peer":
                 return await peer.phase(http, c, prompts, max_tokens)
             await direct.start()

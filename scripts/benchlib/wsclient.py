@@ -144,7 +144,7 @@ class LeanSubscriptions:
     """graphql-transport-ws subscriptions: `run` calls `on_data` with each result's `data` and
     returns at its `complete`; an error result raises. A connection whose subscription ended
     cleanly waits for the next `run` (as a browser's client keeps its socket), so a worker running
-    subscriptions one after another connects once; `aclose` closes the idle ones."""
+    subscriptions one after another connects once; `close_idle` closes the idle ones."""
 
     def __init__(self, base_url: str, api_key: str | None) -> None:
         self.ws_url = base_url.replace("http", "ws", 1) + "/graphql"
@@ -181,6 +181,6 @@ class LeanSubscriptions:
         conn.send_hook = None
         return conn
 
-    async def aclose(self) -> None:
+    async def close_idle(self) -> None:
         while self._idle:
             self._idle.pop().close()

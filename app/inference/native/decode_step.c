@@ -32,15 +32,16 @@
 
 #define MAX_ROWS 16
 #define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
-/* Steps of this many rows or more take the blocked products where a Mat has them (below).
- * With AVX512 the dot products hold up to 4 rows; with AVX2 alone the blocked ones were
- * already faster at 2 (native.blocked_from). */
-#ifndef BLOCKED_FROM
+/* Steps of BLOCKED_FROM rows or more take the blocked products where a Mat has them, GROUP_ROWS
+ * rows at a time (block_rows: as many rows as the accumulators' registers hold). With AVX512 the
+ * dot products hold up to 4 rows; with AVX2 alone (16 registers of 8 int32 lanes) the blocked
+ * ones were already faster at 2 (native.blocked_from). */
 #if defined(__AVX512BW__) || !defined(__AVX2__)
 #define BLOCKED_FROM 5
+#define GROUP_ROWS 8
 #else
 #define BLOCKED_FROM 2
-#endif
+#define GROUP_ROWS 6
 #endif
 
 typedef struct {
@@ -241,13 +242,6 @@ static inline __attribute__((always_inline)) void block_group(const int8_t *wb, 
     }
 #endif
 }
-
-/* block_group's widest group: the rows whose accumulators fit the vector registers. */
-#if defined(__AVX512BW__) || !defined(__AVX2__)
-#define GROUP_ROWS 8
-#else
-#define GROUP_ROWS 6
-#endif
 
 /* Rows GROUP_ROWS at a time, each group's row count a constant (its accumulators stay in
  * registers). */
