@@ -259,9 +259,9 @@ class FastWeights:
         Raises RuntimeError when the library cannot be built or loaded."""
         if not self.int8_rows:
             raise RuntimeError("no int8 copies to run natively")
-        if self.int8_rows > native.MAX_ROWS or not native.usable(self.device, self.dtype):
-            raise RuntimeError(f"the native step runs up to {native.MAX_ROWS} rows on an x86-64 CPU with AVX2, for"
-                               f" bfloat16 or float32: not {self.int8_rows} rows, {self.device}, {self.dtype}")
+        if not native.usable(self.device, self.dtype) or self.int8_rows > native.max_rows(self.dtype, march):
+            raise RuntimeError("the native step runs on an x86-64 CPU with AVX2, bfloat16 or float32, up to 16"
+                               f" rows (64 on AMX tiles): not {self.int8_rows} rows, {self.device}, {self.dtype}")
         self.native = native.NativeStep(self, march)
 
 

@@ -48,23 +48,33 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], tokens: int) -> 
 
 
 @torch.inference_mode()
-def measure(lm: LoadedModel, prompts: list[list[int]], tokens: int = 32) -> Fidelity:
+def measure(lm: LoadedModel, prompts: list[list[int]], tokens: int = 32, batched: bool = False,
+            refs: list[tuple[list[int], list[float]]] | None = None) -> Fidelity:
+    """batched: the prompts decode together, one row each (steps of len(prompts) rows: the
+    engine's path for that many concurrent streams, e.g. AMX tiles from 8 rows); else one at
+    a time (1-row steps). refs: reference_greedy's answers for the prompts, if already known."""
     weights = lm.fast_weights()
     if weights is None:
         raise ValueError("the model does not run on the fast path")
-    fast = FastLlama(weights, rows=1)
+    if refs is None:
+        refs = [reference_greedy(lm.model, prompt, tokens) for prompt in prompts]
+    rows = len(prompts) if batched else 1
+    fast = FastLlama(weights, rows=rows)
     agree = total = 0
     diffs: list[float] = []
-    for prompt in prompts:
-        ref_ids, ref_lps = reference_greedy(lm.model, prompt, tokens)
+    for start in range(0, len(prompts), rows):
+        group = range(start, min(start + rows, len(prompts)))
         fast.release_all()
-        logits = fast.prefill(0, prompt, 0)
-        for i, (tok, ref_lp) in enumerate(zip(ref_ids, ref_lps)):
-            lp = torch.log_softmax(logits, dim=-1)
-            agree += int(lp.argmax()) == tok
-            total += 1
-            diffs.append(abs(float(lp[tok]) - ref_lp))
-            if i + 1 < len(ref_ids):
-                pos = len(prompt) + i
-                logits = fast.decode(torch.tensor([tok], device=lm.device), torch.tensor([pos], device=lm.device))[0]
+        logits = torch.stack([fast.prefill(r, prompts[i], 0) for r, i in enumerate(group)])
+        for step in range(tokens):
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            for r, i in enumerate(group):
+                tok, ref_lp = refs[i][0][step], refs[i][1][step]
+                agree += int(lp[r].argmax()) == tok
+                total += 1
+                diffs.append(abs(float(lp[r, tok]) - ref_lp))
+            if step + 1 < tokens:
+                toks = torch.tensor([refs[i][0][step] for i in group], device=lm.device)
+                pos = torch.tensor([len(prompts[i]) + step for i in group], device=lm.device)
+                logits = fast.decode(toks, pos)
     return Fidelity(total, agree / max(1, total), sum(diffs) / max(1, len(diffs)), max(diffs, default=0.0))

@@ -106,7 +106,7 @@ class LoadedModel:
                 # (0.86-0.94x timed on an AVX2-only CPU): not made
                 log.info("int8 weights: none beside float16 matrices (auto)")
             elif setting != "off":
-                auto = native.auto_rows() if native_on else int8.AUTO_ROWS
+                auto = native.auto_rows(self.dtype) if native_on else int8.AUTO_ROWS
                 self._fast.add_int8(int8.ON_ROWS if setting == "on" else auto)
                 if native_on and self._fast.int8_rows:
                     self._fast.add_native()

@@ -4,9 +4,10 @@ At one row, SmolLM2-135M's decode step through torch is ~1000 small ops: each pa
 ATen's dispatch and an OpenMP fork/join, and together they take as long as the matrix
 products. decode_step.c runs the whole step (every layer, the final norm, the head) inside
 one OpenMP parallel region over the int8 copies (int8.py), each product's input quantized per
-row to 15 bits and everything else in float32, and writes the engine's own KV cache in place.
-fastllama.FastLlama.decode takes it for steps of up to `FastWeights.int8_rows` rows;
-prefills and bigger steps stay on torch.
+row to 15 bits (on AMX tiles: rounded to bfloat16, a bfloat16 model's steps of 8+ rows) and
+everything else in float32, and writes the engine's own KV cache in place.
+fastllama.FastLlama.decode takes it for steps of up to `FastWeights.int8_rows` rows (16, or
+64 on AMX tiles); prefills and bigger steps stay on torch.
 
 The C file is compiled at first use with the machine's C compiler (`cc -O3 -march=native
 -fopenmp`, ~1 s) into ~/.cache/inferql/native (or $XDG_CACHE_HOME), named by a hash of the
@@ -40,10 +41,11 @@ SOURCE = Path(__file__).with_name("native") / "decode_step.c"
 # against 30; read from gcc 12's assembly). A whole 16-row step on an
 # AVX2-only EPYC: 71.2 -> 60.3 ms, 12 rows 56.7 -> 46.5, 1 row unchanged (ad hoc, SmolLM2-135M).
 FLAGS = ("-O3", "-fno-tree-pre", "-fopenmp", "-shared", "-fPIC")  # and -march: the machine's own by default
-MAX_ROWS = 16  # decode_step.c's MAX_ROWS
-# `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies for decode steps of up to
-# 16 rows wherever the step runs (an x86-64 CPU with AVX2, `usable`). From a few rows on
-# (blocked_from) the products are the blocked ones, in AVX512 or AVX2 registers.
+# The step's rows: up to 16 (the int16 products), up to 64 where its products run on AMX's
+# bfloat16 tiles (max_rows). `auto` (INFERQL_INT8_SMALL_BATCH) with this step: the int8 copies
+# for every decode step it takes, wherever it runs (an x86-64 CPU with AVX2, `usable`). From a
+# few rows on (blocked_from) the products are the blocked ones, in AVX512 or AVX2 registers,
+# or on the tiles (amx_from).
 # SmolLM2-135M, whole steps natively against the matrices torch's bigger steps take
 # (`bench.py --kernels` prints them): on an AVX512-BF16 CPU against the packed bfloat16
 # matrices, 1 row 4.4 vs 20.7 ms, 4 rows 9.2 vs 22.0, 8 rows 14.1 vs 25.6, 16 rows 25.4 vs
@@ -51,9 +53,21 @@ MAX_ROWS = 16  # decode_step.c's MAX_ROWS
 # rows 35.9 vs 65.6, 16 rows 60.3 vs 79.5 (ad hoc).
 
 
-def auto_rows() -> int:
-    """The rows `auto` gives the native step: all it takes (MAX_ROWS)."""
-    return MAX_ROWS
+def max_rows(dtype: torch.dtype, march: str = "native") -> int:
+    """The most rows a step of a `dtype` model takes here: 64 where the build's products run on
+    AMX tiles (bfloat16 activations: for a bfloat16 model only), else 16."""
+    return library(march).inferql_max_rows(int(dtype == torch.bfloat16))
+
+
+def auto_rows(dtype: torch.dtype) -> int:
+    """The rows `auto` gives the native step: all it takes (max_rows)."""
+    return max_rows(dtype)
+
+
+def amx_from(march: str = "native") -> int:
+    """From how many rows the build's products run on AMX tiles, for a bfloat16 model (0: never
+    here: no AMX in the build, or the kernel refused the tiles' state)."""
+    return library(march).inferql_amx_from()
 
 
 def blocked(q: torch.Tensor) -> tuple[torch.Tensor | None, int]:
@@ -128,10 +142,14 @@ def library(march: str = "native") -> ctypes.CDLL:
                                         c_void_p, c_void_p, c_void_p, c_void_p, c_int]
     lib.inferql_decode_step.restype = c_int
     lib.inferql_gemv.argtypes = [c_void_p, c_void_p, c_void_p, c_int, c_int, c_void_p, c_int, c_int, c_void_p,
-                                 c_void_p, c_int]
+                                 c_void_p, c_int, c_int]
     lib.inferql_gemv.restype = c_int
     lib.inferql_blocked_from.argtypes = []
     lib.inferql_blocked_from.restype = c_int
+    for name in ("inferql_max_rows", "inferql_amx_from"):
+        getattr(lib, name).restype = c_int
+    lib.inferql_max_rows.argtypes = [c_int]
+    lib.inferql_amx_from.argtypes = []
     return lib
 
 
@@ -152,12 +170,13 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None,
-         march: str = "native", with_blocks: bool = False) -> torch.Tensor:
+         march: str = "native", with_blocks: bool = False, bf16: bool = False) -> torch.Tensor:
     """x [B, K] float32 @ (q * scales[:, None]).T (+ bias): one product through the library;
-    with_blocks: given the blocked copy too (taken from blocked_from rows)."""
+    with_blocks: given the blocked copy too (taken from blocked_from rows); bf16: as for a
+    bfloat16 model (on AMX tiles from amx_from rows, the activations in bfloat16)."""
     B, K = x.shape
     N = q.shape[0]
-    if B > MAX_ROWS or q.shape[1] != K:
+    if B > max_rows(torch.bfloat16 if bf16 else torch.float32, march) or q.shape[1] != K:
         raise ValueError(f"gemv of {B} rows against {tuple(q.shape)}")
     x, s = x.float().contiguous(), scales.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
@@ -165,7 +184,7 @@ def gemv(q: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, bias: torch.Ten
     y = torch.empty(B, N)
     rc = library(march).inferql_gemv(q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), N, K,
                                      None if wb is None else wb.data_ptr(), nb, B, x.data_ptr(), y.data_ptr(),
-                                     torch.get_num_threads())
+                                     torch.get_num_threads(), int(bf16))
     if rc:
         raise RuntimeError(f"native gemv failed ({rc})")
     return y
@@ -180,7 +199,8 @@ class NativeStep:
         self._keep: list[torch.Tensor] = []
         w = weights
         # the blocked copies (as many bytes again) only where steps that take them run here
-        self._blocks = w.int8_rows >= blocked_from(march)
+        tiles = amx_from(march) if w.dtype == torch.bfloat16 else 0
+        self._blocks = w.int8_rows >= blocked_from(march) or 0 < tiles <= w.int8_rows
         layers = (_Layer * w.n_layers)()
         for li, (dense, int8s) in enumerate(zip(w.layers, w.layers8)):
             ln1, _, bqkv, _, ln2, _, _ = dense

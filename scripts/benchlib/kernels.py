@@ -182,14 +182,15 @@ def _native_step(lm, quick: bool) -> None:
     through_torch = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
     through_torch.add_int8(int8.ON_ROWS)
     natively = FastWeights(lm.model, lm.dtype, lm.device, packed=packed)
-    natively.add_int8(native.auto_rows())
+    natively.add_int8(native.auto_rows(lm.dtype))
     natively.add_native()
     form = "float16 (fbgemm)" if half else "packed" if packed else "plain"
     print(f"  a decode step ({str(lm.dtype).removeprefix('torch.')}): dense = {form} matrices,"
           " torch's int8 op, the native step over the same int8 copies:")
-    # 8 and 16 rows: the blocked products (from native.blocked_from() rows); torch's int8 op
-    # is not used past int8.ON_ROWS rows
-    wide = (8, 16) if natively.int8_rows >= 16 and not quick else ()
+    # 8 and 16 rows: the blocked products (from native.blocked_from() rows), or AMX's tiles
+    # (from native.amx_from() rows, a bfloat16 model: then 32 and 64 rows too); torch's int8
+    # op is not used past int8.ON_ROWS rows
+    wide = tuple(r for r in (8, 16, 32, 64) if r <= natively.int8_rows) if not quick else ()
     for rows in ((1, 4) if quick else (1, 2, 4)) + wide:
         ways = (dense, through_torch, natively) if rows <= int8.ON_ROWS else (dense, natively)
         times: list[list[float]] = [[] for _ in ways]
@@ -201,7 +202,9 @@ def _native_step(lm, quick: bool) -> None:
             print(f"    {rows:4d} rows: dense {a:7.1f} ms, int8 op {b[0]:7.1f} ms, native {c:7.1f} ms"
                   f"   {a / c:.2f}x, {b[0] / c:.2f}x")
         else:
-            print(f"    {rows:4d} rows: dense {a:7.1f} ms, native {c:7.1f} ms (blocked products)   {a / c:.2f}x")
+            tiles = 0 < native.amx_from() <= rows and lm.dtype == torch.bfloat16
+            print(f"    {rows:4d} rows: dense {a:7.1f} ms, native {c:7.1f} ms"
+                  f" ({'AMX tiles' if tiles else 'blocked products'})   {a / c:.2f}x")
 
 
 def kernels_section(lm, quick: bool = False) -> None:

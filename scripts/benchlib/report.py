@@ -150,13 +150,14 @@ def report(summaries: dict[tuple[str, int], Summary], concurrency: list[int], co
         lines.append((f"achieved FLOP/s at {plural(at)} / GEMM rate",
                       f"{flops / gemm:.0%} ({flops:.0f} of {gemm:.0f} GFLOP/s {engine_facts['dtype']}; no target)",
                       "n/a"))
-    if fidelity is not None:
-        lines.append(("fidelity: greedy agreement with float32 eager",
-                      f"{fidelity.agreement:.1%} over {fidelity.positions} positions (>= {TARGET_AGREEMENT:.0%})",
-                      verdict(fidelity.agreement >= TARGET_AGREEMENT)))
-        lines.append(("fidelity: mean |d logprob| vs float32 eager",
-                      f"{fidelity.mean_abs_dlogprob:.4f} (max {fidelity.max_abs_dlogprob:.3f}; <= {TARGET_DLOGPROB})",
-                      verdict(fidelity.mean_abs_dlogprob <= TARGET_DLOGPROB)))
+    for rows, fid in (fidelity or {}).items():
+        how = "1-row steps" if rows == 1 else f"{rows}-row steps"
+        lines.append((f"fidelity ({how}): greedy agreement with float32 eager",
+                      f"{fid.agreement:.1%} over {fid.positions} positions (>= {TARGET_AGREEMENT:.0%})",
+                      verdict(fid.agreement >= TARGET_AGREEMENT)))
+        lines.append((f"fidelity ({how}): mean |d logprob| vs float32 eager",
+                      f"{fid.mean_abs_dlogprob:.4f} (max {fid.max_abs_dlogprob:.3f}; <= {TARGET_DLOGPROB})",
+                      verdict(fid.mean_abs_dlogprob <= TARGET_DLOGPROB)))
     width = max(len(name) for name, _, _ in lines)
     for name, value, status in lines:
         print(f"  {status:<5} {name:<{width}}  {value}")

@@ -127,7 +127,7 @@ def test_auto_uses_them_for_a_float32_model_without_int8_copies(tiny_model_dir):
     assert "the head's full pass in int8" in lm.matrix_format
     w = load_model(tiny_model_dir, device="cpu", options=EngineOptions(dtype="float32")).fast_weights()
     if native.usable(w.device, w.dtype):
-        assert w.half and w.native is not None and w.int8_rows == native.auto_rows()
+        assert w.half and w.native is not None and w.int8_rows == native.auto_rows(w.dtype)
 
 
 def test_not_for_a_bfloat16_model(tiny_model_dir):

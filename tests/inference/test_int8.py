@@ -95,7 +95,7 @@ def test_auto_takes_int8_for_small_steps_without_timing(monkeypatch, tiny_model_
     w = lm.fast_weights()
     monkeypatch.undo()
     natively = natively and native.usable(lm.device, lm.dtype)  # an x86-64 CPU with AVX2
-    rows = native.auto_rows() if natively else int8.AUTO_ROWS
+    rows = native.auto_rows(lm.dtype) if natively else int8.AUTO_ROWS
     assert (w.native is not None) == natively and w.int8_rows == rows and len(w.layers8) == w.n_layers
     assert f"int8 copies for decode steps of up to {rows} rows" in lm.matrix_format
 
@@ -120,5 +120,18 @@ def test_int8_matches_float32_eager_on_the_real_model(real_model_dir, dtype, ste
     prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
     fid = measure(lm, prompts, tokens=12)
     assert fid.positions == 48
+    assert fid.agreement >= 0.97
+    assert fid.mean_abs_dlogprob <= 0.05
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_batch_of_eight_matches_float32_eager_on_the_real_model(real_model_dir, dtype):
+    """The prompts decoded together, as concurrent streams are: 8-row steps, which take the
+    blocked products (and on a CPU with AMX, a bfloat16 model's tiles, bfloat16 activations)."""
+    lm = load_model(real_model_dir, device="cpu", options=EngineOptions(dtype=dtype))
+    prompts = [lm.encode_chat([{"role": "user", "content": p}]) for p in REAL_PROMPTS]
+    prompts += [lm.encode_chat([{"role": "user", "content": p + " Answer briefly."}]) for p in REAL_PROMPTS]
+    fid = measure(lm, prompts, tokens=12, batched=True)
+    assert fid.positions == 96
     assert fid.agreement >= 0.97
     assert fid.mean_abs_dlogprob <= 0.05

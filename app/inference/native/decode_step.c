@@ -1,18 +1,20 @@
-/* A Llama decode step of up to 16 rows, in one call: every layer, then the final norm and the head.
+/* A Llama decode step of up to 16 rows (64 on AMX tiles), in one call: every layer, then the
+ * final norm and the head.
  *
  * Built at first use by native.py (cc -O3 -march=native -fopenmp: native.FLAGS) and called through ctypes.
  * The matrices are the fast path's int8 copies (int8.py): int8 weights, one float32 scale per
- * output channel. A product's input rows are quantized to int16 (below); the residual stream,
- * norms, rope, attention and SiLU are float32; the KV cache is the engine's own tensor
+ * output channel. A product's input rows are quantized to int16 (below), or on AMX tiles
+ * rounded to bfloat16 (a bfloat16 model's steps of AMX_FROM rows or more); the residual
+ * stream, norms, rope, attention and SiLU are float32; the KV cache is the engine's own tensor
  * (bfloat16 or float32), written and read in place.
  *
  * Why: at 1-4 rows a decode step reads every weight once and does little arithmetic with it,
  * so its floor is the bytes it reads. Through torch it is ~1000 small ops (~33 per layer), each
  * paying Python and ATen dispatch and an OpenMP fork/join, for as much time as the products.
  * Here one OpenMP parallel region spans the whole step: each product is an `omp for` over its
- * output channels, five barriers per layer, and nothing is dispatched. Up to 16 rows: from
- * BLOCKED_FROM rows on, where a Mat has a blocked copy, its products are the blocked ones
- * (block_rows).
+ * output channels, five barriers per layer, and nothing is dispatched. From BLOCKED_FROM rows
+ * on, where a Mat has a blocked copy, its products are the blocked ones (block_rows), and
+ * from AMX_FROM rows, where the build has AMX, the tiles' (amx_block).
  *
  * Layouts (row-major, contiguous):
  *   h      [B, hidden] float32, the residual stream, updated in place
@@ -25,12 +27,33 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+/* With AMX (bfloat16 tiles) a step of a bfloat16 model takes up to 64 rows: from AMX_FROM rows
+ * its products run on the tiles (amx_block), in bfloat16 activations. Whole steps, SmolLM2-135M
+ * on a Xeon with AMX (ad hoc, 60 cached positions, medians of 3): 6 rows 20.6 / 18.0 ms on
+ * the tiles / the int16 blocked products, 7 rows 21.9 / 20.3, 8 rows 19.4 / 24.4 and 21.7 /
+ * 20.5 (two runs), 12 rows 21.5 / 29.7, 16 rows 24.9 / 37.1: so from 8. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MAX_ROWS 64
+#ifndef AMX_FROM
+#define AMX_FROM 8
+#endif
+#else
+#define AMX 0
 #define MAX_ROWS 16
+#define AMX_FROM (MAX_ROWS + 1)
+#endif
+#ifndef CHUNKS
+#define CHUNKS 8
+#endif
 #define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
 /* Steps of BLOCKED_FROM rows or more take the blocked products where a Mat has them, GROUP_ROWS
  * rows at a time (block_rows: as many rows as the accumulators' registers hold). With AVX512 the
@@ -95,6 +118,29 @@ static inline float hsum256(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+#endif
+
+#if defined(__AVX512F__)
+/* exp(x) in 16 lanes: 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor
+ * polynomial to r^7 (at most 7.3e-8 from exp over [-87, 88], every 0.0007; float32's ulp is
+ * 6e-8 relative); far below, 0. The softmax and SiLU loops called libm's expf once per value:
+ * at 64 rows ~9 % of a step (perf, one thread). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 #endif
 
@@ -280,12 +326,122 @@ static void quantize(const float *x, int ldx, int k, int B, int16_t *xq, int ldq
     }
 }
 
-/* Activations quantized for a product (private to a thread). */
+/* Activations quantized for a product (private to a thread). With `amx`, q holds them in
+ * bfloat16 instead (s all 1), in rows padded with zeros to a multiple of 16 (a tile's rows),
+ * and `tiles` is room for one block of weights in bfloat16 (amx_block). */
 typedef struct {
     int16_t *q;    /* [B][ld] */
     float s[MAX_ROWS];
     int ld;
+    int amx;
+    uint16_t *tiles;
 } Quantized;
+
+/* A product's input rows, as the step's products take them (Quantized). */
+static void prepare(const float *x, int ldx, int k, int B, Quantized *q) {
+#if AMX
+    if (q->amx) {
+        for (int b = 0; b < B; b++) {
+            const float *r = x + (size_t)b * ldx;
+            uint16_t *o = (uint16_t *)q->q + (size_t)b * q->ld;
+            for (int i = 0; i < k; i += 32)  /* k % 32 == 0 (amx_usable) */
+                _mm512_storeu_si512((void *)(o + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + i + 16),
+                                                                                 _mm512_loadu_ps(r + i)));
+            q->s[b] = 1.0f;
+        }
+        return;
+    }
+#endif
+    quantize(x, ldx, k, B, q->q, q->ld, q->s);
+}
+
+#if AMX
+/* AMX multiplies tiles of 16 rows x 64 bytes: C (float32, 16 x 16) += A (bfloat16, 16 rows x 32
+ * inputs) B (32 inputs x 16 outputs, each row a pair of inputs for the 16 outputs: exactly a
+ * half of Mat.wb's pair of inputs, once in bfloat16). The int8 weights are read once per
+ * step as elsewhere and widened to bfloat16 in registers (exact: |w| <= 127) into `tiles`;
+ * one tile product (16 x 16 x 32) took 15 ns here, 23 ns with its four tile loads (a loop of
+ * them alone, ad hoc): ~350 GMAC/s per core against ~100-150 for the int16 blocked products.
+ * A layer's products alone at 64 rows, both cores: ~245 GMAC/s with the widening and the
+ * weights' bytes (the blocked ones: no 64-row form). Tiles 0-3: C (rows 0-15 and 16-31 of a
+ * pass, by the block's two halves), 4-5: A, 6-7: B. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int amx_permitted(void) {  /* Linux hands out the tiles' state on request (once per process) */
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return permitted;
+}
+
+/* Every tile 16 rows x 64 bytes. Static data: gcc 12's _tile_loadconfig tells the compiler
+ * it reads only a pointer's worth of the config, so the stores filling a local one were
+ * dropped as dead. */
+static const TileConfig TILES __attribute__((aligned(64))) = {
+    .palette = 1, .colsb = {64, 64, 64, 64, 64, 64, 64, 64}, .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
+
+static void amx_configure(void) { _tile_loadconfig(&TILES); }
+
+/* out[b][o] for one block of 32 outputs (Mat.wb) and rows 0..B-1 of xa (bfloat16, ldx apart,
+ * zero rows up to a multiple of 16); tiles: room for the block in bfloat16 (k/32 x 2 KB). */
+static void amx_block(const int8_t *wb, const uint16_t *xa, int ldx, int k, int B, float out[][32],
+                      uint16_t *tiles) {
+    for (int p = 0; p < k / 2; p++)  /* input pair p: row p % 16 of both halves' tiles at p / 16 */
+        for (int half = 0; half < 2; half++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(wb + (size_t)p * 64 + half * 32));
+            __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+            _mm512_storeu_si512((void *)(tiles + ((size_t)((p / 16) * 2 + half) * 16 + p % 16) * 32),
+                                (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    const size_t stride = (size_t)ldx * 2;
+    for (int m = 0; m < B; m += 32) {
+        const int two = B - m > 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int kt = 0; kt < k / 32; kt++) {
+            _tile_loadd(6, tiles + (size_t)kt * 1024, 64);
+            _tile_loadd(7, tiles + (size_t)kt * 1024 + 512, 64);
+            _tile_loadd(4, xa + (size_t)m * ldx + kt * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            if (two) {
+                _tile_loadd(5, xa + (size_t)(m + 16) * ldx + kt * 32, stride);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        _tile_stored(0, &out[m][0], 128);
+        _tile_stored(1, &out[m][16], 128);
+        if (two) {
+            _tile_stored(2, &out[m + 16][0], 128);
+            _tile_stored(3, &out[m + 16][16], 128);
+        }
+    }
+}
+
+/* out[b] = dot(w[0:k], xa[b]) for the outputs outside the blocks, bfloat16 rows (ldx apart). */
+static void dot_bf16(const int8_t *w, const uint16_t *xa, int ldx, int k, int B, float *out) {
+    for (int b = 0; b < B; b++) {
+        const uint16_t *x = xa + (size_t)b * ldx;
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < k; i += 16)
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i)))),
+                                  _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                                      _mm256_loadu_si256((const __m256i *)(x + i))), 16)), acc);
+        out[b] = _mm512_reduce_add_ps(acc);
+    }
+}
+#else
+static inline int amx_permitted(void) { return 0; }
+#endif
 
 /* Output j of every row from its unscaled products d[b * ldd]: y[b][j] (= or +=) d * x's row
  * scale * m's channel scale (+ bias). */
@@ -303,18 +459,73 @@ static inline void put(const Mat *m, int B, const Quantized *x, int j, const flo
  * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
  * barrier ends the product). The tasks: the blocks of 32 outputs (from BLOCKED_FROM rows,
  * where m has them), then one task per remaining output. */
+/* put() for the 32 outputs j0.. of a block at once: d[b][o]. */
+static inline void put_block(const Mat *m, int B, const Quantized *x, int j0, float d[][32], float *y, int ldy,
+                             int accumulate) {
+    const float *sc = m->scale + j0;
+    float bias[32] = {0};
+    if (m->bias) memcpy(bias, m->bias + j0, sizeof bias);
+    for (int b = 0; b < B; b++) {
+        float *out = y + (size_t)b * ldy + j0, xs = x->s[b];
+        if (accumulate) {
+            #pragma omp simd
+            for (int o = 0; o < 32; o++) out[o] += d[b][o] * xs * sc[o] + bias[o];
+        } else {
+            #pragma omp simd
+            for (int o = 0; o < 32; o++) out[o] = d[b][o] * xs * sc[o] + bias[o];
+        }
+    }
+}
+
+/* Block t of m (32 outputs) against x's rows: d[b][o], unscaled; on the tiles where x is
+ * bfloat16. */
+static inline void block_of(const Mat *m, int t, int B, const Quantized *x, float d[][32]) {
+    const int8_t *wb = m->wb + (size_t)t * 32 * m->k;
+#if AMX
+    if (x->amx) {
+        amx_block(wb, (const uint16_t *)x->q, x->ld, m->k, B, d, x->tiles);
+        return;
+    }
+#endif
+    block_rows(wb, x->q, x->ld, m->k, B, d);
+}
+
+/* Output j of m (a row of its plain weights) against x's rows: d[b], unscaled. */
+static inline void dots_of(const Mat *m, int j, int B, const Quantized *x, float *d) {
+    const int8_t *w = m->w + (size_t)j * m->k;
+#if AMX
+    if (x->amx) {
+        dot_bf16(w, (const uint16_t *)x->q, x->ld, m->k, B, d);
+        return;
+    }
+#endif
+    dot_many(w, x->q, x->ld, m->k, B, d);
+}
+
+/* The chunks an `omp for` hands out on demand (schedule(dynamic)): CHUNKS per thread. On these
+ * 2-core machines the server's event loop and its client take a core now and then; with a
+ * static share the other thread then waited at the next barrier for the descheduled one, with
+ * dynamic chunks it takes the rest of the work. A step beside a process busy 0.6 ms every
+ * 10 ms (ad hoc, SmolLM2-135M, Xeon with AMX): 64 rows +33 % static, +3.8 % dynamic; 16 rows
+ * +6.2 % and +2.1 %; alone, 64 rows 52.6 and 49.8 ms, 1 row the same within the noise. */
+static inline int chunk(int tasks) {
+    int c = tasks / (omp_get_num_threads() * CHUNKS);
+    return c > 0 ? c : 1;
+}
+
 static void gemv(const Mat *m, int B, const Quantized *x, float *y, int ldy, int accumulate) {
-    const int blocks = B >= BLOCKED_FROM && m->wb ? m->nb / 32 : 0, first = blocks * 32;
-    #pragma omp for schedule(static)
+    const int blocks = (B >= BLOCKED_FROM || x->amx) && m->wb ? m->nb / 32 : 0, first = blocks * 32;
+    const int c = chunk(blocks + m->n - first);
+    #pragma omp for schedule(dynamic, c)
     for (int t = 0; t < blocks + m->n - first; t++) {
         if (t < blocks) {
             float d[MAX_ROWS][32];
-            block_rows(m->wb + (size_t)t * 32 * m->k, x->q, x->ld, m->k, B, d);
-            for (int o = 0; o < 32; o++) put(m, B, x, t * 32 + o, &d[0][o], 32, y, ldy, accumulate);
+            block_of(m, t, B, x, d);
+            put_block(m, B, x, t * 32, d, y, ldy, accumulate);
         } else {
             int j = first + t - blocks;
             float d[MAX_ROWS];
-            dot_many(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, d);
+            dots_of(m, j, B, x, d);
             put(m, B, x, j, d, 1, y, ldy, accumulate);
         }
     }
@@ -332,27 +543,52 @@ static inline void put_gated(const Mat *m, int B, const Quantized *x, int j, con
         out[(size_t)b * ldo + j] = silu(g[(size_t)b * ldd] * x->s[b] * sg) * (u[(size_t)b * ldd] * x->s[b] * su);
 }
 
+/* put_gated() for the 32 outputs j0.. of a block at once: g[b][o], u[b][o]. */
+static inline void put_gated_block(const Mat *m, int B, const Quantized *x, int j0, float g[][32], float u[][32],
+                                   float *out, int ldo) {
+    const int inter = m->n / 2;
+    const float *sg = m->scale + j0, *su = m->scale + inter + j0;
+    for (int b = 0; b < B; b++) {
+        float *o = out + (size_t)b * ldo + j0, xs = x->s[b];
+#if defined(__AVX512F__)
+        for (int c = 0; c < 32; c += 16) {
+            __m512 gate = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(g[b] + c), _mm512_set1_ps(xs)),
+                                        _mm512_loadu_ps(sg + c));
+            __m512 up = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(u[b] + c), _mm512_set1_ps(xs)),
+                                      _mm512_loadu_ps(su + c));
+            __m512 act = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(
+                _mm512_setzero_ps(), gate))));
+            _mm512_storeu_ps(o + c, _mm512_mul_ps(act, up));
+        }
+#else
+        for (int c = 0; c < 32; c++) o[c] = silu(g[b][c] * xs * sg[c]) * (u[b][c] * xs * su[c]);
+#endif
+    }
+}
+
 /* out[b][j] = silu(gate_j . x[b]) * (up_j . x[b]) for j < inter, with gate_j the row j of the
  * stacked [gate; up] matrix and up_j the row inter + j: both halves of one output in one
  * thread, so the activation needs no pass (nor barrier) of its own. */
 static void gated_gemv(const Mat *m, int B, const Quantized *x, float *out, int ldo) {
     const int inter = m->n / 2;
-    if (B >= BLOCKED_FROM && m->wb && m->nb == m->n && inter % 32 == 0) {
+    if ((B >= BLOCKED_FROM || x->amx) && m->wb && m->nb == m->n && inter % 32 == 0) {
         /* gate block t and up block inter / 32 + t: the same 32 outputs */
-        #pragma omp for schedule(static)
+        const int c = chunk(inter / 32);
+        #pragma omp for schedule(dynamic, c)
         for (int t = 0; t < inter / 32; t++) {
             float g[MAX_ROWS][32], u[MAX_ROWS][32];
-            block_rows(m->wb + (size_t)t * 32 * m->k, x->q, x->ld, m->k, B, g);
-            block_rows(m->wb + (size_t)(inter / 32 + t) * 32 * m->k, x->q, x->ld, m->k, B, u);
-            for (int o = 0; o < 32; o++) put_gated(m, B, x, t * 32 + o, &g[0][o], &u[0][o], 32, out, ldo);
+            block_of(m, t, B, x, g);
+            block_of(m, inter / 32 + t, B, x, u);
+            put_gated_block(m, B, x, t * 32, g, u, out, ldo);
         }
         return;
     }
-    #pragma omp for schedule(static)
+    const int c = chunk(inter);
+    #pragma omp for schedule(dynamic, c)
     for (int j = 0; j < inter; j++) {
         float g[MAX_ROWS], u[MAX_ROWS];
-        dot_many(m->w + (size_t)j * m->k, x->q, x->ld, m->k, B, g);
-        dot_many(m->w + (size_t)(inter + j) * m->k, x->q, x->ld, m->k, B, u);
+        dots_of(m, j, B, x, g);
+        dots_of(m, inter + j, B, x, u);
         put_gated(m, B, x, j, g, u, 1, out, ldo);
     }
 }
@@ -418,9 +654,14 @@ static inline __attribute__((always_inline)) void attend_of(const float *q, cons
         scores[t] = s;
         top = s > top ? s : top;
     }
-    float total = 0.0f;
-    #pragma omp simd reduction(+:total)
-    for (int t = 0; t < n; t++) total += (scores[t] = expf(scores[t] - top));
+    __m512 sum = _mm512_setzero_ps(), tv = _mm512_set1_ps(top);
+    for (int t = 0; t < n; t += 16) {
+        __mmask16 in = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, scores + t), tv)));
+        _mm512_mask_storeu_ps(scores + t, in, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    float total = _mm512_reduce_add_ps(sum);
     for (int c = 0; c < D / 16; c++) o[c] = _mm512_setzero_ps();
     for (int t = 0; t < n; t++) {
         __m512 p = _mm512_set1_ps(scores[t]);
@@ -482,11 +723,39 @@ static void attend(const float *q, const void *keys, const void *values, int bf1
 
 /* ---- the step ----------------------------------------------------------------------- */
 
+/* Whether B rows' products run on the tiles: bfloat16 activations allowed (bf16), AMX. */
+static int on_tiles(int B, int bf16) { return AMX && bf16 && B >= AMX_FROM && amx_permitted(); }
+
+/* A thread's Quantized for B rows of up to `widest` inputs (with amx: bfloat16 rows, zero to a
+ * multiple of 16, the block's room, the tiles configured). 0 if out of memory. */
+static int inputs(Quantized *x, int B, int widest, int amx) {
+    memset(x, 0, sizeof *x);
+    x->ld = widest;
+    x->amx = amx;
+    int rows = amx ? (B + 15) / 16 * 16 : B;
+    x->q = calloc((size_t)rows * widest, sizeof(int16_t));
+#if AMX
+    if (amx) {
+        x->tiles = aligned_alloc(64, (size_t)(widest / 32) * 2048);
+        amx_configure();
+    }
+#endif
+    return x->q && (!amx || x->tiles);
+}
+
+static void release(Quantized *x) {
+#if AMX
+    if (x->amx) _tile_release();
+#endif
+    free(x->q);
+    free(x->tiles);
+}
+
 /* Row b's normed h, quantized into this thread's own buffer: every thread norms the same
  * rows for itself rather than one thread norming them between two barriers. */
 static void norm_rows(const float *h, int B, int hid, const float *weight, float eps, float *normed, Quantized *x) {
     for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * hid, weight, hid, eps, normed + (size_t)b * hid);
-    quantize(normed, hid, hid, B, x->q, x->ld, x->s);
+    prepare(normed, hid, hid, B, x);
 }
 
 /* Rope on row b's key head g and the query heads that share it, the new key and value into
@@ -534,13 +803,16 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
     float *scores = malloc(sizeof(float) * (size_t)B * KV * width);
     int failed = !y || !att || !act || !scores;
     const size_t row_stride = (size_t)KV * capacity * D, head_stride = (size_t)capacity * D;
+    const int amx = on_tiles(B, cache_bf16) && hid % 32 == 0 && inter % 32 == 0 && (H * D) % 32 == 0
+                    && m->layers[0].qkv.wb && m->head.wb;
+    if (B > 16 && !amx) return -1;
 
     #pragma omp parallel num_threads(threads) if (!failed)
     {
         /* this thread's own: the normed rows and the quantized input of the next product */
         float *normed = malloc(sizeof(float) * (size_t)B * hid);
-        Quantized x = {malloc(sizeof(int16_t) * (size_t)B * widest), {0}, widest};
-        int mine = normed && x.q;
+        Quantized x;
+        int mine = normed && inputs(&x, B, widest, amx);
         #pragma omp atomic
         failed += !mine;
         #pragma omp barrier
@@ -549,18 +821,18 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
                 const Layer *ly = &m->layers[l];
                 norm_rows(h, B, hid, ly->ln1, m->eps, normed, &x);
                 gemv(&ly->qkv, B, &x, y, qkv_n, 0);
-                #pragma omp for schedule(static)
+                #pragma omp for schedule(dynamic, 1)
                 for (int task = 0; task < B * KV; task++) {
                     int b = task / KV, g = task % KV;
                     attend_group(m, y + (size_t)b * qkv_n, positions[b], g, k_cache[l], v_cache[l], cache_bf16,
                                  b * row_stride + g * head_stride, cos, sin_signed, scores + (size_t)task * width,
                                  att + (size_t)b * H * D);
                 }
-                quantize(att, H * D, H * D, B, x.q, x.ld, x.s);
+                prepare(att, H * D, H * D, B, &x);
                 gemv(&ly->o, B, &x, h, hid, 1);
                 norm_rows(h, B, hid, ly->ln2, m->eps, normed, &x);
                 gated_gemv(&ly->gu, B, &x, act, inter);
-                quantize(act, inter, inter, B, x.q, x.ld, x.s);
+                prepare(act, inter, inter, B, &x);
                 gemv(&ly->down, B, &x, h, hid, 1);
             }
             norm_rows(h, B, hid, m->norm, m->eps, normed, &x);
@@ -570,7 +842,7 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
             gemv(&m->head, B, &x, logits, m->vocab, 0);
         }
         free(normed);
-        free(x.q);
+        release(&x);
     }
     free(y); free(att); free(act); free(scores);
     return failed ? -2 : 0;
@@ -579,17 +851,33 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
 /* y [B, n] = x [B, k] @ (w * scale[:, None]).T + bias: one product alone (tests, the bench); wb, nb:
  * its blocked copy (Mat), or NULL, 0. */
 int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, int k, const int8_t *wb, int nb,
-                 int B, const float *x, float *y, int threads) {
+                 int B, const float *x, float *y, int threads, int bf16) {
     if (B < 1 || B > MAX_ROWS) return -1;
     Mat m = {w, scale, bias, n, k, wb, nb};
-    Quantized q = {malloc(sizeof(int16_t) * (size_t)B * k), {0}, k};
-    if (!q.q) return -2;
-    quantize(x, k, k, B, q.q, q.ld, q.s);
+    const int amx = on_tiles(B, bf16) && wb && k % 32 == 0;
+    if (B > 16 && !amx) return -1;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
-    gemv(&m, B, &q, y, n, 0);
-    free(q.q);
-    return 0;
+    {
+        Quantized q;  /* each thread its own, as in the step */
+        int mine = inputs(&q, B, k, amx);
+        #pragma omp atomic
+        failed += !mine;
+        #pragma omp barrier
+        if (!failed) {
+            prepare(x, k, k, B, &q);
+            gemv(&m, B, &q, y, n, 0);
+        }
+        release(&q);
+    }
+    return failed ? -2 : 0;
 }
+
+/* The most rows a step takes: 64 on the tiles (bfloat16 activations: a bfloat16 model), else 16. */
+int inferql_max_rows(int bf16) { return AMX && bf16 && amx_permitted() ? 64 : 16; }
+
+/* From how many rows the products run on the tiles (0: never here). */
+int inferql_amx_from(void) { return AMX && amx_permitted() ? AMX_FROM : 0; }
 
 /* The build's BLOCKED_FROM (native.py asks, to make the blocked copies only where they run). */
 int inferql_blocked_from(void) { return BLOCKED_FROM; }
