@@ -7,7 +7,7 @@ The entry point is scripts/bench.py (`python scripts/bench.py --help`). The modu
   machine   the machine's own limits: read bandwidth, GEMM rate; the engine's bytes/FLOPs per token
   streams   the streaming phases: API (websockets) vs the engine in-process, warm-up and rounds
   peer      `transformers serve --continuous-batching` as a third streaming mode (--peer)
-  fidelity  the fast path against a float32 eager reference over 20 fixed prompts
+  fidelity  the fast path against a float32 eager reference over 20 fixed prompts (1-row and 20-row steps)
   stall     --stall: the decode stall a 2k-token prompt causes to running streams, whole vs chunked
   jobs      submission and poll latency while the engine is busy; what auth + rate limiting add
   report    summaries, targets, the PASS/MISS table
@@ -39,7 +39,8 @@ its OpenAI streaming chat completions, as a third mode in the same alternation.
 
 It also prints the machine's own limits (read bandwidth, GEMM rate, measured here first),
 what fraction of them the engine reaches, and the fast path's fidelity: over 20 fixed
-prompts, greedy agreement and mean |d logprob| against a float32 eager reference.
+prompts, greedy agreement and mean |d logprob| against a float32 eager reference, the prompts
+decoded one at a time and as one batch (the steps of many concurrent streams).
 
 Definitions:
   aggregate tok/s = tokens received by all streams of a phase / wall time from the first
