@@ -344,7 +344,7 @@ static void prepare(const float *x, int ldx, int k, int B, Quantized *q) {
         for (int b = 0; b < B; b++) {
             const float *r = x + (size_t)b * ldx;
             uint16_t *o = (uint16_t *)q->q + (size_t)b * q->ld;
-            for (int i = 0; i < k; i += 32)  /* k % 32 == 0 (amx_usable) */
+            for (int i = 0; i < k; i += 32)  /* k % 32 == 0: the step and inferql_gemv check */
                 _mm512_storeu_si512((void *)(o + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + i + 16),
                                                                                  _mm512_loadu_ps(r + i)));
             q->s[b] = 1.0f;
@@ -455,10 +455,6 @@ static inline void put(const Mat *m, int B, const Quantized *x, int j, const flo
     }
 }
 
-/* y[b][j] (= or +=) x[b] . m[j] * scale[j] (+ bias[j]), the output channels shared out among
- * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
- * barrier ends the product). The tasks: the blocks of 32 outputs (from BLOCKED_FROM rows,
- * where m has them), then one task per remaining output. */
 /* put() for the 32 outputs j0.. of a block at once: d[b][o]. */
 static inline void put_block(const Mat *m, int B, const Quantized *x, int j0, float d[][32], float *y, int ldy,
                              int accumulate) {
@@ -513,6 +509,10 @@ static inline int chunk(int tasks) {
     return c > 0 ? c : 1;
 }
 
+/* y[b][j] (= or +=) x[b] . m[j] * scale[j] (+ bias[j]), the output channels shared out among
+ * the team's threads (an orphaned `omp for`, inside the step's parallel region; its implicit
+ * barrier ends the product). The tasks: the blocks of 32 outputs (from BLOCKED_FROM rows, or
+ * on the tiles, where m has them), then one task per remaining output. */
 static void gemv(const Mat *m, int B, const Quantized *x, float *y, int ldy, int accumulate) {
     const int blocks = (B >= BLOCKED_FROM || x->amx) && m->wb ? m->nb / 32 : 0, first = blocks * 32;
     const int c = chunk(blocks + m->n - first);
