@@ -67,7 +67,7 @@ def measure(lm: LoadedModel, prompts: list[list[int]], tokens: int = 32, batched
         fast.release_all()
         logits = torch.stack([fast.prefill(r, prompts[i], 0) for r, i in enumerate(group)])
         for step in range(tokens):
-            lp = torch.log_softmax(logits.float(), dim=-1)
+            lp = torch.log_softmax(logits, dim=-1)
             for r, i in enumerate(group):
                 tok, ref_lp = refs[i][0][step], refs[i][1][step]
                 agree += int(lp[r].argmax()) == tok

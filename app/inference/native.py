@@ -70,6 +70,12 @@ def amx_from(march: str = "native") -> int:
     return library(march).inferql_amx_from()
 
 
+def on_tiles(rows: int, dtype: torch.dtype, march: str = "native") -> bool:
+    """Whether a step of `rows` rows of a `dtype` model multiplies on AMX tiles here (decode_step.c's
+    on_tiles)."""
+    return dtype == torch.bfloat16 and 0 < amx_from(march) <= rows
+
+
 def blocked(q: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     """The first outputs of int8 weights q [n, k] in blocks of 32 (decode_step.c's Mat.wb), and
     how many outputs they cover; (None, 0) when there is no whole block or k is odd."""
@@ -146,10 +152,10 @@ def library(march: str = "native") -> ctypes.CDLL:
     lib.inferql_gemv.restype = c_int
     lib.inferql_blocked_from.argtypes = []
     lib.inferql_blocked_from.restype = c_int
-    for name in ("inferql_max_rows", "inferql_amx_from"):
-        getattr(lib, name).restype = c_int
     lib.inferql_max_rows.argtypes = [c_int]
+    lib.inferql_max_rows.restype = c_int
     lib.inferql_amx_from.argtypes = []
+    lib.inferql_amx_from.restype = c_int
     return lib
 
 
@@ -199,8 +205,7 @@ class NativeStep:
         self._keep: list[torch.Tensor] = []
         w = weights
         # the blocked copies (as many bytes again) only where steps that take them run here
-        tiles = amx_from(march) if w.dtype == torch.bfloat16 else 0
-        self._blocks = w.int8_rows >= blocked_from(march) or 0 < tiles <= w.int8_rows
+        self._blocks = w.int8_rows >= blocked_from(march) or on_tiles(w.int8_rows, w.dtype, march)
         layers = (_Layer * w.n_layers)()
         for li, (dense, int8s) in enumerate(zip(w.layers, w.layers8)):
             ln1, _, bqkv, _, ln2, _, _ = dense

@@ -162,8 +162,6 @@ def _float16_matrices(lm, quick: bool) -> None:
 
 
 def _native_step(lm, quick: bool) -> None:
-    import torch
-
     from app.inference import fbgemm, int8, native, onednn
     from app.inference.fastllama import FastWeights
 
@@ -202,9 +200,8 @@ def _native_step(lm, quick: bool) -> None:
             print(f"    {rows:4d} rows: dense {a:7.1f} ms, int8 op {b[0]:7.1f} ms, native {c:7.1f} ms"
                   f"   {a / c:.2f}x, {b[0] / c:.2f}x")
         else:
-            tiles = 0 < native.amx_from() <= rows and lm.dtype == torch.bfloat16
             print(f"    {rows:4d} rows: dense {a:7.1f} ms, native {c:7.1f} ms"
-                  f" ({'AMX tiles' if tiles else 'blocked products'})   {a / c:.2f}x")
+                  f" ({'AMX tiles' if native.on_tiles(rows, lm.dtype) else 'blocked products'})   {a / c:.2f}x")
 
 
 def kernels_section(lm, quick: bool = False) -> None:

@@ -43,17 +43,14 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define MAX_ROWS 64
-#ifndef AMX_FROM
 #define AMX_FROM 8
-#endif
 #else
 #define AMX 0
 #define MAX_ROWS 16
 #define AMX_FROM (MAX_ROWS + 1)
 #endif
-#ifndef CHUNKS
-#define CHUNKS 8
-#endif
+#define INT16_ROWS 16  /* the most rows a step takes off the tiles */
+#define CHUNKS 8  /* an omp for's chunks per thread (chunk()) */
 #define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
 /* Steps of BLOCKED_FROM rows or more take the blocked products where a Mat has them, GROUP_ROWS
  * rows at a time (block_rows: as many rows as the accumulators' registers hold). With AVX512 the
@@ -361,7 +358,8 @@ static void prepare(const float *x, int ldx, int k, int B, Quantized *q) {
  * half of Mat.wb's pair of inputs, once in bfloat16). The int8 weights are read once per
  * step as elsewhere and widened to bfloat16 in registers (exact: |w| <= 127) into `tiles`;
  * one tile product (16 x 16 x 32) took 15 ns here, 23 ns with its four tile loads (a loop of
- * them alone, ad hoc): ~350 GMAC/s per core against ~100-150 for the int16 blocked products.
+ * them alone, ad hoc): ~350 GMAC/s per core; the int16 blocked products reached ~125 GMAC/s
+ * on both cores at 16 rows (an earlier standalone trial, README).
  * A layer's products alone at 64 rows, both cores: ~245 GMAC/s with the widening and the
  * weights' bytes (the blocked ones: no 64-row form). Tiles 0-3: C (rows 0-15 and 16-31 of a
  * pass, by the block's two halves), 4-5: A, 6-7: B. */
@@ -732,8 +730,9 @@ static int inputs(Quantized *x, int B, int widest, int amx) {
     memset(x, 0, sizeof *x);
     x->ld = widest;
     x->amx = amx;
-    int rows = amx ? (B + 15) / 16 * 16 : B;
-    x->q = calloc((size_t)rows * widest, sizeof(int16_t));
+    /* the tiles read rows past B, which must be zero */
+    x->q = amx ? calloc((size_t)(B + 15) / 16 * 16 * widest, sizeof(int16_t))
+               : malloc(sizeof(int16_t) * (size_t)B * widest);
 #if AMX
     if (amx) {
         x->tiles = aligned_alloc(64, (size_t)(widest / 32) * 2048);
@@ -805,7 +804,7 @@ int inferql_decode_step(const Model *m, int B, float *h, void *const *k_cache, v
     const size_t row_stride = (size_t)KV * capacity * D, head_stride = (size_t)capacity * D;
     const int amx = on_tiles(B, cache_bf16) && hid % 32 == 0 && inter % 32 == 0 && (H * D) % 32 == 0
                     && m->layers[0].qkv.wb && m->head.wb;
-    if (B > 16 && !amx) return -1;
+    if (B > INT16_ROWS && !amx) return -1;
 
     #pragma omp parallel num_threads(threads) if (!failed)
     {
@@ -855,7 +854,7 @@ int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, 
     if (B < 1 || B > MAX_ROWS) return -1;
     Mat m = {w, scale, bias, n, k, wb, nb};
     const int amx = on_tiles(B, bf16) && wb && k % 32 == 0;
-    if (B > 16 && !amx) return -1;
+    if (B > INT16_ROWS && !amx) return -1;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -874,7 +873,7 @@ int inferql_gemv(const int8_t *w, const float *scale, const float *bias, int n, 
 }
 
 /* The most rows a step takes: 64 on the tiles (bfloat16 activations: a bfloat16 model), else 16. */
-int inferql_max_rows(int bf16) { return AMX && bf16 && amx_permitted() ? 64 : 16; }
+int inferql_max_rows(int bf16) { return AMX && bf16 && amx_permitted() ? MAX_ROWS : INT16_ROWS; }
 
 /* From how many rows the products run on the tiles (0: never here). */
 int inferql_amx_from(void) { return AMX && amx_permitted() ? AMX_FROM : 0; }
