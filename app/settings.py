@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     #   bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32. Logits are float32.
     fast_path: Literal["auto", "off"] = "auto"  # auto: Llama-family models run the lean forward; off: HF's
     prefill_chunk: int = 128            # prompt tokens fed per step while other generations decode
+    stream_interval_ms: int = Field(default=50, ge=0, le=1000)  # a running generation's tokens reach the
+    #   event loop at most this often (its first token and its end at once); 0 = after every decode step
     prefix_cache_tokens: int = 4096     # KV of recent prompt prefixes kept for reuse; 0 = off
     int8_small_batch: Literal["auto", "on", "off"] = "auto"  # int8 weight copies for decode steps of few
     #   rows (bandwidth-bound); auto: 1-row steps (not timed, so replicas agree), on: up to 4 rows

@@ -9,8 +9,9 @@ within one step and a new one never waits for the batch to drain.
 The batch's KV cache lives in a backend (backends.py): for Llama-family models a
 preallocated per-row cache read in place by the lean forward (fastllama.py), otherwise
 the Hugging Face forward with a left-padded cache. Outputs are handed to the asyncio loop
-once per step through the Outbox (requests.py), where each request's RequestHandle
-yields them in order.
+through the Outbox (requests.py): a request's first token and its end at once, the tokens
+between at most every `stream_interval_ms`; each request's RequestHandle yields them in
+order.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Engine:
         prefills_per_step: int = 4,
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int | None = None,
+        stream_interval_ms: int | None = None,
     ) -> None:
         self.lm = lm
         self.max_batch_size = max_batch_size
@@ -68,7 +70,9 @@ class Engine:
             self._backend: SlotBackend | HFBackend = SlotBackend(fast, max_batch_size, prefix_cache_tokens)
         else:
             self._backend = HFBackend(lm.model, lm.device)
-        self._outbox = Outbox()
+        if stream_interval_ms is None:
+            stream_interval_ms = opts.stream_interval_ms
+        self._outbox = Outbox(interval=stream_interval_ms / 1000)
         self._batch = RunningBatch(
             lm, self._backend, self._outbox, max_size=max_batch_size, prefills_per_step=prefills_per_step,
             prefill_chunk=max(1, prefill_chunk if prefill_chunk is not None else opts.prefill_chunk),

@@ -63,23 +63,44 @@ class RequestHandle:
 
 
 class Outbox:
-    """Outputs gathered on the engine thread, handed to the loop in one call per flush."""
+    """Outputs gathered on the engine thread, handed to the loop in one call per flush.
 
-    def __init__(self) -> None:
+    Every token the loop is handed costs it CPU (the job's records, the GraphQL message, the
+    websocket write) on the cores the model computes on, and a decode step's OpenMP team is
+    as slow as its slowest thread: that CPU came straight out of the model's time. So tokens
+    of running requests are handed over at most every `interval` seconds, several per request
+    at once; their subscribers that select TokensGenerated get them in one message. What a
+    client waits for goes at once: a request's first token, and its end (or its start)."""
+
+    def __init__(self, interval: float = 0.0) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_slot_free: Callable[[], None] | None = None  # called on the loop when a request ends
+        self.interval = interval
         self._pending: list[tuple[RequestHandle, EngineOutput]] = []
+        self._urgent = False  # something pending that must not wait for the interval
+        self._last = 0.0      # time.monotonic() of the last hand-off
 
     def emit(self, handle: RequestHandle, output: EngineOutput) -> None:
         self._pending.append((handle, output))
+        if type(output) is not TokenStep or output.index == 0:
+            self._urgent = True
 
     def flush(self) -> None:
-        if self._pending and self.loop is not None:
-            batch, self._pending = self._pending, []
-            try:
-                self.loop.call_soon_threadsafe(self._deliver, batch)
-            except RuntimeError:  # loop closed during shutdown
-                pass
+        """Hands what is pending to the loop, unless it is only tokens after a request's first
+        and the last hand-off was less than `interval` ago."""
+        if not self._pending or self.loop is None:
+            return
+        if self.interval:
+            now = time.monotonic()
+            if not self._urgent and now - self._last < self.interval:
+                return
+            self._last = now
+        self._urgent = False
+        batch, self._pending = self._pending, []
+        try:
+            self.loop.call_soon_threadsafe(self._deliver, batch)
+        except RuntimeError:  # loop closed during shutdown
+            pass
 
     def _deliver(self, batch: list[tuple[RequestHandle, EngineOutput]]) -> None:
         freed = False

@@ -183,6 +183,62 @@ async def test_single_request_event_sequence(engine, lm):
     assert freed == [0]  # the hook ran once, after the request left the batch
 
 
+@pytest.mark.parametrize("interval_ms", [0, 60_000])
+async def test_tokens_reach_the_loop_together_within_the_stream_interval(lm, interval_ms):
+    """The loop is handed a request's start and first token at once, then (with an interval
+    longer than the generation) the rest together with its end; every output in order.
+    Without an interval, one hand-off per decode step."""
+    engine = Engine(lm, max_batch_size=2, stream_interval_ms=interval_ms)
+    engine.start()
+    handoffs: list[list[str]] = []
+    deliver = engine._outbox._deliver
+
+    def counting(batch):
+        handoffs.append([type(out).__name__ for _, out in batch])
+        deliver(batch)
+
+    engine._outbox._deliver = counting
+    try:
+        params = SamplingParams(max_tokens=12)
+        run = await run_one(engine, ids_of(lm, PROMPTS[1]), params)
+    finally:
+        await engine.stop()
+    assert_well_formed(run, params)
+    assert [name for batch in handoffs for name in batch] == run.order
+    assert handoffs[0] == ["Started", "TokenStep"]
+    if interval_ms:
+        assert len(handoffs) == 2 and handoffs[1][-1] == "Finished"
+    else:
+        assert len(handoffs) == len(run.steps) + (run.finished.reason is FinishReason.STOP)
+
+
+async def test_a_first_token_does_not_wait_for_the_stream_interval(lm):
+    """B's prompt is fed in chunks while A decodes, so its start reaches the loop before its
+    first token: that token still goes at once, not with an end (both run until cancelled
+    once B's first token has arrived)."""
+    engine = Engine(lm, max_batch_size=2, prefill_chunk=2, stream_interval_ms=60_000)
+    engine.start()
+    try:
+        a = engine.submit(ids_of(lm, PROMPTS[0]), LONG)
+        a_outputs = aiter(a)
+        assert isinstance(await anext(a_outputs), Started)  # A runs; B arrives while it decodes
+        b = engine.submit(ids_of(lm, PROMPTS[3]), LONG)
+        b_run = Run()
+        async for out in b:
+            if isinstance(out, TokenStep):
+                if not b_run.steps:
+                    a.cancel()
+                    b.cancel()
+                b_run.steps.append(out)
+            elif isinstance(out, Finished):
+                b_run.finished = out
+        a_end = [out async for out in a_outputs][-1]
+    finally:
+        await engine.stop()
+    assert b_run.steps[0].index == 0
+    assert a_end.reason is FinishReason.CANCELLED and b_run.finished.reason is FinishReason.CANCELLED
+
+
 async def test_max_tokens_one_needs_no_decode_step(engine, lm):
     run = await run_one(engine, ids_of(lm, PROMPTS[1]), SamplingParams(max_tokens=1))
     assert run.finished.reason is FinishReason.LENGTH
@@ -293,17 +349,11 @@ async def test_cancel_running_request_then_serve_next(engine, lm, monkeypatch):
 
     patch_forward(monkeypatch, engine, gated)
     handle = engine.submit(ids_of(lm, PROMPTS[0]), LONG)
-    run = Run()
-    async for out in handle:
-        if isinstance(out, TokenStep):
-            run.steps.append(out)
-            if out.index == 1:
-                # Cancel while the step producing token 2 is running on the engine thread.
-                assert await asyncio.to_thread(entered.wait, 30)
-                handle.cancel()
-                gate.set()
-        elif isinstance(out, Finished):
-            run.finished = out
+    # Cancel while the step producing token 2 is running on the engine thread.
+    assert await asyncio.to_thread(entered.wait, 30)
+    handle.cancel()
+    gate.set()
+    run = await collect(handle)
     assert run.finished.reason is FinishReason.CANCELLED
     assert [s.index for s in run.steps] == [0, 1, 2]  # only the step already running when cancelled
     assert engine.running == 0
