@@ -1,12 +1,13 @@
 """The Subscription root: a job's events, live.
 
-A subscriber that falls behind the model (a slow client, or a loop busy with many
-streams) would otherwise cost one GraphQL result per token, on the same CPU that runs
-the model. A subscription whose selection names `TokensGenerated` gets the tokens that
-piled up since its last message in one TokensGenerated event instead (each token with
-its own seq, in order); one that keeps up still gets one TokenGenerated per token, and
-one that does not name the type always does. What piled up comes from the event bus in
-one read (EventBus.follow_batches), with no task reading ahead.
+Each GraphQL result costs CPU that the model's cores pay for. A subscription whose
+selection names `TokensGenerated` gets the tokens that piled up since its last message in
+one TokensGenerated event (each token with its own seq, in order): those of a subscriber
+that fell behind (a slow client, a loop busy with many streams), and those the engine
+handed over together (after a generation's first token, at most every
+INFERQL_STREAM_INTERVAL_MS). When one token is waiting it gets a TokenGenerated; a
+selection that does not name the type always does. What piled up comes from the event bus
+in one read (EventBus.follow_batches), with no task reading ahead.
 """
 
 from __future__ import annotations
