@@ -21,7 +21,7 @@ A job's life on this queue (the store inserts the row, QUEUED, before `put`):
   be ended EXPIRED) and drops reservations whose process never used them. Nothing with a
   live lease is touched, so a starting process can run `reap` safely.
 - `remove` takes a waiting (unclaimed) job off the queue; the caller ends it.
-- `done(owner)` frees the owner's place once the job's end is stored.
+- `done(job)` frees the job's place of its owner's concurrency once its end is stored.
 
 Order: highest priority first; within a priority, virtual-time fair queueing across
 owners, FIFO within an owner, exactly as MemoryJobQueue: a job's tag is one past the
@@ -220,22 +220,13 @@ class PostgresJobQueue:
         )
         return queued_job(row) if row is not None else None
 
-    async def done(self, owner: str | None) -> None:
-        # The protocol names the owner, not the job. The job normally ended already (its end
-        # is stored first), so an ended job that still holds a place is freed first; else
-        # the owner's place is freed from a claimed or removed job.
+    async def done(self, job: Job) -> None:
+        # A plain UPDATE of the job's own row: it waits out a heartbeat or a reap that holds
+        # the row's lock for a moment (a SKIP LOCKED pick of "one of the owner's places"
+        # could skip it and free nothing).
         await self.pool.execute(
-            """
-            UPDATE jobs SET queue_held = false, claimed_by = NULL, leased_until = NULL
-            WHERE id = (
-                SELECT id FROM jobs
-                WHERE queue_held AND owner IS NOT DISTINCT FROM $1
-                ORDER BY status NOT IN ('QUEUED', 'RUNNING') DESC,
-                         (claimed_by IS NOT NULL OR queue_tag IS NULL) DESC, queue_seq
-                LIMIT 1 FOR UPDATE SKIP LOCKED
-            )
-            """,
-            owner,
+            "UPDATE jobs SET queue_held = false, claimed_by = NULL, leased_until = NULL WHERE id = $1 AND queue_held",
+            job.id,
         )
 
     async def position(self, job_id: str) -> int | None:

@@ -49,8 +49,8 @@ class JobQueue(Protocol):
     async def remove(self, job_id: str) -> QueuedJob | None:
         """Takes a waiting job off the queue (to cancel it); None when it is not waiting."""
 
-    async def done(self, owner: str | None) -> None:
-        """A claimed or removed job ended: its owner's place is free."""
+    async def done(self, job: Job) -> None:
+        """A claimed or removed job ended (its end is stored): its owner's place is free."""
 
     async def position(self, job_id: str) -> int | None:
         """0 = next to run; None when the job is not waiting."""
@@ -136,8 +136,8 @@ class MemoryJobQueue:
         heapq.heapify(self._heap)
         return entry.queued
 
-    async def done(self, owner: str | None) -> None:
-        self._active[owner] -= 1
+    async def done(self, job: Job) -> None:
+        self._active[job.owner] -= 1
 
     async def position(self, job_id: str) -> int | None:
         entry = self._waiting.get(job_id)

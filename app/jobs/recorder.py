@@ -61,7 +61,7 @@ class JobRecorder:
         if not ended.changed:
             return False
         metrics.job_ended(status, result)
-        await self._queue.done(job.owner)
+        await self._queue.done(job)
         await self._quotas.settle(job.id, result.usage.total_tokens if result else 0)
         return True
 

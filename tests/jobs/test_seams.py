@@ -166,7 +166,7 @@ async def test_queue_active_counts_until_done(queue):
     assert await queue.active("a") == 1 and await queue.depth() == 1
     assert await claim_ids(queue) == ["1"]
     assert await queue.active("a") == 1 and await queue.depth() == 0  # running still counts
-    await queue.done("a")
+    await queue.done(job("1", "a"))
     assert await queue.active("a") == 0
     await queue.reserve("a", 1, owner_limit=1)  # room again
 
@@ -259,12 +259,32 @@ async def test_pg_an_expired_lease_is_reaped_and_claimed_again(pg_url, pg_store)
         reaped = await dead.reap(later + timedelta(seconds=31), max_attempts=2)
         assert reaped.requeued == [] and sorted(q.job.id for q in reaped.lost) == ["1", "2"]
         assert await alive.claim(5) == [] and await alive.active("a") == 2
-        await alive.done("a")
-        await alive.done("a")
+        await alive.done(job("1"))
+        await alive.done(job("2"))
         assert await alive.active("a") == 0
     finally:
         await dead.close()
         await alive.close()
+
+
+async def test_pg_done_frees_its_own_job_even_while_a_heartbeat_locks_the_row(pg_url, pg_store):
+    """A worker's heartbeat or a reap can hold the row's lock when the job's end comes: done
+    waits for it rather than skipping the row and leaving the ended job holding its place."""
+    q = await pg_queue(pg_url)
+    try:
+        await stored(pg_store, job("1"), job("2"))
+        await put(q, job("1"), job("2"))
+        assert await claim_ids(q) == ["1", "2"]
+        async with q.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM jobs WHERE id = '2' FOR UPDATE")
+            freeing = asyncio.ensure_future(q.done(job("2")))
+            await asyncio.sleep(0.2)
+            assert not freeing.done()
+        await asyncio.wait_for(freeing, 5)
+        held = await q.pool.fetch("SELECT id FROM jobs WHERE queue_held ORDER BY id")
+        assert [r["id"] for r in held] == ["1"] and await q.active("a") == 1
+    finally:
+        await q.close()
 
 
 async def test_pg_reap_takes_waiting_jobs_past_their_deadline(pg_url, pg_store):
