@@ -10,8 +10,8 @@ The batch's KV cache lives in a backend (backends.py): for Llama-family models a
 preallocated per-row cache read in place by the lean forward (fastllama.py), otherwise
 the Hugging Face forward with a left-padded cache. Outputs are handed to the asyncio loop
 through the Outbox (requests.py): a request's first token and its end at once, the tokens
-between at most every `stream_interval_ms`; each request's RequestHandle yields them in
-order.
+between at most every `stream_interval_ms` (longer with many requests running, see
+Outbox); each request's RequestHandle yields them in order.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Engine:
         prefill_chunk: int | None = None,
         prefix_cache_tokens: int | None = None,
         stream_interval_ms: int | None = None,
+        stream_messages_per_s: int | None = None,
     ) -> None:
         self.lm = lm
         self.max_batch_size = max_batch_size
@@ -72,7 +73,9 @@ class Engine:
             self._backend = HFBackend(lm.model, lm.device)
         if stream_interval_ms is None:
             stream_interval_ms = opts.stream_interval_ms
-        self._outbox = Outbox(interval=stream_interval_ms / 1000)
+        if stream_messages_per_s is None:
+            stream_messages_per_s = opts.stream_messages_per_s
+        self._outbox = Outbox(interval=stream_interval_ms / 1000, messages_per_s=stream_messages_per_s)
         self._batch = RunningBatch(
             lm, self._backend, self._outbox, max_size=max_batch_size, prefills_per_step=prefills_per_step,
             prefill_chunk=max(1, prefill_chunk if prefill_chunk is not None else opts.prefill_chunk),
@@ -192,7 +195,7 @@ class Engine:
                 except Exception as exc:  # a failed step fails its requests, not the server
                     log.exception("engine step failed")
                     self._batch.fail_all(exc)
-                self._outbox.flush()
+                self._outbox.flush(self._batch.running)
             self._fail_all(EngineStopped("server shutting down"))
             with self._cv:
                 calls = list(self._calls)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import torch
 
 from app.inference.engine import Engine, EngineOverloaded, EngineStopped
 from app.inference.model import EngineOptions, load_model
+from app.inference.requests import Outbox
 from app.inference.types import Finished, FinishReason, SamplingParams, Started, TokenStep
 
 PROMPTS = [
@@ -187,8 +189,8 @@ async def test_single_request_event_sequence(engine, lm):
 async def test_tokens_reach_the_loop_together_within_the_stream_interval(lm, interval_ms):
     """The loop is handed a request's start and first token at once, then (with an interval
     longer than the generation) the rest together with its end; every output in order.
-    Without an interval, one hand-off per decode step."""
-    engine = Engine(lm, max_batch_size=2, stream_interval_ms=interval_ms)
+    Without an interval (nor a message rate), one hand-off per decode step."""
+    engine = Engine(lm, max_batch_size=2, stream_interval_ms=interval_ms, stream_messages_per_s=0)
     engine.start()
     handoffs: list[list[str]] = []
     deliver = engine._outbox._deliver
@@ -210,6 +212,36 @@ async def test_tokens_reach_the_loop_together_within_the_stream_interval(lm, int
         assert len(handoffs) == 2 and handoffs[1][-1] == "Finished"
     else:
         assert len(handoffs) == len(run.steps) + (run.finished.reason is FinishReason.STOP)
+
+
+def test_the_stream_interval_stretches_with_the_requests_running(monkeypatch):
+    """At 320 messages a second: every 50 ms up to 16 running requests, every 200 ms at 64;
+    a first token and an end go at once whatever the interval."""
+    now = [100.0]
+    monkeypatch.setattr("app.inference.requests.time.monotonic", lambda: now[0])
+    handed: list[list[str]] = []
+    outbox = Outbox(interval=0.05, messages_per_s=320)
+    outbox.loop = SimpleNamespace(call_soon_threadsafe=lambda fn, batch: handed.append(
+        [type(out).__name__ + (str(out.index) if isinstance(out, TokenStep) else "") for _, out in batch]))
+
+    def step(dt: float, running: int, *outputs) -> None:
+        now[0] += dt
+        for out in outputs:
+            outbox.emit(None, out)
+        outbox.flush(running)
+
+    def token(i: int) -> TokenStep:
+        return TokenStep(i, i, "x", 0.0)
+
+    step(0, 16, token(0))     # a first token: at once
+    step(0.03, 16, token(1))  # 30 ms: held
+    step(0.03, 16, token(2))  # 60 ms >= 50 ms (16 / 320 s)
+    step(0.08, 64, token(3))  # 80 ms < 200 ms (64 / 320 s)
+    step(0.08, 64, token(4))  # 160 ms: still held
+    step(0.08, 64, token(5))  # 240 ms
+    step(0.01, 64, token(6), Finished(FinishReason.LENGTH, 0.0))  # an end: at once
+    assert handed == [["TokenStep0"], ["TokenStep1", "TokenStep2"], ["TokenStep3", "TokenStep4", "TokenStep5"],
+                      ["TokenStep6", "Finished"]]
 
 
 async def test_a_first_token_does_not_wait_for_the_stream_interval(lm):
