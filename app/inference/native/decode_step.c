@@ -51,6 +51,12 @@
 #endif
 #define INT16_ROWS 16  /* the most rows a step takes off the tiles */
 #define CHUNKS 8  /* an omp for's chunks per thread (chunk()) */
+/* The products read their int8 weights PREFETCH bytes ahead (_mm_prefetch): a thread's share
+ * of outputs comes in chunks of a few KB (dynamic chunks, below), and the hardware prefetcher
+ * starts over at each. Whole steps on an AMD EPYC with AVX512-BF16 (ad hoc, 60 cached positions,
+ * medians over 3 s): 1 row 4.43 -> 4.00 ms, 8 rows 9.2 -> 7.7, 16 rows 15.3 -> 13.3; the AVX2
+ * build there 1 row 4.8 -> 4.1, 8 rows 15.6 -> 14.0. 1, 4 and 8 KB ahead were about the same. */
+#define PREFETCH 2048
 #define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
 /* Steps of BLOCKED_FROM rows or more take the blocked products where a Mat has them, GROUP_ROWS
  * rows at a time (block_rows: as many rows as the accumulators' registers hold). With AVX512 the
@@ -155,6 +161,7 @@ static inline __attribute__((always_inline)) void dot_rows_of(const int8_t *w, c
         __m512i acc[MAX_ROWS];
         for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_si512();
         for (i = start; i + 32 <= stop; i += 32) {
+            _mm_prefetch((const char *)(w + i + PREFETCH), _MM_HINT_T0);
             __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + i)));
             for (int b = 0; b < B; b++)
                 acc[b] = madd_acc(acc[b], wv, _mm512_loadu_si512((const void *)(xq + (size_t)b * ldq + i)));
@@ -170,6 +177,7 @@ static inline __attribute__((always_inline)) void dot_rows_of(const int8_t *w, c
         __m256i acc[MAX_ROWS];
         for (int b = 0; b < B; b++) acc[b] = _mm256_setzero_si256();
         for (i = start; i + 16 <= stop; i += 16) {
+            _mm_prefetch((const char *)(w + i + PREFETCH), _MM_HINT_T0);
             __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + i)));
             for (int b = 0; b < B; b++)
                 acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(wv, _mm256_loadu_si256(
@@ -221,6 +229,7 @@ static inline __attribute__((always_inline)) void block_group(const int8_t *wb, 
         __m512i acc[16];
         for (int r = 0; r < 2 * R; r++) acc[r] = _mm512_setzero_si512();
         for (int p = p0; p < p1; p++) {
+            _mm_prefetch((const char *)(wb + (size_t)p * 64 + PREFETCH), _MM_HINT_T0);
             __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + (size_t)p * 64)));
             __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wb + (size_t)p * 64 + 32)));
             for (int r = 0; r < R; r++) {
@@ -254,6 +263,7 @@ static inline __attribute__((always_inline)) void block_group(const int8_t *wb, 
             for (int r = 0; r < 2 * R; r++) acc[r] = _mm256_setzero_si256();
             for (int p = p0; p < p1; p++) {
                 const int8_t *wp = wb + (size_t)p * 64 + half * 32;
+                _mm_prefetch((const char *)(wp + PREFETCH), _MM_HINT_T0);
                 __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wp));
                 __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wp + 16)));
                 for (int r = 0; r < R; r++) {
@@ -314,11 +324,16 @@ static void quantize(const float *x, int ldx, int k, int B, int16_t *xq, int ldq
         const float *r = x + (size_t)b * ldx;
         int16_t *q = xq + (size_t)b * ldq;
         float top = 0.0f;
+        /* No fmaxf nor lrintf: without -ffast-math gcc calls libm for each element of those
+         * (~5 % of a 1-row step); rintf rounds the same way (to nearest, ties to even) inline. */
         #pragma omp simd reduction(max:top)
-        for (int i = 0; i < k; i++) top = fmaxf(top, fabsf(r[i]));
+        for (int i = 0; i < k; i++) {
+            float a = fabsf(r[i]);
+            top = a > top ? a : top;
+        }
         float s = top > 0.0f ? top / 32767.0f : 1.0f, inv = 1.0f / s;
         #pragma omp simd
-        for (int i = 0; i < k; i++) q[i] = (int16_t)lrintf(r[i] * inv);
+        for (int i = 0; i < k; i++) q[i] = (int16_t)rintf(r[i] * inv);
         scale[b] = s;
     }
 }
