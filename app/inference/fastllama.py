@@ -201,6 +201,7 @@ class FastWeights:
         self.layers8: list[tuple] = []
         self.head8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.native: native.NativeStep | None = None  # runs those steps in one call (add_native)
+        self.native_groups = False  # bigger steps too, as native calls of int8_rows rows each
 
     def matrices(self, li: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer li's matrices in float32 on the device (layer_matrices)."""
@@ -230,15 +231,17 @@ class FastWeights:
 
     def step_weight_bytes(self, rows: int = 1) -> int:
         """Bytes of weight matrices a decode step of `rows` rows reads (int8 copies included
-        when that step takes them)."""
-        if self.layers8 and rows <= self.int8_rows:
+        when that step takes them; once per native call where it is run in groups)."""
+        calls = 1
+        if self.layers8 and (rows <= self.int8_rows or (self.native is not None and self.native_groups)):
+            calls = -(-rows // self.int8_rows)
             mats = [t for layer in self.layers8 for pair in layer for t in pair]
             mats += list(self.head8) if self.head8 is not None else [self.head]
             mats += [layer[2] for layer in self.layers if layer[2] is not None]
         else:
             mats = [t for layer in self.layers for t in (layer[1], layer[2], layer[3], layer[5], layer[6])
                     if t is not None] + [self.head]
-        return sum(nbytes(t) for t in mats)
+        return calls * sum(nbytes(t) for t in mats)
 
     def add_int8(self, rows: int) -> None:
         """Make the int8 copies (from the float32 master weights) and use them for decode
@@ -282,7 +285,7 @@ class FastLlama:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.lengths = [0] * rows  # tokens in each row's cache
-        self._cache_ptrs: tuple | None = None  # the cache tensors' data, per layer, for the native step
+        self._cache_ptrs: dict[int, tuple] = {}  # the cache's data per layer, by first row (native step)
 
     # ---- the cache -------------------------------------------------------------------
 
@@ -312,12 +315,12 @@ class FastLlama:
             for old, new in zip(self.k + self.v, new_k + new_v):
                 new[:held, :, :used].copy_(old[:, :, :used])
         self.k, self.v, self.capacity, self.allocated = new_k, new_v, cap, rows
-        self._cache_ptrs = None
+        self._cache_ptrs = {}
 
     def release_all(self) -> None:
         """The batch drained: give the memory back (the next request allocates again)."""
         self.k, self.v, self.capacity, self.allocated = [], [], 0, 0
-        self._cache_ptrs = None
+        self._cache_ptrs = {}
         self.lengths = [0] * self.rows
 
     def move_row(self, src: int, dst: int) -> None:
@@ -448,7 +451,7 @@ class FastLlama:
         B = tokens.shape[0]
         width = max(self.lengths[:B]) + 1
         self.reserve(width, B)
-        if self.w.native is not None and B <= self.w.int8_rows:
+        if self.w.native is not None and (B <= self.w.int8_rows or self.w.native_groups):
             return self._native_decode(tokens, positions)
         h = self.embed[tokens][:, None].float()
         cols = torch.arange(width, device=self.device)
@@ -464,19 +467,25 @@ class FastLlama:
             self.lengths[i] += 1
         return self._final(h[:, 0], decode=True)
 
-    def cache_pointers(self) -> tuple:
-        """The cache tensors' data per layer, as the native step takes them (keys, values)."""
-        if self._cache_ptrs is None:
+    def cache_pointers(self, row: int = 0) -> tuple:
+        """The cache tensors' data per layer from `row` on, as the native step takes them (keys,
+        values)."""
+        ptrs = self._cache_ptrs.get(row)
+        if ptrs is None:
             arr = ctypes.c_void_p * self.n_layers
-            self._cache_ptrs = (arr(*[t.data_ptr() for t in self.k]), arr(*[t.data_ptr() for t in self.v]))
-        return self._cache_ptrs
+            ptrs = self._cache_ptrs[row] = (arr(*[t[row].data_ptr() for t in self.k]),
+                                            arr(*[t[row].data_ptr() for t in self.v]))
+        return ptrs
 
     def _native_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """decode() in one native call (native.py): the same step over the int8 copies."""
-        B = tokens.shape[0]
+        """decode() in native calls (native.py): the same step over the int8 copies, one call
+        per `int8_rows` rows."""
+        B, n = tokens.shape[0], self.w.int8_rows
         h = self.embed[tokens].float()
         logits = torch.empty(B, self.vocab, device=self.device)
-        self.w.native.step(h, *self.cache_pointers(), self.capacity, positions.tolist(), logits)
+        at = positions.tolist()
+        for r in range(0, B, n):
+            self.w.native.step(h[r:r + n], *self.cache_pointers(r), self.capacity, at[r:r + n], logits[r:r + n])
         for i in range(B):
             self.lengths[i] += 1
         return self._exact_top(h, logits)

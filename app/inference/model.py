@@ -112,6 +112,8 @@ class LoadedModel:
                 self._fast.add_int8(int8.ON_ROWS if setting == "on" else auto)
                 if native_on and self._fast.int8_rows:
                     self._fast.add_native()
+                    if setting == "auto" and native.groups_pay(self.dtype):
+                        self._fast.native_groups = True
                 log.info("int8 weights for decode steps of up to %d rows (%s)", self._fast.int8_rows, setting)
             log.info("fast path: %s", self.matrix_format)
         return self._fast
@@ -148,6 +150,8 @@ class LoadedModel:
         if fast.int8_rows:
             form += f"; int8 copies for decode steps of up to {fast.int8_rows} rows"
             form += ", run as one native call" if fast.native is not None else ""
+            if fast.native is not None and fast.native_groups:
+                form += f" (bigger steps: one call per {fast.int8_rows} rows)"
         return form + ("; decode attention by SDPA" if fast.sdpa_decode else "; decode attention as two matmuls")
 
     def token_text(self, token_id: int) -> str:

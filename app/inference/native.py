@@ -64,6 +64,16 @@ def auto_rows(dtype: torch.dtype) -> int:
     return max_rows(dtype)
 
 
+def groups_pay(dtype: torch.dtype) -> bool:
+    """Whether `auto` runs steps of more rows than the native step takes as several native calls
+    (FastWeights.native_groups) rather than through torch's dense matrices: for a
+    bfloat16 model on a CPU with AVX512-BF16 and no AMX (with AMX the step takes 64 rows on the
+    tiles). There, whole steps (ad hoc, AMD EPYC, 60 cached positions): 24 rows 27.2 ms dense
+    vs 18.4 in calls of 16 + 8, 32 rows 32.7 vs 22.0, 48 rows 47.4 vs 33.1, 64 rows 53.8 vs
+    43.5, the same greedy tokens. Not measured elsewhere, so not taken there."""
+    return dtype == torch.bfloat16 and cpu.native_bf16() and not cpu.amx()
+
+
 def amx_from(march: str = "native") -> int:
     """From how many rows the build's products run on AMX tiles, for a bfloat16 model (0: never
     here: no AMX in the build, or the kernel refused the tiles' state)."""

@@ -221,6 +221,37 @@ def test_a_bigger_step_stays_on_torch(rounded):
 
 
 @needs_step
+@pytest.mark.parametrize("march", MARCHES)
+def test_a_bigger_step_runs_natively_in_groups_where_set(rounded, march):
+    """native_groups: 11 rows on a 4-row native step are calls of 4, 4 and 3 rows, each on its
+    own rows' cache (the pointers offset by the group's first row); logits as torch's over the
+    same weights, and each row's new key and value where torch puts them."""
+    ref_w, nat_w = _weights(rounded, torch.float32, False), _weights(rounded, torch.float32, True, march)
+    nat_w.native_groups = True
+    calls = []
+    real = nat_w.native.step
+    nat_w.native.step = lambda *a, **k: (calls.append(a[0].shape[0]), real(*a, **k))[1]
+    ids = rounded.encode_raw("The quick brown fox jumps over the lazy dog and keeps on running far away")
+    rows = 11
+    with torch.inference_mode():
+        ref, nat = FastLlama(ref_w, rows), FastLlama(nat_w, rows)
+        for fast in (ref, nat):
+            for r in range(rows):  # rows of different lengths
+                fast.prefill(r, ids[:2 + r], 0, logits=False)
+        for step in range(3):
+            toks = torch.tensor(ids[step:step + rows])
+            pos = torch.tensor(ref.lengths[:rows])
+            a, b = ref.decode(toks, pos), nat.decode(toks, pos)
+            assert (a - b).abs().max() < 2e-4 and torch.equal(a.argmax(-1), b.argmax(-1))
+    assert calls == [4, 4, 3] * 3 and nat.lengths == ref.lengths
+    for li in range(nat_w.n_layers):
+        for r in (0, 5, 10):  # a row of each group
+            n = nat.lengths[r]
+            assert (ref.k[li][r, :, :n] - nat.k[li][r, :, :n]).abs().max() < 2e-4
+            assert (ref.v[li][r, :, :n] - nat.v[li][r, :, :n]).abs().max() < 2e-4
+
+
+@needs_step
 def test_a_position_past_the_cache_is_an_error_not_a_write(rounded):
     w = _weights(rounded, torch.float32, True)
     with torch.inference_mode():
