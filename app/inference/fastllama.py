@@ -12,7 +12,8 @@ instead, with the model's own weights:
 * optionally (INFERQL_INT8_SMALL_BATCH, int8.py) the matrices also have an int8 copy with
   per-output-channel scales, used by decode steps of at most `int8_rows` rows, where a
   step is bound by the bytes of weights it reads; bigger steps and prefills use the dense
-  weights; on CPU those steps run as one native call (native.py) where it builds;
+  weights; on CPU those steps run as one native call (native.py) where it builds, and
+  where it pays (`native.groups_pay`) bigger decode steps too, one call per `int8_rows` rows;
 * on CPU the matrices are prepacked for oneDNN (onednn.py), or for a float32 model kept in
   float16 and multiplied in float32 by fbgemm, the head in int8 (fbgemm.py); a decode
   step's attention is two batched float32 matmuls (`_decode_attention`) rather than torch's

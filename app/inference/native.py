@@ -7,7 +7,8 @@ one OpenMP parallel region over the int8 copies (int8.py), each product's input 
 row to 15 bits (on AMX tiles: rounded to bfloat16, a bfloat16 model's steps of 8+ rows) and
 everything else in float32, and writes the engine's own KV cache in place.
 fastllama.FastLlama.decode takes it for steps of up to `FastWeights.int8_rows` rows (16, or
-64 on AMX tiles); prefills and bigger steps stay on torch.
+64 on AMX tiles); bigger steps, where `groups_pay`, as one call per that many rows;
+prefills and the other bigger steps stay on torch.
 
 The C file is compiled at first use with the machine's C compiler (`cc -O3 -march=native
 -fopenmp`, ~1 s) into ~/.cache/inferql/native (or $XDG_CACHE_HOME), named by a hash of the
