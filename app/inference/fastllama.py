@@ -234,7 +234,7 @@ class FastWeights:
         """Bytes of weight matrices a decode step of `rows` rows reads (int8 copies included
         when that step takes them; once per native call where it is run in groups)."""
         calls = 1
-        if self.layers8 and (rows <= self.int8_rows or (self.native is not None and self.native_groups)):
+        if self.layers8 and (rows <= self.int8_rows or self.native_groups):
             calls = -(-rows // self.int8_rows)
             mats = [t for layer in self.layers8 for pair in layer for t in pair]
             mats += list(self.head8) if self.head8 is not None else [self.head]

@@ -98,8 +98,8 @@ class Outbox:
         if not self._pending or self.loop is None:
             return
         interval = self.interval
-        if self.messages_per_s and running > interval * self.messages_per_s:
-            interval = running / self.messages_per_s
+        if self.messages_per_s:
+            interval = max(interval, running / self.messages_per_s)
         if interval:
             now = time.monotonic()
             if not self._urgent and now - self._last < interval:

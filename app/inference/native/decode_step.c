@@ -54,7 +54,7 @@
 /* The products read their int8 weights PREFETCH bytes ahead (_mm_prefetch): a thread's share
  * of outputs comes in chunks of a few KB (dynamic chunks, below), and the hardware prefetcher
  * starts over at each. Whole steps on an AMD EPYC with AVX512-BF16 (ad hoc, 60 cached positions,
- * medians over 3 s): 1 row 4.43 -> 4.00 ms, 8 rows 9.2 -> 7.7, 16 rows 15.3 -> 13.3; the AVX2
+ * medians over 3-4 s): 1 row 4.43 -> 4.00 ms, 8 rows 9.2 -> 7.7, 16 rows 15.3 -> 13.3; the AVX2
  * build there 1 row 4.8 -> 4.1, 8 rows 15.6 -> 14.0. 1, 4 and 8 KB ahead were about the same. */
 #define PREFETCH 2048
 #define DOT_ROWS 8     /* dot_rows' widest case; more rows go in groups (dot_many) */
