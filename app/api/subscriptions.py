@@ -94,7 +94,7 @@ class Subscription:
         async with subscription_slot(info):
             job = await jobs.submit(input.to_spec(), JobOptions.to_data(options), caller)
             try:
-                async with aclosing(deliver(info, await jobs.event_batches(job.id, 0, caller))) as stream:
+                async with aclosing(deliver(info, jobs.own_events(job))) as stream:
                     async for event in stream:
                         yield event
                 finished = True

@@ -199,6 +199,11 @@ class JobService:
             raise InvalidInput(f"`after` is past this job's last event (seq {last})", field="after", lastSeq=last)
         return self._follow(job, after)
 
+    def own_events(self, job: Job) -> AsyncIterator[list[JobEvent]]:
+        """event_batches from the start, for the job that submit() just returned to its caller:
+        without reading it back from the store (the caller may see it; it has no events to skip)."""
+        return self._follow(job, 0)
+
     async def _follow(self, job: Job, after: int) -> AsyncIterator[list[JobEvent]]:
         stream = await self._bus.follow_batches(job.id, after)
         if stream is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, func, or_, update
+from sqlalchemy import and_, bindparam, delete, func, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
@@ -31,6 +31,18 @@ if TYPE_CHECKING:
 class Ended:
     changed: bool          # False: the job was already terminal (or is unknown)
     webhooks_queued: bool
+
+
+# Built once, run with each job's values: composing this UPDATE anew cost the event loop
+# ~0.5 ms per job (SQLAlchemy's expression building), as much as 4 us per token of a
+# 128-token generation.
+_MARK_RUNNING = (
+    update(JobRow)
+    .where(col(JobRow.id) == bindparam("running_id"), col(JobRow.status) == JobStatus.QUEUED.value)
+    .values(status=JobStatus.RUNNING.value, attempts=JobRow.attempts + 1,
+            started_at=bindparam("running_at", type_=JobRow.__table__.c.started_at.type))
+)
+_MARK_RUNNING_CLAIMED = _MARK_RUNNING.where(col(JobRow.claimed_by) == bindparam("running_by"))
 
 
 class IdempotentReplay(Exception):
@@ -77,13 +89,9 @@ class JobStore:
 
     async def mark_running(self, job_id: str, started_at: datetime, *, claimed_by: str | None = None) -> None:
         """claimed_by: only while this worker holds the job's lease (the shared queue)."""
-        statement = (
-            update(JobRow).where(col(JobRow.id) == job_id, col(JobRow.status) == JobStatus.QUEUED.value)
-            .values(status=JobStatus.RUNNING.value, started_at=started_at, attempts=JobRow.attempts + 1)
-        )
-        if claimed_by is not None:
-            statement = statement.where(col(JobRow.claimed_by) == claimed_by)
-        await self._execute(statement)
+        statement = _MARK_RUNNING if claimed_by is None else _MARK_RUNNING_CLAIMED
+        params = {"running_id": job_id, "running_at": started_at, "running_by": claimed_by}
+        await self.writer.write(lambda session: session.exec(statement, params=params))
 
     async def requeue(self, job_id: str) -> None:
         """A job whose worker died goes back to QUEUED, keeping its attempt count."""
