@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     prefill_chunk: int = 128            # prompt tokens fed per step while other generations decode
     stream_interval_ms: int = Field(default=50, ge=0, le=1000)  # a running generation's tokens reach the
     #   event loop at most this often (its first token and its end at once); 0 = after every decode step
-    stream_messages_per_s: int = Field(default=320, ge=0, le=100_000)  # with many generations running, the
+    stream_messages_per_s: int = Field(default=160, ge=0, le=100_000)  # with many generations running, the
     #   interval stretches to running / this, so their token messages stay under this many a second; 0 = off
     prefix_cache_tokens: int = 4096     # KV of recent prompt prefixes kept for reuse; 0 = off
     int8_small_batch: Literal["auto", "on", "off"] = "auto"  # int8 weight copies for decode steps of few

@@ -28,7 +28,7 @@ class EngineOptions:
     fast_path: str = "auto"            # auto: Llama-family models through fastllama.py; off: HF forward
     prefill_chunk: int = 128           # prompt tokens fed per step while other requests decode
     stream_interval_ms: int = 50       # tokens handed to the loop at most this often (requests.Outbox); 0 = each step
-    stream_messages_per_s: int = 320   # ... stretched to running requests / this when that is longer (0 = off)
+    stream_messages_per_s: int = 160   # ... stretched to running requests / this when that is longer (0 = off)
     prefix_cache_tokens: int = 4096    # KV of recent prompt prefixes kept for reuse (0 = off)
     int8_small_batch: str = "auto"     # auto | on | off: int8 weight copies for decode steps of few rows (int8.py)
     packed_weights: str = "auto"       # auto | off: matrices prepacked for oneDNN on CPU (onednn.py)

@@ -75,8 +75,8 @@ class Outbox:
     A hand-off costs the loop about one message per running request, and a large batch's step
     outlasts a short interval, so the interval alone would hand over after every step. With
     `messages_per_s` set, it stretches to running / messages_per_s seconds when that is
-    longer: the loop's token messages stay under that rate however many requests run (320:
-    every 50 ms up to 16 running, every 200 ms at 64)."""
+    longer: the loop's token messages stay under that rate however many requests run (160:
+    every 50 ms up to 8 running, every 100 ms at 16, every 400 ms at 64)."""
 
     def __init__(self, interval: float = 0.0, messages_per_s: int = 0) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
