@@ -145,6 +145,19 @@ async def test_same_seed_and_greedy_are_reproducible(client):
     assert c[-1]["result"]["confidence"] == d[-1]["result"]["confidence"]
 
 
+async def test_generate_with_a_used_idempotency_key_replays_that_job(client):
+    """generate follows the job submit returned (JobService.own_events): for a key already
+    used, the job that ended earlier, from its first event, not a second generation."""
+    short = {"prompt": "Name a colour.", "maxTokens": 6}
+    options = {"idempotencyKey": "replay-through-generate"}
+    first = await collect(client, GENERATE, {"input": short, "options": options})
+    again = await collect(client, GENERATE, {"input": short, "options": options})
+    assert again[-1]["__typename"] == "GenerationCompleted"
+    assert {e["jobId"] for e in again} == {first[0]["jobId"]}
+    assert [e["seq"] for e in again] == list(range(1, len(first) + 1))
+    assert again[-1]["result"]["text"] == first[-1]["result"]["text"] != ""
+
+
 async def test_alternatives_and_stop_sequences(client):
     events = await collect(client, GENERATE, {"input": {**FRANCE, "alternatives": 3, "stop": [" Paris"]}})
     tokens = [e for e in events if e["__typename"] == "TokenGenerated"]
