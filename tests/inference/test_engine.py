@@ -215,8 +215,9 @@ async def test_tokens_reach_the_loop_together_within_the_stream_interval(lm, int
 
 
 def test_the_stream_interval_stretches_with_the_requests_running(monkeypatch):
-    """At 320 messages a second: every 50 ms up to 16 running requests, every 200 ms at 64;
-    a first token and an end go at once whatever the interval."""
+    """At 320 messages a second (this test's rate; the default is 160): every 50 ms up to 16
+    running requests, every 200 ms at 64; a first token and an end go at once whatever the
+    interval."""
     now = [100.0]
     monkeypatch.setattr("app.inference.requests.time.monotonic", lambda: now[0])
     handed: list[list[str]] = []

@@ -89,8 +89,9 @@ class JobStore:
 
     async def mark_running(self, job_id: str, started_at: datetime, *, claimed_by: str | None = None) -> None:
         """claimed_by: only while this worker holds the job's lease (the shared queue)."""
-        statement = _MARK_RUNNING if claimed_by is None else _MARK_RUNNING_CLAIMED
-        params = {"running_id": job_id, "running_at": started_at, "running_by": claimed_by}
+        statement, params = _MARK_RUNNING, {"running_id": job_id, "running_at": started_at}
+        if claimed_by is not None:
+            statement, params["running_by"] = _MARK_RUNNING_CLAIMED, claimed_by
         await self.writer.write(lambda session: session.exec(statement, params=params))
 
     async def requeue(self, job_id: str) -> None:
