@@ -21,8 +21,10 @@ only when the benchmark itself cannot run (no server, a failed stream).
 
 Fairness on a small, shared machine:
   * the server and the in-process engine never compute at the same time: for each round
-    and each concurrency the API phase and the direct phase run back to back (which one
-    goes first alternates), so a ratio compares two phases under the same machine load;
+    and each concurrency the API and direct phases run back to back, --pairs of each in
+    the order A B B A (which mode is A rotates), so a ratio compares phases under the same
+    machine load and a drift over the block weighs on both alike; a round's tok/s of a
+    mode is its phases' tokens over their summed wall times;
     the in-process engine is started right before its phase and stopped right after it,
     and the server's engine thread sleeps on a condition variable while idle;
   * both modes get the same prompts in the same order, greedy (temperature 0), no stop

@@ -31,6 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 3: a target's verdict is the median of the per-round ratios, and on a shared 2-core machine one
     # round in a few lands 0.1-0.35 off the others (README "Performance"); with 2 the median is their mean
     ap.add_argument("--rounds", type=int, default=3, help="rounds of API+direct(+peer) phases (default 3)")
+    # 2: a 16-stream phase is one burst of ~3 s, and one phase in a few runs 10-20 % slow as a whole
+    # (README "Performance"): two of each mode per round, A B B A, halve the weight of one such
+    ap.add_argument("--pairs", type=int, default=2,
+                    help="API and direct phases of each mode per round and concurrency, in the order A B B A ...;"
+                    "\na round's tok/s of each is over all of them (default 2)")
     ap.add_argument("--requests", type=int, default=4,
                     help="generations per phase, at least the concurrency (default 4)")
     ap.add_argument("--max-batch", type=int, default=64,
@@ -78,15 +83,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     " 1 torch thread")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.rounds, args.concurrency, args.max_tokens, args.requests = 1, "1,2", 8, 4
+        args.rounds, args.concurrency, args.max_tokens, args.requests, args.pairs = 1, "1,2", 8, 4, 1
         args.fidelity_tokens = min(args.fidelity_tokens, 4)
         if args.threads is None:
             args.threads = 1
     if args.threads is None:
         args.threads = 0
     args.concurrency = sorted({int(c) for c in str(args.concurrency).split(",") if c.strip()})
-    if not args.concurrency or min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 1:
-        ap.error("--concurrency, --rounds and --max-tokens must be positive")
+    if (not args.concurrency or min(args.concurrency) < 1 or args.rounds < 1 or args.max_tokens < 1
+            or args.pairs < 1):
+        ap.error("--concurrency, --rounds, --pairs and --max-tokens must be positive")
     if args.threads < 0:
         ap.error("--threads must be 0 (torch's default) or more")
     return args
@@ -114,7 +120,8 @@ async def bench(args: argparse.Namespace) -> int:
     if args.cluster:
         return await cluster_only(args, settings)
     print(f"rounds {args.rounds}, concurrency {','.join(map(str, args.concurrency))}, maxTokens {args.max_tokens},"
-          f" temperature 0, generations per phase max(c, {args.requests})", flush=True)
+          f" temperature 0, generations per phase max(c, {args.requests}), API and direct phases {args.pairs} each"
+          " per round", flush=True)
 
     if args.stall:
         return await stall_only(args, settings)
@@ -176,7 +183,7 @@ async def bench(args: argparse.Namespace) -> int:
             phases, connect_ms, modes = await streaming_section(
                 base_url, api_key, lm, peer, concurrency=args.concurrency, rounds=args.rounds,
                 requests=args.requests, max_tokens=args.max_tokens, max_batch=args.max_batch,
-                server_pid=server.proc.pid if server is not None else None, ws_client=args.ws_client)
+                server_pid=server.proc.pid if server is not None else None, ws_client=args.ws_client, pairs=args.pairs)
             if peer is not None:
                 peer.stop()
                 peer = None

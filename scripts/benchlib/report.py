@@ -93,7 +93,8 @@ def report(summaries: dict[tuple[str, int], Summary], concurrency: list[int], co
             f"{mode} " + " ".join(f"{c}:{summaries[(mode, c)].tok_s:.0f}" for c in concurrency) for mode in modes))
 
     print()
-    print("Targets (ratios: median over rounds of the per-round ratio; per-round values in brackets)")
+    print("Targets (ratios: median over rounds of the per-round ratio; per-round values in brackets; a round's"
+          " tok/s of API and of direct: over its --pairs phases of each, run A B B A)")
     lines: list[tuple[str, str, str]] = []
 
     def per_round(values: list[float], unit: str = "x") -> str:

@@ -62,6 +62,22 @@ class Phase:
     loop_cpu_s: float | None = None  # API, a server started here: its event loop thread's CPU time in the phase
     own_cpu_s: float | None = None   # this process's event loop thread in the phase: the client (API), or
     #   the consumers of the engine's events (direct)
+    walls: tuple[float, ...] = ()    # a merged phase (`merge`): the wall time of each of its parts
+
+    @classmethod
+    def merge(cls, parts: list[Phase]) -> Phase:
+        """Several phases of one mode and concurrency as one: their streams, and as wall time
+        the sum of theirs (the time between them, when the other mode ran, left out)."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def total(values: list[float | None]) -> float | None:
+            return None if any(v is None for v in values) else sum(values)
+
+        first = parts[0]
+        return cls(first.mode, first.concurrency, [s for p in parts for s in p.streams],
+                   max(p.max_batch for p in parts), total([p.loop_cpu_s for p in parts]),
+                   total([p.own_cpu_s for p in parts]), tuple(p.wall_s for p in parts))
 
     @property
     def tokens(self) -> int:
@@ -69,6 +85,8 @@ class Phase:
 
     @property
     def wall_s(self) -> float:
+        if self.walls:
+            return sum(self.walls)
         return max(s.t_done for s in self.streams) - min(s.t_submit for s in self.streams)
 
     @property
@@ -265,14 +283,33 @@ class Direct:
 # ---- the section: warm-up, then rounds ----------------------------------------------------
 
 
+def round_order(modes: list[str], step: int, pairs: int) -> list[str]:
+    """The phases of one round at one concurrency, in order. The modes rotate by `step`; the
+    API and direct phases run as one block of `pairs` of each, their order reversed in every
+    other pair (A B B A for 2), so that a drift in the machine's speed over the block weighs
+    on both alike."""
+    rotated = modes[step % len(modes):] + modes[:step % len(modes)]
+    a, b = [m for m in rotated if m in ("API", "direct")]
+    block = [m for i in range(pairs) for m in ((a, b) if i % 2 == 0 else (b, a))]
+    order: list[str] = []
+    for mode in rotated:
+        if mode == a:
+            order += block
+        elif mode not in ("API", "direct"):
+            order.append(mode)
+    return order
+
+
 async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, concurrency: list[int], rounds: int,
                             requests: int, max_tokens: int, max_batch: int, server_pid: int | None = None,
-                            ws_client: str = "lean",
+                            ws_client: str = "lean", pairs: int = 2,
                             ) -> tuple[dict[tuple[str, int], list[Phase]], list[float], list[str]]:
     """Every (mode, concurrency) phase of every round; returns them, the API's connect times
     (ms, the websocket connect + connection_init before each subscribe) and the modes.
     server_pid: the server's process, when started here, to read its event loop's CPU time.
-    ws_client: the subscriptions' client, "lean" (wsclient.py) or "websockets" (app.client)."""
+    ws_client: the subscriptions' client, "lean" (wsclient.py) or "websockets" (app.client).
+    pairs: API and direct phases per round and concurrency (`round_order`); a round's figure
+    for each is over all of its phases (`Phase.merge`)."""
     from app.client import InferQLClient
 
     from .wsclient import LeanSubscriptions
@@ -321,15 +358,18 @@ async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, con
             for c in concurrency:
                 # The modes of one concurrency run back to back, in an order that rotates,
                 # so that their ratios see the same machine load.
-                order = modes[step % len(modes):] + modes[:step % len(modes)]
+                order = round_order(modes, step, pairs)
                 step += 1
                 prompts = phase_prompts(c, requests)
+                parts: dict[str, list[Phase]] = {}
                 for mode in order:
                     phase = await run_mode(mode, c, prompts, max_tokens)
                     if mode == "API":
                         connect_ms += [(s.t_submit - s.t_call) * 1000 for s in phase.streams if s.t_call]
-                    phases.setdefault((mode, c), []).append(phase)
+                    parts.setdefault(mode, []).append(phase)
                     print(f"round {r + 1} {mode:<6} {c:>2} streams: {phase.tokens:>5} tokens"
                           f" in {phase.wall_s:6.2f}s = {phase.tok_s:7.1f} tok/s, max batch {phase.max_batch}{phase.note}",
                           flush=True)
+                for mode, done in parts.items():
+                    phases.setdefault((mode, c), []).append(Phase.merge(done))
     return phases, connect_ms, modes
