@@ -31,11 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 3: a target's verdict is the median of the per-round ratios, and on a shared 2-core machine one
     # round in a few lands 0.1-0.35 off the others (README "Performance"); with 2 the median is their mean
     ap.add_argument("--rounds", type=int, default=3, help="rounds of API+direct(+peer) phases (default 3)")
-    # 2: a 16-stream phase is one burst of ~3 s, and one phase in a few runs 10-20 % slow as a whole
-    # (README "Performance"): two of each mode per round, A B B A, halve the weight of one such
-    ap.add_argument("--pairs", type=int, default=2,
+    # 4: a 16-stream phase is one burst of ~3 s, a 64-stream one ~12 s, and back-to-back phases of one
+    # mode differed by up to 10 % on a shared 2-core machine, against an API overhead of 2-3 % (README
+    # "Performance"); four of each mode per round, A B B A A B B A, cut the weight of one such phase
+    ap.add_argument("--pairs", type=int, default=4,
                     help="API and direct phases of each mode per round and concurrency, in the order A B B A ...;"
-                    "\na round's tok/s of each is over all of them (default 2)")
+                    "\na round's tok/s of each is over all of them (default 4)")
     ap.add_argument("--requests", type=int, default=4,
                     help="generations per phase, at least the concurrency (default 4)")
     ap.add_argument("--max-batch", type=int, default=64,

@@ -302,7 +302,7 @@ def round_order(modes: list[str], step: int, pairs: int) -> list[str]:
 
 async def streaming_section(base_url: str, api_key: str | None, lm, peer, *, concurrency: list[int], rounds: int,
                             requests: int, max_tokens: int, max_batch: int, server_pid: int | None = None,
-                            ws_client: str = "lean", pairs: int = 2,
+                            ws_client: str = "lean", pairs: int = 4,
                             ) -> tuple[dict[tuple[str, int], list[Phase]], list[float], list[str]]:
     """Every (mode, concurrency) phase of every round; returns them, the API's connect times
     (ms, the websocket connect + connection_init before each subscribe) and the modes.
