@@ -32,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # round in a few lands 0.1-0.35 off the others (README "Performance"); with 2 the median is their mean
     ap.add_argument("--rounds", type=int, default=3, help="rounds of API+direct(+peer) phases (default 3)")
     # 4: a 16-stream phase is one burst of ~3 s, a 64-stream one ~12 s, and back-to-back phases of one
-    # mode differed by up to 10 % on a shared 2-core machine, against an API overhead of 2-3 % (README
-    # "Performance"); four of each mode per round, A B B A A B B A, cut the weight of one such phase
+    # mode differed by up to 10-20 % on a shared 2-core machine, against an API overhead of a few percent
+    # (README "Benchmark"); four of each mode per round, A B B A A B B A, cut the weight of one such phase
     ap.add_argument("--pairs", type=int, default=4,
                     help="API and direct phases of each mode per round and concurrency, in the order A B B A ...;"
                     "\na round's tok/s of each is over all of them (default 4)")
