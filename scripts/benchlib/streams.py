@@ -62,7 +62,7 @@ class Phase:
     loop_cpu_s: float | None = None  # API, a server started here: its event loop thread's CPU time in the phase
     own_cpu_s: float | None = None   # this process's event loop thread in the phase: the client (API), or
     #   the consumers of the engine's events (direct)
-    walls: tuple[float, ...] = ()    # a merged phase (`merge`): the wall time of each of its parts
+    summed_wall_s: float | None = None  # a merged phase (`merge`): its parts' wall times, summed
 
     @classmethod
     def merge(cls, parts: list[Phase]) -> Phase:
@@ -77,7 +77,7 @@ class Phase:
         first = parts[0]
         return cls(first.mode, first.concurrency, [s for p in parts for s in p.streams],
                    max(p.max_batch for p in parts), total([p.loop_cpu_s for p in parts]),
-                   total([p.own_cpu_s for p in parts]), tuple(p.wall_s for p in parts))
+                   total([p.own_cpu_s for p in parts]), sum(p.wall_s for p in parts))
 
     @property
     def tokens(self) -> int:
@@ -85,8 +85,8 @@ class Phase:
 
     @property
     def wall_s(self) -> float:
-        if self.walls:
-            return sum(self.walls)
+        if self.summed_wall_s is not None:
+            return self.summed_wall_s
         return max(s.t_done for s in self.streams) - min(s.t_submit for s in self.streams)
 
     @property
